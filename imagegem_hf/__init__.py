@@ -1,0 +1,65 @@
+"""imagegem_hf: generative model personalization on the Hugging Face stack.
+
+Public names are imported lazily, so `import imagegem_hf` is cheap and pulling in one area (say, the
+recommenders) does not import torch-heavy others (diffusers pipelines, VLMs).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    # hub and data
+    "resolve": "imagegem_hf.hub",
+    "features_for": "imagegem_hf.data.schema",
+    "build_dataset": "imagegem_hf.data.build",
+    "leave_one_last_split": "imagegem_hf.data.subsets",
+    "make_rec_subsets": "imagegem_hf.data.subsets",
+    "generate_raw_sample": "imagegem_hf.data.synth",
+    # embeddings and scoring
+    "SentenceTransformerEmbedder": "imagegem_hf.embeddings",
+    "CLIPEmbedder": "imagegem_hf.embeddings",
+    "PickScore": "imagegem_hf.scoring",
+    "HPSv2": "imagegem_hf.scoring",
+    "CLIPScore": "imagegem_hf.scoring",
+    # recommendation
+    "InteractionData": "imagegem_hf.recsys",
+    "Pop": "imagegem_hf.recsys",
+    "ItemKNN": "imagegem_hf.recsys",
+    "UserKNN": "imagegem_hf.recsys",
+    "Item2Vec": "imagegem_hf.recsys",
+    "TwoTower": "imagegem_hf.recsys",
+    "SASRec": "imagegem_hf.recsys",
+    # weight space
+    "WeightSpace": "imagegem_hf.w2w",
+    "W2WEditPipeline": "imagegem_hf.w2w",
+    "rank1_reduce": "imagegem_hf.w2w",
+    "preference_direction": "imagegem_hf.w2w",
+    # diffusion DPO
+    "DiffusionDPOConfig": "imagegem_hf.dpo",
+    "DiffusionDPOTrainer": "imagegem_hf.dpo",
+    # preference prototypes
+    "PreferencePrototypeConfig": "imagegem_hf.preference",
+    "PreferencePrototypeModel": "imagegem_hf.preference",
+    "PreferencePrototypeTrainer": "imagegem_hf.preference",
+    "PreferencePrototypeTrainingConfig": "imagegem_hf.preference",
+    # VLM ranking
+    "VLMRankerPipeline": "imagegem_hf.ranker",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'imagegem_hf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

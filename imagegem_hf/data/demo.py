@@ -1,0 +1,5 @@
+"""Demo stage of imagegem_hf.data."""
+
+
+def run_demo(context) -> list[str]:
+    return []

@@ -1,0 +1,100 @@
+"""`imagegem demo`: the whole loop on the bundled, seeded, Civitai-shaped sample.
+
+Stages run in order; each one lives next to the code it shows (`<area>/demo.py: run_demo(context)`) and
+returns summary lines (what was produced, where). Later stages read what earlier ones wrote (the built
+dataset, the recommendation subsets) from `context`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# (stage name, module with `run_demo(context) -> list[str]`)
+STAGES: tuple[tuple[str, str], ...] = (
+    ("data", "imagegem_hf.data.demo"),
+    ("recsys", "imagegem_hf.recsys.demo"),
+    ("ranker", "imagegem_hf.ranker.demo"),
+    ("w2w", "imagegem_hf.w2w.demo"),
+    ("dpo", "imagegem_hf.dpo.demo"),
+    ("preference", "imagegem_hf.preference.demo"),
+)
+
+
+@dataclass
+class DemoContext:
+    """What the demo stages share.
+
+    Attributes:
+        output_dir: Root of everything the demo writes (`demo_output/`).
+        seed: Seed of the sample and of every model.
+        users: Number of users in the synthetic sample.
+        artifacts: Paths and objects that a stage leaves for later ones (e.g. `"dataset_dir"`).
+    """
+
+    output_dir: Path
+    seed: int = 0
+    users: int = 2000
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+    def stage_dir(self, name: str) -> Path:
+        path = self.output_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, users: int = 2000, only: list[str] | None = None):
+    """Run the demo stages and return `{stage: summary lines}`.
+
+    Args:
+        output_dir: Where tables, figures and artifacts go.
+        seed: Seed for the sample and the models.
+        users: Users in the synthetic sample (≈25 images each).
+        only: Run only these stages (the `data` stage always runs, the others read its output).
+
+    Example:
+        ```python
+        >>> from imagegem_hf.demo import run_demo
+        >>> summary = run_demo("demo_output", only=["data"])  # doctest: +SKIP
+        ```
+    """
+    names = [name for name, _ in STAGES]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"Unknown demo stage(s) {unknown}; choose from {names}.")
+    context = DemoContext(output_dir=Path(output_dir), seed=seed, users=users)
+    context.output_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, list[str]] = {}
+    for name, module in STAGES:
+        if only and name != "data" and name not in only:
+            continue
+        print(f"\n=== demo stage: {name} ===", flush=True)
+        start = time.perf_counter()
+        summary[name] = importlib.import_module(module).run_demo(context)
+        print(f"--- {name} done in {time.perf_counter() - start:.1f}s", flush=True)
+    print("\n=== demo summary ===")
+    for name, lines in summary.items():
+        print(f"[{name}]")
+        for line in lines:
+            print(f"  {line}")
+    return summary
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="Run the whole loop on the bundled sample (writes demo_output/).")
+    parser.add_argument("--output-dir", default="demo_output", help="Where to write tables, figures and artifacts.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sample and every model.")
+    parser.add_argument("--users", type=int, default=2000, help="Users in the synthetic sample.")
+    parser.add_argument(
+        "--only", default=None, help=f"Comma-separated stages to run ({', '.join(n for n, _ in STAGES)})."
+    )
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    run_demo(args.output_dir, seed=args.seed, users=args.users, only=args.only.split(",") if args.only else None)
+    return 0

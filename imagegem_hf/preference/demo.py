@@ -1,0 +1,5 @@
+"""Demo stage of imagegem_hf.preference."""
+
+
+def run_demo(context) -> list[str]:
+    return []

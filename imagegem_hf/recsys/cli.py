@@ -1,0 +1,7 @@
+"""`imagegem` subcommands of imagegem_hf.recsys."""
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Register this area's subcommands (none yet)."""

@@ -1,0 +1,5 @@
+"""Demo stage of imagegem_hf.recsys."""
+
+
+def run_demo(context) -> list[str]:
+    return []

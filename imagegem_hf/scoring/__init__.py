@@ -1,0 +1,1 @@
+"""imagegem_hf.scoring"""
