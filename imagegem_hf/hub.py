@@ -54,7 +54,9 @@ def resolve(path_or_repo_id: str | os.PathLike, repo_type: str = "model", revisi
         return path
     text = str(path_or_repo_id)
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text:
-        raise FileNotFoundError(f"{text!r} is not an existing directory (and not a Hub repo id of the form 'org/name').")
+        raise FileNotFoundError(
+            f"{text!r} is not an existing directory (and not a Hub repo id of the form 'org/name')."
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

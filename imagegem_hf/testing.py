@@ -175,7 +175,11 @@ def tiny_sd_components(seed: int = 0, sdxl: bool = False) -> dict[str, Any]:
         sample_size=32,
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
         steps_offset=1,
     )
     torch.manual_seed(seed + 2)
@@ -207,8 +211,9 @@ def tiny_sd_pipeline(seed: int = 0, sdxl: bool = False):
     if sdxl:
         pipe = StableDiffusionXLPipeline(**components)
     else:
-        pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from imagegem_hf.hub import HubUnavailableError, atomic_directory, push_folder, read_json, render_card, resolve, write_json
+from imagegem_hf.hub import (
+    HubUnavailableError,
+    atomic_directory,
+    push_folder,
+    read_json,
+    render_card,
+    resolve,
+    write_json,
+)
 
 
 def test_resolve_local_dir(tmp_path):

@@ -37,7 +37,8 @@ def test_tiny_vlm_generates_with_batched_images():
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text == "USER: <image>Describe.ASSISTANT:"
-    inputs = processor(images=random_images(2, size=16), text=[text, text + " more"], return_tensors="pt",
-                       padding=True)
+    inputs = processor(
+        images=random_images(2, size=16), text=[text, text + " more"], return_tensors="pt", padding=True
+    )
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == (2, inputs.input_ids.shape[1] + 3)

@@ -1,7 +1,131 @@
-"""`imagegem` subcommands of imagegem_hf.data."""
+"""`imagegem dataset ...`: synth, build, stats, subsets, pairs, push."""
+
+from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Register this area's subcommands (none yet)."""
+    """Register `imagegem dataset` and its subcommands."""
+    parser = subparsers.add_parser("dataset", help="Build, inspect and publish ImageGem-format datasets.")
+    commands = parser.add_subparsers(dest="dataset_command", required=True, metavar="SUBCOMMAND")
+
+    synth = commands.add_parser("synth", help="Write a synthetic Civitai-shaped raw dump.")
+    synth.add_argument("output_dir", help="Folder for the raw pages (images/, models/).")
+    synth.add_argument("--users", type=int, default=2000, help="Number of users.")
+    synth.add_argument("--seed", type=int, default=0, help="Seed (same seed, same bytes).")
+    synth.set_defaults(func=_synth)
+
+    build = commands.add_parser("build", help="Build the Hub-shaped dataset folder from raw API pages.")
+    build.add_argument("raw_dir", help="Folder with images/ and models/ API pages (.json, .jsonl, .gz).")
+    build.add_argument("output_dir", help="Dataset folder to create.")
+    build.add_argument("--salt", default="", help="Salt of the username hashes.")
+    build.add_argument("--max-browsing-level", type=int, default=None, help="Drop images above this level.")
+    build.add_argument(
+        "--toxicity",
+        choices=["none", "detoxify"],
+        default="none",
+        help="Prompt toxicity filter (detoxify needs the `safety` extra and downloads its weights).",
+    )
+    build.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    build.set_defaults(func=_build)
+
+    stats = commands.add_parser("stats", help="Statistics tables and figures of a built dataset.")
+    stats.add_argument("dataset_dir", help="A built dataset folder.")
+    stats.add_argument("--out", default=None, help="Output folder (default: <dataset_dir>/../stats).")
+    stats.set_defaults(func=_stats)
+
+    subsets = commands.add_parser("subsets", help="Image/model recommendation subsets (Table 3).")
+    subsets.add_argument("dataset_dir", help="A built dataset folder.")
+    subsets.add_argument("output_dir", help="Where to write images.parquet and models.parquet.")
+    subsets.set_defaults(func=_subsets)
+
+    pairs = commands.add_parser("pairs", help="Fill the preference_pairs config (prompt clusters, min-max pairs).")
+    pairs.add_argument("dataset_dir", help="A built dataset folder.")
+    pairs.add_argument("--score", default="reactions", help="'reactions' or a numeric column of the images table.")
+    pairs.add_argument("--max-images", type=int, default=None, help="Use a seeded sample of this many images.")
+    pairs.add_argument("--pairs-per-cluster", type=int, default=1, help="Min-max pairs per prompt cluster.")
+    pairs.set_defaults(func=_pairs)
+
+    push = commands.add_parser("push", help="Upload a built dataset folder to the Hub.")
+    push.add_argument("dataset_dir", help="A built dataset folder.")
+    push.add_argument("repo_id", help="Target dataset repo, org/name.")
+    push.add_argument("--private", action="store_true", help="Create the repo as private.")
+    push.set_defaults(func=_push)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from imagegem_hf.data.synth import generate_raw_sample
+
+    counts = generate_raw_sample(args.output_dir, users=args.users, seed=args.seed)
+    print(f"Wrote {counts['images']:,} image and {counts['models']:,} model records to {args.output_dir}.")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from imagegem_hf.data.build import build_dataset
+
+    scorer = None
+    if args.toxicity == "detoxify":
+        from imagegem_hf.data.safety import DetoxifyScorer
+
+        scorer = DetoxifyScorer()
+    report = build_dataset(
+        args.raw_dir,
+        args.output_dir,
+        salt=args.salt,
+        toxicity_scorer=scorer,
+        max_browsing_level=args.max_browsing_level,
+        overwrite=args.overwrite,
+    )
+    print(report.table1())
+    print(f"Quarantined: {report.rejected or 'none'} (rejected.jsonl); dropped: {report.dropped or 'none'}.")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from imagegem_hf.data.stats import dataset_statistics
+
+    out = Path(args.out) if args.out else Path(args.dataset_dir).parent / "stats"
+    written = dataset_statistics(args.dataset_dir, out)
+    print(written["statistics"].read_text())
+    for name, path in written.items():
+        print(f"{name} → {path}")
+    return 0
+
+
+def _subsets(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from imagegem_hf.data.subsets import make_rec_subsets, subset_statistics
+
+    interactions = pd.read_parquet(Path(args.dataset_dir) / "interactions")
+    subsets = make_rec_subsets(interactions)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in subsets.items():
+        df.to_parquet(out / f"{name}.parquet", index=False)
+    print(subset_statistics(subsets))
+    return 0
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from imagegem_hf.data.pairs import make_preference_pairs, write_preference_pairs
+
+    images = pd.read_parquet(Path(args.dataset_dir) / "images").drop_duplicates("imageId")
+    if args.max_images and len(images) > args.max_images:
+        images = images.sample(args.max_images, random_state=0)
+    pairs = make_preference_pairs(images, score=args.score, pairs_per_cluster=args.pairs_per_cluster)
+    path = write_preference_pairs(pairs, args.dataset_dir)
+    print(f"{len(pairs):,} pairs → {path}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from imagegem_hf.hub import push_folder
+
+    print(push_folder(args.dataset_dir, args.repo_id, repo_type="dataset", private=args.private))
+    return 0
