@@ -60,6 +60,8 @@ def user_hash(username: str, salt: str = "") -> str:
 
 
 def _int(value: Any, field: str, required: bool = False) -> int | None:
+    if type(value) is int:  # the common case, checked first: this runs ~15 times per record
+        return value
     if value is None:
         if required:
             raise RecordError(f"missing required field {field!r}")
@@ -76,6 +78,8 @@ def _int(value: Any, field: str, required: bool = False) -> int | None:
 
 
 def _float(value: Any, field: str) -> float | None:
+    if type(value) is float:
+        return value
     if value is None or value == "":
         return None
     if isinstance(value, bool):
@@ -87,9 +91,7 @@ def _float(value: Any, field: str) -> float | None:
 
 
 def _str(value: Any, field: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
+    if value is None or type(value) is str:
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
