@@ -1,1 +1,12 @@
-"""imagegem_hf.recsys"""
+"""Personalized retrieval and model recommendation: data, metrics, baselines, FAISS retrieval, evaluation."""
+
+from imagegem_hf.recsys.base import Recommender
+from imagegem_hf.recsys.data import InteractionData
+from imagegem_hf.recsys.item2vec import Item2Vec
+from imagegem_hf.recsys.knn import ItemKNN, Pop, UserKNN
+from imagegem_hf.recsys.sasrec import SASRec
+from imagegem_hf.recsys.two_tower import TwoTower
+
+MODELS: dict[str, type[Recommender]] = {cls.name: cls for cls in (Pop, ItemKNN, UserKNN, Item2Vec, TwoTower, SASRec)}
+
+__all__ = ["InteractionData", "Item2Vec", "ItemKNN", "MODELS", "Pop", "Recommender", "SASRec", "TwoTower", "UserKNN"]

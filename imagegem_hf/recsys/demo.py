@@ -1,5 +1,83 @@
-"""Demo stage of imagegem_hf.recsys."""
+"""Demo stage `recsys`: model and image recommendation baselines on the sample (ImageGem Tables 5 and 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from imagegem_hf.recsys import InteractionData, Pop, TwoTower
+from imagegem_hf.recsys.content import prompt_vectors
+from imagegem_hf.recsys.evaluate import RandomRecommender, default_models, evaluate_models
 
 
 def run_demo(context) -> list[str]:
-    return []
+    """Evaluate the baselines; leaves CF candidates for the VLM re-ranking stage in `context.artifacts`."""
+    dataset_dir = context.artifacts["dataset_dir"]
+    out = context.stage_dir("recsys")
+    lines = []
+
+    models_data = InteractionData.from_table(dataset_dir, item_type="model")
+    result = evaluate_models(models_data, default_models(context.seed), ks=(10, 50, 100))
+    print("\nModel recommendation (test, full ranking):\n" + result.table("test"))
+    lines += [f"model recommendation {k} → {v}" for k, v in result.save(out, "model_recommendation").items()]
+    context.artifacts["cf_candidates"] = {"model": candidates_payload(result, "sasrec")}
+
+    # Each image is interacted with once (by its uploader), so image recommendation needs item content: the
+    # Two-Tower item tower starts from LSA vectors of the image prompts (CLIP image vectors with real pixels).
+    images_data = InteractionData.from_table(dataset_dir, item_type="image")
+    prompts = pd.read_parquet(dataset_dir / "images", columns=["imageId", "prompt"]).drop_duplicates("imageId")
+    filtered = images_data.filter_users(3)
+    features = prompt_vectors(filtered.item_ids, prompts.set_index("imageId")["prompt"], seed=context.seed)
+    image_models = {
+        "random": RandomRecommender(context.seed),
+        "pop": Pop(),
+        "twotower": _ContentTwoTower(features, seed=context.seed),
+    }
+    result = evaluate_models(filtered, image_models, ks=(10, 50, 100))
+    print("\nImage recommendation (test, full ranking):\n" + result.table("test"))
+    lines += [f"image recommendation {k} → {v}" for k, v in result.save(out, "image_recommendation").items()]
+    context.artifacts["cf_candidates"]["image"] = candidates_payload(result, "twotower")
+    return lines
+
+
+class _ContentTwoTower(TwoTower):
+    """A Two-Tower whose item embeddings start from the given content vectors."""
+
+    def __init__(self, features: np.ndarray, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.features = features
+
+    def fit(self, train: InteractionData) -> TwoTower:
+        return super().fit(train, item_features=self.features)
+
+
+def candidates_payload(result, model_name: str, top_m: int = 10, history: int = 5) -> dict:
+    """Top-`top_m` test candidates, latest `history` items and the test target per user, in original ids."""
+    model = result.models[model_name]
+    train, val, test = result.splits
+    full = InteractionData(
+        np.concatenate([train.user_index, val.user_index]),
+        np.concatenate([train.item_index, val.item_index]),
+        np.concatenate([train.timestamp, val.timestamp]),
+        train.user_ids,
+        train.item_ids,
+    )
+    order = np.lexsort((full.timestamp, full.user_index))
+    full = full.subset(order)
+    users = test.user_index
+    scores = model.score(users, history=full)
+    seen = full.csr()[users].tocoo()
+    scores[seen.row, seen.col] = -np.inf
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :top_m]
+    sequences = full.sequences()
+    ids = train.item_ids
+    return {
+        "model_name": model_name,
+        "rankings": {str(train.user_ids[u]): [_py(ids[i]) for i in row] for u, row in zip(users, top, strict=True)},
+        "histories": {str(train.user_ids[u]): [_py(ids[i]) for i in sequences[u][-history:]] for u in users},
+        "targets": {str(train.user_ids[u]): _py(ids[i]) for u, i in zip(users, test.item_index, strict=True)},
+    }
+
+
+def _py(value):
+    return value.item() if hasattr(value, "item") else value

@@ -1,0 +1,143 @@
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from imagegem_hf.cli import main
+from imagegem_hf.recsys import MODELS, InteractionData, Item2Vec, ItemKNN, Pop, Recommender, SASRec, TwoTower, UserKNN
+from imagegem_hf.recsys.evaluate import evaluate_models
+from imagegem_hf.recsys.index import RetrievalIndex
+from imagegem_hf.recsys.metrics import metrics_from_ranks, target_ranks
+
+
+def test_ranks_are_pessimistic_on_ties_and_respect_masking():
+    scores = np.array([[0.9, 0.5, 0.5, 0.1], [1.0, 1.0, 1.0, 1.0]])
+    assert target_ranks(scores, np.array([1, 2])).tolist() == [3, 4]  # ties never favour the target
+    exclude = sp.csr_matrix(np.array([[1, 0, 1, 0], [1, 1, 1, 0]]))
+    # Row 2: items 0, 1 masked, the target (2) never is; item 3 still ties with it and ranks above.
+    assert target_ranks(scores, np.array([1, 2]), exclude).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="NaN"):
+        target_ranks(np.array([[np.nan, 1.0]]), np.array([0]))
+
+
+def test_metrics_against_hand_computation():
+    m = metrics_from_ranks(np.array([1, 2, 5, 20]), ks=(3, 10))
+    assert m["recall@3"] == 0.5 and m["recall@10"] == 0.75 and m["hit@3"] == 0.5
+    assert m["ndcg@3"] == pytest.approx((1 + 1 / np.log2(3)) / 4)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(6)) / 4)
+    assert m["mrr"] == pytest.approx((1 + 0.5 + 0.2 + 0.05) / 4)
+    assert m["avg_rank"] == 7.0 and m["rank_std"] == pytest.approx(np.std([1, 2, 5, 20]))
+
+
+def _cycle_table(n_users=60, n_items=8, length=8):
+    rows = []
+    for u in range(n_users):
+        start = u % n_items
+        rows += [(f"u{u}", f"item{(start + t) % n_items}", t) for t in range(length)]
+    return pd.DataFrame(rows, columns=["userHash", "itemId", "timestamp"])
+
+
+def test_interaction_data_dedupes_and_validates(tmp_path):
+    df = pd.DataFrame({"userHash": ["a", "a", "a", "b"], "itemId": [1, 1, 2, 1], "timestamp": [3, 1, 2, 0]})
+    data = InteractionData.from_table(df)
+    assert len(data) == 3 and data.item_ids.tolist() == [1, 2]
+    assert data.sequences()[0].tolist() == [1, 0]  # a: item 2 (t=2) then item 1 (kept at its last time, t=3)
+    assert len(InteractionData.from_table(df, duplicates="keep_all")) == 4
+    df.to_csv(tmp_path / "t.csv", index=False)
+    assert len(InteractionData.from_table(tmp_path / "t.csv")) == 3
+    with pytest.raises(ValueError, match="empty"):
+        InteractionData.from_table(df.iloc[:0])
+    with pytest.raises(ValueError, match="null"):
+        InteractionData.from_table(df.assign(itemId=[1, None, 2, 1]))
+    with pytest.raises(ValueError, match="mixes strings and numbers"):
+        InteractionData.from_table(df.assign(itemId=pd.Series([1, "x", 2, 1], dtype=object)))
+    iso = df.assign(timestamp=["2024-01-03", "2024-01-01", "2024-01-02", "2024-01-01"])
+    assert InteractionData.from_table(iso).sequences()[0].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="Missing column"):
+        InteractionData.from_table(df, time_col="when")
+
+
+def test_itemknn_recovers_cooccurrence_neighbours():
+    rows = [(u, i, t) for u in range(20) for t, i in enumerate([0, 1] if u < 10 else [2, 3])]
+    data = InteractionData.from_table(pd.DataFrame(rows, columns=["userHash", "itemId", "timestamp"]))
+    model = ItemKNN(k=1, shrink=0).fit(data)
+    assert model.similarity.toarray().argmax(1).tolist() == [1, 0, 3, 2]
+    assert model.similarity[0, 1] == pytest.approx(1.0, rel=1e-5)
+    user_model = UserKNN(k=5, shrink=0).fit(data)
+    assert user_model.similarity[0, 1] == pytest.approx(1.0, rel=1e-5) and user_model.similarity[0, 15] == 0
+
+
+def test_sasrec_learns_a_deterministic_cycle():
+    data = InteractionData.from_table(_cycle_table(n_users=80, n_items=20, length=8))
+    result = evaluate_models(
+        data,
+        {"pop": Pop(), "sasrec": SASRec(dim=32, epochs=40, lr=5e-3, dropout=0.0, max_len=10, patience=40)},
+        ks=(1, 5),
+    )
+    assert result.metrics["sasrec"]["test"]["recall@1"] > 0.95
+    assert result.metrics["pop"]["test"]["recall@1"] < 0.3
+
+
+def test_item2vec_and_two_tower_learn_planted_clusters():
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(120):
+        items = rng.choice(np.arange(10) + 10 * (u % 2), 6, replace=False)
+        rows += [(u, int(i), t) for t, i in enumerate(items)]
+    data = InteractionData.from_table(pd.DataFrame(rows, columns=["userHash", "itemId", "timestamp"]))
+    vectors = Item2Vec(dim=16, epochs=20, window=5).fit(data).item_vectors
+    sim = vectors @ vectors.T
+    assert sim[:10, :10].mean() > sim[:10, 10:].mean() + 0.3
+    tower = TwoTower(dim=16, epochs=15, batch_size=64).fit(data)
+    scores = tower.score(np.array([0, 1]))  # user 0 likes items 0-9, user 1 likes items 10-19
+    assert scores[0, :10].mean() > scores[0, 10:].mean() and scores[1, 10:].mean() > scores[1, :10].mean()
+    with pytest.raises(ValueError, match="rows"):
+        TwoTower().fit(data, item_features=np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_save_load_round_trip_gives_identical_scores(name, tmp_path):
+    data = InteractionData.from_table(_cycle_table(n_users=20))
+    small = {"item2vec": dict(epochs=1), "twotower": dict(epochs=1), "sasrec": dict(epochs=1, dim=16)}
+    model = MODELS[name](**small.get(name, {})).fit(data)
+    model.save_pretrained(tmp_path / name)
+    loaded = Recommender.from_pretrained(tmp_path / name)
+    users = np.arange(5)
+    np.testing.assert_allclose(loaded.score(users), model.score(users), rtol=1e-5, atol=1e-6)
+    assert (tmp_path / name / "README.md").read_text().startswith("---")
+    with pytest.raises(ValueError, match="not a"):
+        (ItemKNN if name != "itemknn" else Pop).from_pretrained(tmp_path / name)
+
+
+def test_recommend_masks_seen_and_checks_k_and_vocab():
+    data = InteractionData.from_table(_cycle_table(n_users=10, n_items=8, length=3))
+    model = Pop().fit(data)
+    top = model.recommend(np.array([0]), k=5)
+    assert not set(top[0]) & set(data.sequences()[0])
+    with pytest.raises(ValueError, match="larger than the catalogue"):
+        model.recommend(np.array([0]), k=9)
+    other = InteractionData.from_table(_cycle_table(n_users=10, n_items=6, length=3))
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        model.check_vocabulary(other)
+
+
+def test_retrieval_index_faiss_matches_numpy():
+    rng = np.random.default_rng(0)
+    items, queries = rng.normal(size=(500, 16)).astype(np.float32), rng.normal(size=(20, 16)).astype(np.float32)
+    faiss_scores, faiss_top = RetrievalIndex(items).search(queries, 10)
+    np_scores, np_top = RetrievalIndex(items, kind="numpy").search(queries, 10)
+    np.testing.assert_array_equal(faiss_top, np_top)
+    np.testing.assert_allclose(faiss_scores, np_scores, rtol=1e-4)
+    with pytest.raises(ValueError, match="kind"):
+        RetrievalIndex(items, kind="lsh")
+
+
+def test_recommend_cli_end_to_end(tmp_path, capsys):
+    path = tmp_path / "t.parquet"
+    _cycle_table(n_users=30).to_parquet(path)
+    out = tmp_path / "out"
+    assert main(["recommend", str(path), "--models", "pop,itemknn", "--k", "1,5", "--output-dir", str(out)]) == 0
+    assert "| itemknn |" in capsys.readouterr().out
+    assert (out / "recommendation_all.png").exists() and (out / "recommendation_all.json").exists()
+    assert main(["recommend", str(path), "--models", "magic"]) == 2
+    assert main(["recommend", str(path), "--models", "pop", "--k", "100"]) == 2
