@@ -68,3 +68,44 @@ def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = (10, 50, 100)) -
     out["avg_rank"] = float(ranks.mean())
     out["rank_std"] = float(ranks.std())
     return out
+
+
+def sparse_target_ranks(
+    scores: sp.csr_matrix, targets: np.ndarray, exclude: sp.csr_matrix | None = None
+) -> np.ndarray:
+    """`target_ranks` for sparse, non-negative scores (absent entries score 0), without densifying rows.
+
+    Same semantics as `target_ranks`: ties rank above the target and masked items (other than the target) rank
+    below everything. Used for neighbourhood models over large catalogues (e.g. 1M items).
+
+    Example:
+        ```python
+        >>> import scipy.sparse as sp
+        >>> sparse_target_ranks(sp.csr_matrix(np.array([[0.0, 0.5, 0.5, 0.2]])), np.array([1])).tolist()
+        [2]
+        ```
+    """
+    scores = scores.tocsr()
+    if scores.nnz and scores.data.min() < 0:
+        raise ValueError("sparse_target_ranks needs non-negative scores; use target_ranks for signed scores.")
+    n_items = scores.shape[1]
+    exclude = exclude.tocsr() if exclude is not None else None
+    ranks = np.empty(len(targets), dtype=np.int64)
+    for row, target in enumerate(targets):
+        cols = scores.indices[scores.indptr[row] : scores.indptr[row + 1]]
+        vals = scores.data[scores.indptr[row] : scores.indptr[row + 1]]
+        masked = np.zeros(0, dtype=cols.dtype)
+        if exclude is not None:
+            masked = exclude.indices[exclude.indptr[row] : exclude.indptr[row + 1]]
+            masked = masked[masked != target]
+            keep = ~np.isin(cols, masked)
+            cols, vals = cols[keep], vals[keep]
+        hit = cols == target
+        target_score = vals[hit][0] if hit.any() else 0.0
+        others = vals[~hit]
+        higher = int((others > target_score).sum())
+        tied = int((others == target_score).sum())
+        if target_score == 0.0:  # every unmasked item without a stored score ties at 0
+            tied += n_items - len(masked) - len(cols) - (0 if hit.any() else 1)
+        ranks[row] = 1 + higher + tied
+    return ranks

@@ -141,3 +141,16 @@ def test_recommend_cli_end_to_end(tmp_path, capsys):
     assert (out / "recommendation_all.png").exists() and (out / "recommendation_all.json").exists()
     assert main(["recommend", str(path), "--models", "magic"]) == 2
     assert main(["recommend", str(path), "--models", "pop", "--k", "100"]) == 2
+
+
+def test_sparse_ranks_equal_dense_ranks():
+    rng = np.random.default_rng(0)
+    dense = rng.integers(0, 4, (30, 12)).astype(float) * (rng.random((30, 12)) < 0.4)
+    exclude = sp.csr_matrix((rng.random((30, 12)) < 0.2).astype(float))
+    targets = rng.integers(0, 12, 30)
+    from imagegem_hf.recsys.metrics import sparse_target_ranks
+
+    for mask in (None, exclude):
+        np.testing.assert_array_equal(
+            sparse_target_ranks(sp.csr_matrix(dense), targets, mask), target_ranks(dense, targets, mask)
+        )
