@@ -19,35 +19,18 @@ _LAZY: dict[str, str] = {
     "leave_one_last_split": "imagegem_hf.data.subsets",
     "make_rec_subsets": "imagegem_hf.data.subsets",
     "generate_raw_sample": "imagegem_hf.data.synth",
-    # embeddings and scoring
+    # embeddings
     "SentenceTransformerEmbedder": "imagegem_hf.embeddings",
     "CLIPEmbedder": "imagegem_hf.embeddings",
-    "PickScore": "imagegem_hf.scoring",
-    "HPSv2": "imagegem_hf.scoring",
-    "CLIPScore": "imagegem_hf.scoring",
     # recommendation
     "InteractionData": "imagegem_hf.recsys",
     "Pop": "imagegem_hf.recsys",
+    "Recommender": "imagegem_hf.recsys",
     "ItemKNN": "imagegem_hf.recsys",
     "UserKNN": "imagegem_hf.recsys",
     "Item2Vec": "imagegem_hf.recsys",
     "TwoTower": "imagegem_hf.recsys",
     "SASRec": "imagegem_hf.recsys",
-    # weight space
-    "WeightSpace": "imagegem_hf.w2w",
-    "W2WEditPipeline": "imagegem_hf.w2w",
-    "rank1_reduce": "imagegem_hf.w2w",
-    "preference_direction": "imagegem_hf.w2w",
-    # diffusion DPO
-    "DiffusionDPOConfig": "imagegem_hf.dpo",
-    "DiffusionDPOTrainer": "imagegem_hf.dpo",
-    # preference prototypes
-    "PreferencePrototypeConfig": "imagegem_hf.preference",
-    "PreferencePrototypeModel": "imagegem_hf.preference",
-    "PreferencePrototypeTrainer": "imagegem_hf.preference",
-    "PreferencePrototypeTrainingConfig": "imagegem_hf.preference",
-    # VLM ranking
-    "VLMRankerPipeline": "imagegem_hf.ranker",
 }
 
 __all__ = sorted(_LAZY)

@@ -14,10 +14,6 @@ from collections.abc import Sequence
 _AREA_CLIS: tuple[str, ...] = (
     "imagegem_hf.data.cli",
     "imagegem_hf.recsys.cli",
-    "imagegem_hf.w2w.cli",
-    "imagegem_hf.dpo.cli",
-    "imagegem_hf.preference.cli",
-    "imagegem_hf.ranker.cli",
     "imagegem_hf.demo",
 )
 

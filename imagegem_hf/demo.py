@@ -18,10 +18,6 @@ from typing import Any
 STAGES: tuple[tuple[str, str], ...] = (
     ("data", "imagegem_hf.data.demo"),
     ("recsys", "imagegem_hf.recsys.demo"),
-    ("ranker", "imagegem_hf.ranker.demo"),
-    ("w2w", "imagegem_hf.w2w.demo"),
-    ("dpo", "imagegem_hf.dpo.demo"),
-    ("preference", "imagegem_hf.preference.demo"),
 )
 
 

@@ -1,5 +1,0 @@
-"""Demo stage of imagegem_hf.ranker."""
-
-
-def run_demo(context) -> list[str]:
-    return []

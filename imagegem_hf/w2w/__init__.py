@@ -1,1 +1,0 @@
-"""imagegem_hf.w2w"""
