@@ -52,13 +52,21 @@ class _SeenIds:
     sorted_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def new_mask(self, ids: np.ndarray) -> np.ndarray:
-        """True for ids seen neither before nor earlier in `ids`; records them as seen."""
-        mask = ~np.isin(ids, self.sorted_ids, assume_unique=False)
+        """True for ids seen neither before nor earlier in `ids`; records them as seen.
+
+        Membership is a binary search and recording is one sorted insert, so a chunk costs O(k log n + n)
+        memory traffic with no re-hashing of the ids already seen.
+        """
+        position = np.searchsorted(self.sorted_ids, ids)
+        seen = np.zeros(len(ids), dtype=bool)
+        inside = position < len(self.sorted_ids)
+        seen[inside] = self.sorted_ids[position[inside]] == ids[inside]
         _, first = np.unique(ids, return_index=True)
-        first_mask = np.zeros(len(ids), dtype=bool)
-        first_mask[first] = True
-        mask &= first_mask
-        self.sorted_ids = np.union1d(self.sorted_ids, ids[mask])
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[first] = True
+        mask &= ~seen
+        new = np.sort(ids[mask])
+        self.sorted_ids = np.insert(self.sorted_ids, np.searchsorted(self.sorted_ids, new), new)
         return mask
 
     def __len__(self) -> int:

@@ -95,3 +95,18 @@ def test_existing_output_is_not_overwritten_by_default(raw_dir, tmp_path):
     build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
     with pytest.raises(FileExistsError):
         build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
+
+
+def test_seen_ids_matches_a_python_set():
+    from imagegem_hf.data.build import _SeenIds
+
+    rng = np.random.default_rng(0)
+    seen, reference = _SeenIds(), set()
+    for _ in range(20):
+        chunk = rng.integers(-50, 200, 37)
+        expected = []
+        for value in chunk.tolist():
+            expected.append(value not in reference)
+            reference.add(value)
+        assert seen.new_mask(chunk).tolist() == expected
+    assert len(seen) == len(reference)
