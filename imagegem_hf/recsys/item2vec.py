@@ -20,13 +20,18 @@ def _history_mean(vectors: np.ndarray, history, users: np.ndarray) -> np.ndarray
 class Item2Vec(Recommender):
     """Skip-gram with negative sampling over each user's time-ordered items; a user is the mean of their items.
 
+    Negative sampling makes item similarities approximate pointwise mutual information, which carries no
+    popularity; the next-item score adds the log prior back: `cos(user, item) / temperature + log(count + 1)`,
+    i.e. log P(item | history) up to a constant under the skip-gram model.
+
     Args:
         dim: Embedding size.
         window: Context window within a user's sequence.
         negatives: Negative samples per positive pair (drawn from the unigram^0.75 distribution).
         epochs: Passes over the pairs.
         batch_size: Pairs per step.
-        lr: Adam learning rate.
+        lr: Sparse Adam learning rate.
+        temperature: Temperature of the cosine similarity in the score (lower trusts the embedding more).
         seed: Seed.
 
     Example:
@@ -37,7 +42,7 @@ class Item2Vec(Recommender):
     """
 
     name = "item2vec"
-    config_keys = ("dim", "window", "negatives", "epochs", "batch_size", "lr", "seed")
+    config_keys = ("dim", "window", "negatives", "epochs", "batch_size", "lr", "temperature", "seed")
 
     def __init__(
         self,
@@ -47,11 +52,12 @@ class Item2Vec(Recommender):
         epochs: int = 5,
         batch_size: int = 1024,
         lr: float = 1e-2,
+        temperature: float = 0.1,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.dim, self.window, self.negatives, self.epochs = dim, window, negatives, epochs
-        self.batch_size, self.lr, self.seed = batch_size, lr, seed
+        self.batch_size, self.lr, self.temperature, self.seed = batch_size, lr, temperature, seed
 
     def _pairs(self, train: InteractionData) -> np.ndarray:
         pairs = []
@@ -92,14 +98,16 @@ class Item2Vec(Recommender):
                 optimizer.step()
         vectors = center.weight.detach().numpy().astype(np.float32)
         self.item_vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # cosine
+        self.log_prior = np.log(np.bincount(train.item_index, minlength=train.n_items) + 1.0).astype(np.float32)
         return self
 
     def score(self, users: np.ndarray, history: InteractionData | None = None) -> np.ndarray:
         self._check_fitted()
-        return _history_mean(self.item_vectors, history or self.train, users) @ self.item_vectors.T
+        similarity = _history_mean(self.item_vectors, history or self.train, users) @ self.item_vectors.T
+        return similarity / self.temperature + self.log_prior
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"item_vectors": self.item_vectors}
+        return {"item_vectors": self.item_vectors, "log_prior": self.log_prior}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.item_vectors = state["item_vectors"]
+        self.item_vectors, self.log_prior = state["item_vectors"], state["log_prior"]
