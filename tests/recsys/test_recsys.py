@@ -154,3 +154,21 @@ def test_sparse_ranks_equal_dense_ranks():
         np.testing.assert_array_equal(
             sparse_target_ranks(sp.csr_matrix(dense), targets, mask), target_ranks(dense, targets, mask)
         )
+
+
+def test_recommend_example_script_saves_the_best_model(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "t.parquet"
+    _cycle_table(n_users=30, n_items=12, length=6).to_parquet(path)
+    script = Path(__file__).parents[2] / "examples" / "recommend.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(path), "--k", "1,5", "--save-dir", str(tmp_path / "best")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "best:" in out and (tmp_path / "best" / "model.safetensors").exists()
+    assert Recommender.from_pretrained(tmp_path / "best").item_ids.tolist() == sorted(f"item{i}" for i in range(12))
