@@ -20,7 +20,7 @@ from __future__ import annotations
 import gzip
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,21 @@ class BuildReport:
         from imagegem_hf.data.stats import table1_markdown
 
         return table1_markdown({"raw": self.raw, "filtered": self.filtered})
+
+
+@dataclass
+class _BuildContext:
+    """State shared by the loras and images passes of one build."""
+
+    raw_dir: Path
+    tmp: Path
+    salt: str
+    reject: Callable[[str, Path, int, str, Any], None]
+    chunk_size: int
+    show_progress: bool
+    raw: Counter[str] = field(default_factory=Counter)
+    filtered: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
 
 
 def iter_raw_items(path: Path) -> Iterator[tuple[int, Any]]:
@@ -215,9 +230,6 @@ def build_dataset(
     if not image_files:
         raise RawInputError(f"No raw image pages under {raw_dir / 'images'} (expected {', '.join(RAW_SUFFIXES)}).")
     rejected: Counter[str] = Counter()
-    dropped: Counter[str] = Counter()
-    raw: Counter[str] = Counter()
-    filtered: Counter[str] = Counter()
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         with open(tmp / "rejected.jsonl", "wb") as quarantine:
 
@@ -227,24 +239,10 @@ def build_dataset(
                 record["record"] = item if not isinstance(item, RecordError) else None
                 quarantine.write(orjson.dumps(record, option=orjson.OPT_SORT_KEYS) + b"\n")
 
-            lora_stats = _build_loras(
-                raw_dir, model_files, tmp, salt, reject, raw, filtered, dropped, chunk_size, show_progress
-            )
-            _build_images(
-                raw_dir,
-                image_files,
-                tmp,
-                salt,
-                reject,
-                raw,
-                filtered,
-                dropped,
-                chunk_size,
-                show_progress,
-                toxicity_scorer,
-                max_browsing_level,
-            )
-            raw.update(lora_stats)
+            context = _BuildContext(raw_dir, tmp, salt, reject, chunk_size, show_progress)
+            _build_loras(context, model_files)
+            _build_images(context, image_files, toxicity_scorer, max_browsing_level)
+            raw, filtered, dropped = context.raw, context.filtered, context.dropped
         empty = _ParquetSink(tmp / "preference_pairs" / SHARD_NAME, "preference_pairs")
         empty.close()
         report = BuildReport(output_dir, dict(raw), dict(filtered), dict(rejected), dict(dropped))
@@ -267,8 +265,11 @@ def build_dataset(
     return report
 
 
-def _build_loras(raw_dir, files, tmp, salt, reject, raw, filtered, dropped, chunk_size, show_progress):
+def _build_loras(context: _BuildContext, files: list[Path]) -> None:
     from imagegem_hf.data.schema import LORAS_COLUMNS
+
+    tmp, salt, reject = context.tmp, context.salt, context.reject
+    filtered, dropped, chunk_size = context.filtered, context.dropped, context.chunk_size
 
     sink = _ParquetSink(tmp / "loras" / SHARD_NAME, "loras")
     seen_models: set[int] = set()
@@ -278,7 +279,7 @@ def _build_loras(raw_dir, files, tmp, salt, reject, raw, filtered, dropped, chun
     uploaders_kept: set[str] = set()
     buffer: list[dict[str, Any]] = []
     raw_versions = 0
-    for path in tqdm(files, desc="models", unit="file", disable=not show_progress):
+    for path in tqdm(files, desc="models", unit="file", disable=not context.show_progress):
         for line, item in iter_raw_items(path):
             if isinstance(item, RecordError):
                 reject("model", path, line, item.reason, item)
@@ -309,24 +310,19 @@ def _build_loras(raw_dir, files, tmp, salt, reject, raw, filtered, dropped, chun
     sink.write(_columns(buffer, LORAS_COLUMNS))
     sink.close()
     filtered["tags"], filtered["uploaders"] = len(kept_tags), len(uploaders_kept)
-    return {"loras": raw_versions, "tags": len(raw_tags), "uploaders": len(uploaders_raw)}
+    context.raw.update({"loras": raw_versions, "tags": len(raw_tags), "uploaders": len(uploaders_raw)})
 
 
 def _build_images(
-    raw_dir,
-    files,
-    tmp,
-    salt,
-    reject,
-    raw,
-    filtered,
-    dropped,
-    chunk_size,
-    show_progress,
-    toxicity_scorer,
-    max_browsing_level,
-):
+    context: _BuildContext,
+    files: list[Path],
+    toxicity_scorer: ToxicityScorer | None,
+    max_browsing_level: int | None,
+) -> None:
     from imagegem_hf.data.schema import IMAGES_COLUMNS, INTERACTIONS_COLUMNS
+
+    raw_dir, tmp, salt, reject = context.raw_dir, context.tmp, context.salt, context.reject
+    raw, filtered, dropped, chunk_size = context.raw, context.filtered, context.dropped, context.chunk_size
 
     images_sink = _ParquetSink(tmp / "images" / SHARD_NAME, "images")
     interactions_sink = _ParquetSink(tmp / "interactions" / SHARD_NAME, "interactions")
@@ -395,7 +391,7 @@ def _build_images(
             )
         interactions_sink.write(_columns(interactions, INTERACTIONS_COLUMNS))
 
-    for path in tqdm(files, desc="images", unit="file", disable=not show_progress):
+    for path in tqdm(files, desc="images", unit="file", disable=not context.show_progress):
         for line, item in iter_raw_items(path):
             if isinstance(item, RecordError):
                 reject("image", path, line, item.reason, item)
