@@ -1,0 +1,325 @@
+"""`VLMRankerPipeline`: a VLM writes a user's preference profile, then scores recommendation candidates.
+
+ImageGem §4.2 / appendix B: caption the user's latest items into a textual profile (B.1.1 / B.1.3), score the
+collaborative-filtering candidates against it with explanations (B.1.2 / B.1.4), and stabilise the scores by
+randomized multi-trial scoring (B.1.5): each trial scores a random k-subset of the candidates in a shuffled
+order, and an item's score is the mean over the trials in which it was scored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from imagegem_hf.hub import atomic_directory, read_json, render_card, resolve, write_json
+from imagegem_hf.ranker.parsing import parse_scores
+from imagegem_hf.ranker.prompts import RankerTemplates
+
+CONFIG_NAME = "ranker_config.json"
+
+
+@dataclass
+class RankItem:
+    """One item shown to the VLM: an image (for images, or a model's example image) and/or text (its prompt)."""
+
+    item_id: Any
+    image: Image.Image | None = None
+    text: str | None = None
+
+
+@dataclass
+class RankerConfig:
+    """Generation and scoring settings of a `VLMRankerPipeline`.
+
+    Attributes:
+        item_type: `"image"` or `"model"`: which templates and id field to use.
+        k_subset: Candidates scored together in one trial (k in B.1.5).
+        n_trials: Trials per user (T in B.1.5).
+        max_new_tokens: Generation budget per prompt.
+        batch_size: Prompts per `generate` call.
+        max_retries: Re-generations (sampled) of a trial whose output yields no score at all.
+        max_prompt_chars: Item prompts are cut to this many characters.
+    """
+
+    item_type: str = "image"
+    k_subset: int = 5
+    n_trials: int = 4
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    max_retries: int = 1
+    max_prompt_chars: int = 300
+
+
+@dataclass
+class CandidateScore:
+    """An item's aggregated score over the trials that scored it."""
+
+    item_id: Any
+    mean: float
+    std: float
+    n_trials: int
+    explanations: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RankingResult:
+    """Candidates ordered by mean score (unscored ones last, in their input order), and the parsing problems."""
+
+    scores: list[CandidateScore]
+    problems: list[str]
+
+    @property
+    def ranking(self) -> list[Any]:
+        return [s.item_id for s in self.scores]
+
+
+def trial_subsets(n_candidates: int, k: int, n_trials: int, rng: np.random.Generator) -> list[list[int]]:
+    """`n_trials` random subsets of `k` distinct candidate positions, drawn from successive random permutations so
+    that every candidate appears before any appears twice (full coverage whenever `k · n_trials ≥ n_candidates`).
+
+    Example:
+        ```python
+        >>> import numpy as np
+        >>> subsets = trial_subsets(10, 5, 2, np.random.default_rng(0))
+        >>> sorted(i for s in subsets for i in s) == list(range(10))
+        True
+        ```
+    """
+    k = min(k, n_candidates)
+    pool: list[int] = []
+    subsets = []
+    for _ in range(n_trials):
+        subset: list[int] = []
+        while len(subset) < k:
+            if not pool:
+                pool = rng.permutation(n_candidates).tolist()
+            pick = next((p for p in pool if p not in subset), None)
+            if pick is None:  # the fresh pool holds only items already in this subset
+                pool = []
+                continue
+            pool.remove(pick)
+            subset.append(pick)
+        subsets.append(subset)
+    return subsets
+
+
+class VLMRankerPipeline:
+    """Caption a user's history into a preference profile and score candidates with any image-text-to-text VLM.
+
+    Args:
+        model: An image-text-to-text model (e.g. Pixtral, Qwen2-VL, Idefics, LLaVA) with `generate`.
+        processor: Its processor (with a chat template).
+        config: Scoring and generation settings.
+        templates: Prompt templates (appendix B by default).
+        model_name_or_path: Where the VLM comes from; `save_pretrained` stores this reference instead of the
+            weights when it is set.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.ranker import VLMRankerPipeline, RankItem
+        >>> ranker = VLMRankerPipeline.from_pretrained("Qwen/Qwen2-VL-2B-Instruct")  # doctest: +SKIP
+        >>> profile = ranker.caption("user-1", [RankItem(1, image=im) for im in history])  # doctest: +SKIP
+        >>> result = ranker.rank(profile, [RankItem(i, image=im) for i, im in candidates], seed=0)  # doctest: +SKIP
+        >>> result.ranking  # doctest: +SKIP
+        ```
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        config: RankerConfig | None = None,
+        templates: RankerTemplates | None = None,
+        model_name_or_path: str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.config = config or RankerConfig()
+        self.templates = templates or RankerTemplates()
+        self.model_name_or_path = model_name_or_path
+        self._profiles: dict[tuple[str, str], str] = {}
+        self.templates.id_key(self.config.item_type)  # validates item_type
+
+    # -- loading and saving -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str = "cpu",
+        **config_overrides,
+    ) -> VLMRankerPipeline:
+        """Load a saved ranker folder, or any image-text-to-text model repo (default config and templates)."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        folder = resolve(path_or_repo_id)
+        saved = read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
+        source = saved.get("model_name_or_path") or str(folder)
+        model_folder = resolve(source) if source != str(folder) else folder
+        model = AutoModelForImageTextToText.from_pretrained(model_folder, dtype=dtype).to(device)
+        processor = AutoProcessor.from_pretrained(model_folder)
+        config = RankerConfig(**{**saved.get("config", {}), **config_overrides})
+        templates = RankerTemplates(**saved.get("templates", {}))
+        return cls(
+            model,
+            processor,
+            config,
+            templates,
+            model_name_or_path=saved.get("model_name_or_path") or (str(path_or_repo_id) if not saved else None),
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write `ranker_config.json` (config + templates) and a card; the VLM's weights too unless the pipeline
+        knows where they come from (`model_name_or_path`)."""
+        with atomic_directory(save_directory, overwrite=overwrite) as tmp:
+            write_json(
+                tmp / CONFIG_NAME,
+                {
+                    "config": asdict(self.config),
+                    "templates": self.templates.to_dict(),
+                    "model_name_or_path": self.model_name_or_path,
+                },
+            )
+            if self.model_name_or_path is None:
+                self.model.save_pretrained(tmp)
+                self.processor.save_pretrained(tmp)
+            (tmp / "README.md").write_text(
+                render_card(
+                    "ranker_card.md",
+                    config=asdict(self.config),
+                    templates_version=self.templates.version,
+                    model_name_or_path=self.model_name_or_path or "(weights saved in this folder)",
+                )
+            )
+        return Path(save_directory)
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    def _content(self, items: list[RankItem], header: str | None, with_ids: bool) -> tuple[list[dict], list]:
+        content: list[dict] = []
+        images = []
+        id_key = self.templates.id_key(self.config.item_type)
+        if header:
+            content.append({"type": "text", "text": header})
+        for item in items:
+            label = f"{id_key}: {item.item_id}. " if with_ids else ""
+            if item.image is not None:
+                content.append({"type": "text", "text": label})
+                content.append({"type": "image"})
+                images.append(item.image.convert("RGB"))
+                label = ""
+            if item.text:
+                label += f"Prompt: {item.text[: self.config.max_prompt_chars]}"
+            if label:
+                content.append({"type": "text", "text": label})
+        return content, images
+
+    @torch.no_grad()
+    def generate(
+        self, requests: list[tuple[list[dict], list]], sample_seed: int | None = None, show_progress: bool = False
+    ) -> list[str]:
+        """Generate one reply per `(content, images)` request, in batches; greedy unless `sample_seed` is given."""
+        outputs = []
+        for start in tqdm(
+            range(0, len(requests), self.config.batch_size), disable=not show_progress, desc="VLM batches"
+        ):
+            batch = requests[start : start + self.config.batch_size]
+            texts = [
+                self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+                for content, _ in batch
+            ]
+            images = [im for _, ims in batch for im in ims] or None
+            inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(self.model.device)
+            kwargs: dict[str, Any] = {"max_new_tokens": self.config.max_new_tokens, "do_sample": False}
+            if sample_seed is not None:
+                torch.manual_seed(sample_seed + start)
+                kwargs.update(do_sample=True, temperature=0.7)
+            generated = self.model.generate(**inputs, **kwargs)
+            new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+            outputs += self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return outputs
+
+    # -- the two steps ------------------------------------------------------------------------------------------
+    def caption(self, user_id: Any, history: list[RankItem]) -> str:
+        """The user's textual preference profile from their latest items (cached per user and item type)."""
+        key = (str(user_id), self.config.item_type)
+        if key not in self._profiles:
+            if not history:
+                raise ValueError(f"User {user_id!r} has no history items to caption.")
+            content, images = self._content(history, None, with_ids=False)
+            content.append({"type": "text", "text": self.templates.captioning(self.config.item_type)})
+            self._profiles[key] = self.generate([(content, images)])[0].strip()
+        return self._profiles[key]
+
+    def rank(self, profile: str, candidates: list[RankItem], seed: int = 0) -> RankingResult:
+        """Randomized multi-trial scoring of `candidates` against `profile` (see `rank_batch`)."""
+        return self.rank_batch([(profile, candidates)], seed=seed)[0]
+
+    def rank_batch(
+        self, requests: list[tuple[str, list[RankItem]]], seed: int = 0, show_progress: bool = False
+    ) -> list[RankingResult]:
+        """Score several users' candidates; all trials of all users are generated in shared batches.
+
+        Each user gets `n_trials` random `k_subset`-subsets of their candidates (successive random permutations,
+        so every candidate is covered when `k · T ≥ M`), each in a shuffled order; a trial whose output gives no
+        score at all is re-generated with sampling up to `max_retries` times.
+        """
+        rng = np.random.default_rng(seed)
+        id_key = self.templates.id_key(self.config.item_type)
+        trials = []  # (request index, candidate positions)
+        prompts = []
+        for r, (profile, candidates) in enumerate(requests):
+            if not candidates:
+                raise ValueError("Every ranking request needs at least one candidate.")
+            for subset in trial_subsets(len(candidates), self.config.k_subset, self.config.n_trials, rng):
+                header = (
+                    f"Visual preference profile of the user:\n{profile}\n\n"
+                    f"{self.templates.ranking(self.config.item_type)}\n\n{self.templates.multi_candidate_suffix}"
+                )
+                prompts.append(self._content([candidates[i] for i in subset], header, with_ids=True))
+                trials.append((r, subset))
+        replies = self.generate(prompts, show_progress=show_progress)
+        parsed = [
+            parse_scores(reply, [requests[r][1][i].item_id for i in subset], id_key)
+            for reply, (r, subset) in zip(replies, trials, strict=True)
+        ]
+        for attempt in range(self.config.max_retries):
+            failed = [t for t, p in enumerate(parsed) if not p.scores]
+            if not failed:
+                break
+            retried = self.generate([prompts[t] for t in failed], sample_seed=seed * 1000 + attempt)
+            for t, reply in zip(failed, retried, strict=True):
+                r, subset = trials[t]
+                parsed[t] = parse_scores(reply, [requests[r][1][i].item_id for i in subset], id_key)
+        per_request: list[dict[str, list[float]]] = [{} for _ in requests]
+        explanations: list[dict[str, list[str]]] = [{} for _ in requests]
+        problems: list[list[str]] = [[] for _ in requests]
+        for (r, _), result in zip(trials, parsed, strict=True):
+            for item_id, score in result.scores.items():
+                per_request[r].setdefault(item_id, []).append(score)
+                explanations[r].setdefault(item_id, []).append(result.explanations.get(item_id, ""))
+            problems[r] += result.problems
+        out = []
+        for r, (_, candidates) in enumerate(requests):
+            scored = []
+            for position, item in enumerate(candidates):
+                values = per_request[r].get(str(item.item_id), [])
+                mean = float(np.mean(values)) if values else float("nan")
+                std = float(np.std(values)) if values else float("nan")
+                scored.append(
+                    (
+                        position,
+                        CandidateScore(
+                            item.item_id, mean, std, len(values), explanations[r].get(str(item.item_id), [])
+                        ),
+                    )
+                )
+            scored.sort(key=lambda ps: (np.isnan(ps[1].mean), -np.nan_to_num(ps[1].mean), ps[0]))
+            out.append(RankingResult([s for _, s in scored], problems[r]))
+        return out
