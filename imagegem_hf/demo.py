@@ -18,6 +18,7 @@ from typing import Any
 STAGES: tuple[tuple[str, str], ...] = (
     ("data", "imagegem_hf.data.demo"),
     ("recsys", "imagegem_hf.recsys.demo"),
+    ("ranker", "imagegem_hf.ranker.demo"),
 )
 
 

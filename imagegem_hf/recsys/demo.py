@@ -7,7 +7,7 @@ import pandas as pd
 
 from imagegem_hf.recsys import InteractionData, Pop, TwoTower
 from imagegem_hf.recsys.content import prompt_vectors
-from imagegem_hf.recsys.evaluate import RandomRecommender, default_models, evaluate_models
+from imagegem_hf.recsys.evaluate import RandomRecommender, candidates_payload, default_models, evaluate_models
 
 
 def run_demo(context) -> list[str]:
@@ -49,35 +49,3 @@ class _ContentTwoTower(TwoTower):
 
     def fit(self, train: InteractionData) -> TwoTower:
         return super().fit(train, item_features=self.features)
-
-
-def candidates_payload(result, model_name: str, top_m: int = 10, history: int = 5) -> dict:
-    """Top-`top_m` test candidates, latest `history` items and the test target per user, in original ids."""
-    model = result.models[model_name]
-    train, val, test = result.splits
-    full = InteractionData(
-        np.concatenate([train.user_index, val.user_index]),
-        np.concatenate([train.item_index, val.item_index]),
-        np.concatenate([train.timestamp, val.timestamp]),
-        train.user_ids,
-        train.item_ids,
-    )
-    order = np.lexsort((full.timestamp, full.user_index))
-    full = full.subset(order)
-    users = test.user_index
-    scores = model.score(users, history=full)
-    seen = full.csr()[users].tocoo()
-    scores[seen.row, seen.col] = -np.inf
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :top_m]
-    sequences = full.sequences()
-    ids = train.item_ids
-    return {
-        "model_name": model_name,
-        "rankings": {str(train.user_ids[u]): [_py(ids[i]) for i in row] for u, row in zip(users, top, strict=True)},
-        "histories": {str(train.user_ids[u]): [_py(ids[i]) for i in sequences[u][-history:]] for u in users},
-        "targets": {str(train.user_ids[u]): _py(ids[i]) for u, i in zip(users, test.item_index, strict=True)},
-    }
-
-
-def _py(value):
-    return value.item() if hasattr(value, "item") else value
