@@ -27,6 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--time-col", default="timestamp", help="Timestamp column.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of every model.")
     parser.add_argument("--output-dir", default="recommend_output", help="Where to write the table, JSON and plot.")
+    rerank = parser.add_argument_group("VLM re-ranking (ImageGem §4.2; needs an ImageGem dataset folder)")
+    rerank.add_argument("--rerank", choices=["none", "vlm"], default="none", help="Re-rank CF candidates with a VLM.")
+    rerank.add_argument("--vlm", default=None, help="Image-text-to-text model path or repo id (e.g. a Qwen2-VL).")
+    rerank.add_argument("--rerank-model", default="sasrec", help="CF model whose top-M candidates are re-ranked.")
+    rerank.add_argument("--top-m", type=int, default=10, help="CF candidates re-ranked per user (M).")
+    rerank.add_argument("--history", type=int, default=5, help="Latest history items in the profile (H).")
+    rerank.add_argument("--trials", type=int, default=4, help="Randomized scoring trials per user (T).")
+    rerank.add_argument("--subset-size", type=int, default=5, help="Candidates per trial (k).")
+    rerank.add_argument("--rerank-users", type=int, default=20, help="Users re-ranked (the paper uses 20).")
     parser.set_defaults(func=_run)
 
 
@@ -39,6 +48,10 @@ def _run(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - set(available))
     if unknown:
         raise ValueError(f"Unknown model(s) {unknown}; choose from {sorted(available)}.")
+    if args.rerank == "vlm" and (args.vlm is None or args.item_type is None):
+        raise ValueError("--rerank vlm needs --vlm MODEL and --item-type image|model (on an ImageGem dataset).")
+    if args.rerank == "vlm" and args.rerank_model not in names:
+        raise ValueError(f"--rerank-model {args.rerank_model!r} must be one of --models ({', '.join(names)}).")
     data = InteractionData.from_table(
         args.data,
         user_col=args.user_col,
@@ -54,4 +67,31 @@ def _run(args: argparse.Namespace) -> int:
     print(result.table("test"))
     for name, path in paths.items():
         print(f"{name} → {path}")
+    if args.rerank == "vlm":
+        _rerank(args, result, Path(args.output_dir))
     return 0
+
+
+def _rerank(args: argparse.Namespace, result, output_dir: Path) -> None:
+    from imagegem_hf.hub import resolve
+    from imagegem_hf.ranker import RankerConfig, VLMRankerPipeline
+    from imagegem_hf.ranker.items import imagegem_item_loader
+    from imagegem_hf.ranker.two_stage import rerank_and_evaluate
+    from imagegem_hf.recsys.evaluate import candidates_payload
+
+    payload = candidates_payload(result, args.rerank_model, top_m=args.top_m, history=args.history)
+    config = RankerConfig(item_type=args.item_type, k_subset=args.subset_size, n_trials=args.trials)
+    pipeline = VLMRankerPipeline.from_pretrained(args.vlm, **vars(config))
+    loader = imagegem_item_loader(resolve(args.data, repo_type="dataset"), args.item_type)
+    report = rerank_and_evaluate(
+        payload,
+        pipeline,
+        loader,
+        history_size=args.history,
+        top_m=args.top_m,
+        seed=args.seed,
+        max_users=args.rerank_users,
+    )
+    print(report.table())
+    for name, path in report.save(output_dir, f"rerank_{args.item_type}").items():
+        print(f"{name} → {path}")

@@ -222,3 +222,43 @@ def test_tiny_vlm_end_to_end_and_save_load(tmp_path):
     )
     with pytest.raises(ValueError, match="item_type"):
         VLMRankerPipeline(model, processor, RankerConfig(item_type="video"))
+
+
+def test_recommend_cli_reranks_with_a_saved_vlm(tmp_path, capsys):
+    from imagegem_hf.cli import main
+
+    raw, ds, vlm_dir = tmp_path / "raw", tmp_path / "ds", tmp_path / "vlm"
+    assert main(["dataset", "synth", str(raw), "--users", "40", "--seed", "2"]) == 0
+    assert main(["dataset", "build", str(raw), str(ds)]) == 0
+    model, processor = tiny_vlm()
+    model.save_pretrained(vlm_dir)
+    processor.save_pretrained(vlm_dir)
+    capsys.readouterr()
+    args = [
+        "recommend",
+        str(ds),
+        "--item-type",
+        "model",
+        "--models",
+        "pop,itemknn",
+        "--k",
+        "1,5",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--rerank",
+        "vlm",
+        "--vlm",
+        str(vlm_dir),
+        "--rerank-model",
+        "itemknn",
+        "--trials",
+        "2",
+        "--subset-size",
+        "3",
+        "--rerank-users",
+        "3",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| VLM |" in out and (tmp_path / "out" / "rerank_model.json").exists()
+    assert main(args[:-12] + ["--rerank", "vlm"]) == 2  # no --vlm given
