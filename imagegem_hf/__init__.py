@@ -31,6 +31,9 @@ _LAZY: dict[str, str] = {
     "Item2Vec": "imagegem_hf.recsys",
     "TwoTower": "imagegem_hf.recsys",
     "SASRec": "imagegem_hf.recsys",
+    # VLM ranking
+    "VLMRankerPipeline": "imagegem_hf.ranker",
+    "RankItem": "imagegem_hf.ranker",
 }
 
 __all__ = sorted(_LAZY)
