@@ -265,10 +265,27 @@ def build_dataset(
     return report
 
 
+def _flattened(
+    context: _BuildContext, files: list[Path], kind: str, flatten: Callable[..., list[dict[str, Any]]]
+) -> Iterator[tuple[Path, int, Any, list[dict[str, Any]]]]:
+    """`(path, line, item, rows)` for every record that flattens; the others are quarantined with their reason."""
+    for path in tqdm(files, desc=f"{kind}s", unit="file", disable=not context.show_progress):
+        for line, item in iter_raw_items(path):
+            if isinstance(item, RecordError):
+                context.reject(kind, path, line, item.reason, item)
+                continue
+            try:
+                rows = flatten(item, salt=context.salt)
+            except RecordError as err:
+                context.reject(kind, path, line, err.reason, item)
+                continue
+            yield path, line, item, rows
+
+
 def _build_loras(context: _BuildContext, files: list[Path]) -> None:
     from imagegem_hf.data.schema import LORAS_COLUMNS
 
-    tmp, salt, reject = context.tmp, context.salt, context.reject
+    tmp, reject = context.tmp, context.reject
     filtered, dropped, chunk_size = context.filtered, context.dropped, context.chunk_size
 
     sink = _ParquetSink(tmp / "loras" / SHARD_NAME, "loras")
@@ -279,34 +296,25 @@ def _build_loras(context: _BuildContext, files: list[Path]) -> None:
     uploaders_kept: set[str] = set()
     buffer: list[dict[str, Any]] = []
     raw_versions = 0
-    for path in tqdm(files, desc="models", unit="file", disable=not context.show_progress):
-        for line, item in iter_raw_items(path):
-            if isinstance(item, RecordError):
-                reject("model", path, line, item.reason, item)
-                continue
-            try:
-                rows = flatten_model(item, salt=salt)
-            except RecordError as err:
-                reject("model", path, line, err.reason, item)
-                continue
-            if rows[0]["modelId"] in seen_models:
-                reject("model", path, line, f"duplicate modelId {rows[0]['modelId']}", item)
-                continue
-            seen_models.add(rows[0]["modelId"])
-            tags = {t for t in (rows[0]["tags"] or "").split(", ") if t}
-            raw_versions += len({r["modelVersionId"] for r in rows})
-            raw_tags |= tags
-            uploaders_raw.add(rows[0]["userHash"])
-            if rows[0]["modelType"] not in LORA_MODEL_TYPES:
-                dropped["not_a_lora"] += 1
-                continue
-            filtered["loras"] += len({r["modelVersionId"] for r in rows})
-            kept_tags |= tags
-            uploaders_kept.add(rows[0]["userHash"])
-            buffer.extend(rows)
-            if len(buffer) >= chunk_size:
-                sink.write(_columns(buffer, LORAS_COLUMNS))
-                buffer.clear()
+    for path, line, item, rows in _flattened(context, files, "model", flatten_model):
+        if rows[0]["modelId"] in seen_models:
+            reject("model", path, line, f"duplicate modelId {rows[0]['modelId']}", item)
+            continue
+        seen_models.add(rows[0]["modelId"])
+        tags = {t for t in (rows[0]["tags"] or "").split(", ") if t}
+        raw_versions += len({r["modelVersionId"] for r in rows})
+        raw_tags |= tags
+        uploaders_raw.add(rows[0]["userHash"])
+        if rows[0]["modelType"] not in LORA_MODEL_TYPES:
+            dropped["not_a_lora"] += 1
+            continue
+        filtered["loras"] += len({r["modelVersionId"] for r in rows})
+        kept_tags |= tags
+        uploaders_kept.add(rows[0]["userHash"])
+        buffer.extend(rows)
+        if len(buffer) >= chunk_size:
+            sink.write(_columns(buffer, LORAS_COLUMNS))
+            buffer.clear()
     sink.write(_columns(buffer, LORAS_COLUMNS))
     sink.close()
     filtered["tags"], filtered["uploaders"] = len(kept_tags), len(uploaders_kept)
@@ -321,7 +329,7 @@ def _build_images(
 ) -> None:
     from imagegem_hf.data.schema import IMAGES_COLUMNS, INTERACTIONS_COLUMNS
 
-    raw_dir, tmp, salt, reject = context.raw_dir, context.tmp, context.salt, context.reject
+    raw_dir, tmp, reject = context.raw_dir, context.tmp, context.reject
     raw, filtered, dropped, chunk_size = context.raw, context.filtered, context.dropped, context.chunk_size
 
     images_sink = _ParquetSink(tmp / "images" / SHARD_NAME, "images")
@@ -391,19 +399,10 @@ def _build_images(
             )
         interactions_sink.write(_columns(interactions, INTERACTIONS_COLUMNS))
 
-    for path in tqdm(files, desc="images", unit="file", disable=not context.show_progress):
-        for line, item in iter_raw_items(path):
-            if isinstance(item, RecordError):
-                reject("image", path, line, item.reason, item)
-                continue
-            try:
-                rows = flatten_image(item, salt=salt)
-            except RecordError as err:
-                reject("image", path, line, err.reason, item)
-                continue
-            pending.append((path, line, item, rows))
-            if len(pending) >= chunk_size:
-                flush()
+    for path, line, item, rows in _flattened(context, files, "image", flatten_image):
+        pending.append((path, line, item, rows))
+        if len(pending) >= chunk_size:
+            flush()
     flush()
     images_sink.close()
     interactions_sink.close()
