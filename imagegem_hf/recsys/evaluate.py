@@ -13,7 +13,11 @@ from tqdm.auto import tqdm
 
 from imagegem_hf.recsys.base import Recommender
 from imagegem_hf.recsys.data import InteractionData
+from imagegem_hf.recsys.item2vec import Item2Vec
+from imagegem_hf.recsys.knn import ItemKNN, Pop, UserKNN
 from imagegem_hf.recsys.metrics import metrics_from_ranks, target_ranks
+from imagegem_hf.recsys.sasrec import SASRec
+from imagegem_hf.recsys.two_tower import TwoTower
 
 
 class RandomRecommender(Recommender):
@@ -91,8 +95,6 @@ class EvaluationResult:
 
 def default_models(seed: int = 0) -> dict[str, Recommender]:
     """The paper's baselines with settings that train in seconds to minutes on a CPU."""
-    from imagegem_hf.recsys import Item2Vec, ItemKNN, Pop, SASRec, TwoTower, UserKNN
-
     return {
         "random": RandomRecommender(seed),
         "pop": Pop(),
@@ -150,7 +152,7 @@ def evaluate_models(
     results, fit_seconds = {}, {}
     for name, model in tqdm(models.items(), desc="models"):
         start = time.perf_counter()
-        if name == "sasrec" or getattr(model, "name", "") == "sasrec":
+        if isinstance(model, SASRec):  # early stopping on validation NDCG@10
             model.fit(train, validation=val)
         else:
             model.fit(train)

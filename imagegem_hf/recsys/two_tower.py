@@ -63,12 +63,7 @@ class TwoTower(Recommender):
         else:
             init = torch.randn(n, self.dim) * 0.1
         embedding = torch.nn.Parameter(init.clone())
-        user_tower = torch.nn.Sequential(
-            torch.nn.Linear(self.dim, self.dim), torch.nn.GELU(), torch.nn.Linear(self.dim, self.dim)
-        )
-        item_tower = torch.nn.Sequential(
-            torch.nn.Linear(self.dim, self.dim), torch.nn.GELU(), torch.nn.Linear(self.dim, self.dim)
-        )
+        user_tower, item_tower = self._tower(), self._tower()
         # Examples: for each position p ≥ 1 of each sequence, history = items before p (mean), target = item p.
         seqs = train.sequences()
         hist_rows, hist_cols, targets = [], [], []
@@ -112,17 +107,18 @@ class TwoTower(Recommender):
         with torch.no_grad():
             self.item_embeddings = embedding.detach().numpy()
             self.item_vectors = F.normalize(item_tower(embedding), dim=-1).numpy()
-        self.user_tower_state = {k: v.numpy() for k, v in user_tower.state_dict().items()}
+        self.user_tower = user_tower.eval()
         return self
+
+    def _tower(self) -> torch.nn.Sequential:
+        return torch.nn.Sequential(
+            torch.nn.Linear(self.dim, self.dim), torch.nn.GELU(), torch.nn.Linear(self.dim, self.dim)
+        )
 
     @torch.no_grad()
     def user_vectors(self, users: np.ndarray, history: InteractionData | None = None) -> np.ndarray:
         mean = torch.from_numpy(_history_mean(self.item_embeddings, history or self.train, users).astype(np.float32))
-        tower = torch.nn.Sequential(
-            torch.nn.Linear(self.dim, self.dim), torch.nn.GELU(), torch.nn.Linear(self.dim, self.dim)
-        )
-        tower.load_state_dict({k: torch.from_numpy(v) for k, v in self.user_tower_state.items()})
-        return F.normalize(tower(mean), dim=-1).numpy()
+        return F.normalize(self.user_tower(mean), dim=-1).numpy()
 
     def score(self, users: np.ndarray, history: InteractionData | None = None) -> np.ndarray:
         self._check_fitted()
@@ -132,11 +128,16 @@ class TwoTower(Recommender):
         return {
             "item_embeddings": self.item_embeddings,
             "item_vectors": self.item_vectors,
-            **{f"user_tower.{k}": v for k, v in self.user_tower_state.items()},
+            **{f"user_tower.{k}": v.numpy() for k, v in self.user_tower.state_dict().items()},
         }
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.item_embeddings, self.item_vectors = state["item_embeddings"], state["item_vectors"]
-        self.user_tower_state = {
-            k.removeprefix("user_tower."): v for k, v in state.items() if k.startswith("user_tower.")
-        }
+        self.user_tower = self._tower().eval()
+        self.user_tower.load_state_dict(
+            {
+                k.removeprefix("user_tower."): torch.from_numpy(v)
+                for k, v in state.items()
+                if k.startswith("user_tower.")
+            }
+        )
