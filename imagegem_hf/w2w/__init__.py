@@ -1,0 +1,15 @@
+"""Weights2Weights for user-made LoRAs (ImageGem §4.3, §5.3): LoRA I/O, rank-1 reduction, a PCA weight space,
+preference directions and `W2WEditPipeline`, which edits a LoRA along a direction without retraining."""
+
+from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora, save_lora
+from imagegem_hf.w2w.reduce import rank1_reduce, reduce_rank, select_layers
+
+__all__ = [
+    "LoRA",
+    "LoRAModule",
+    "load_lora",
+    "rank1_reduce",
+    "reduce_rank",
+    "save_lora",
+    "select_layers",
+]

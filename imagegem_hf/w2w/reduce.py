@@ -1,0 +1,153 @@
+"""Reduce LoRAs of any rank to a fixed-size canonical form (ImageGem §4.3).
+
+Civitai LoRAs differ in rank and in which layers they touch. ImageGem keeps, per layer, only the top singular
+component of ΔW = (α/r)·up·down. `rank1_reduce` computes it from the factors alone: QR-decompose `up` (m×r) and
+`downᵀ` (n×r), take the SVD of the r×r product of the R factors, and map the singular vectors back, so ΔW (m×n)
+is never formed. The singular value is split as √s on each side and the sign is fixed (largest-magnitude entry
+of `u` positive), so equal LoRAs always give equal vectors. `select_layers` is the paper's alternative: keep only
+the `attn_v` and/or feed-forward layers at a fixed rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from imagegem_hf.w2w.lora_io import LoRA, LoRAModule
+
+LAYER_GROUPS = {
+    "attn_v": (".to_v",),
+    "ff": (".ff.net.0.proj", ".ff.net.2"),
+    "both": (".to_v", ".ff.net.0.proj", ".ff.net.2"),
+}
+
+
+def top_singular_factors(
+    up: torch.Tensor, down: torch.Tensor, scale: float = 1.0, rank: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` singular triplets of `scale · up @ down` from the factors, with √s split and a fixed sign.
+
+    Args:
+        up: `(m, r)`.
+        down: `(r, n)`.
+        scale: The LoRA scale alpha / r.
+        rank: Number of components kept; components beyond the LoRA's rank are zero.
+
+    Returns:
+        `(u, v, s)`: `u` `(m, rank)` = U·√s, `v` `(n, rank)` = V·√s, and the singular values `s` `(rank,)`, so that
+        `u @ v.T` is the best rank-`rank` approximation of ΔW. In each column the largest-magnitude entry of `u`
+        is positive.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from imagegem_hf.w2w.reduce import top_singular_factors
+        >>> up, down = torch.randn(6, 3), torch.randn(3, 5)
+        >>> u, v, s = top_singular_factors(up, down)
+        >>> torch.allclose(s[0], torch.linalg.svdvals(up @ down)[0], atol=1e-5)
+        True
+        ```
+    """
+    q_up, r_up = torch.linalg.qr(up)  # (m, k1), (k1, r)
+    q_down, r_down = torch.linalg.qr(down.T)  # (n, k2), (k2, r)
+    core = (r_up @ r_down.T) * scale  # (k1, k2), at most r × r
+    u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
+    keep = min(rank, s.shape[0])
+    u = q_up @ u_core[:, :keep]
+    v = q_down @ vh_core[:keep].T
+    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True))).squeeze(0)
+    signs[signs == 0] = 1.0
+    root = s[:keep].sqrt() * signs
+    u, v = u * root, v * root
+    if keep < rank:  # the LoRA has lower rank than asked: pad with zero components
+        u = torch.cat([u, u.new_zeros(u.shape[0], rank - keep)], dim=1)
+        v = torch.cat([v, v.new_zeros(v.shape[0], rank - keep)], dim=1)
+        s = torch.cat([s[:keep], s.new_zeros(rank - keep)])
+    return u, v, s[:rank]
+
+
+def reduce_module(module: LoRAModule, rank: int = 1) -> LoRAModule:
+    """The best rank-`rank` approximation of one module, as canonical factors with scale 1 (conv shapes kept)."""
+    u, v, _ = top_singular_factors(module.up_2d(), module.down_2d(), module.scale, rank)
+    kernel = module.kernel_size
+    if kernel:  # conv: down (k, in, kh, kw), up (out, k, 1, 1)
+        in_channels = module.down.shape[1]
+        down = v.T.reshape(rank, in_channels, *kernel)
+        up = u.reshape(u.shape[0], rank, 1, 1)
+    else:
+        down, up = v.T, u
+    return LoRAModule(down=down.contiguous(), up=up.contiguous(), alpha=None)
+
+
+def reduce_rank(lora: LoRA, rank: int = 1) -> LoRA:
+    """Replace every module of `lora` by its top-`rank` singular components (computed from the factors).
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w import load_lora
+        >>> from imagegem_hf.w2w.reduce import reduce_rank
+        >>> lora4 = reduce_rank(load_lora("civitai_lora.safetensors"), rank=4)  # doctest: +SKIP
+        ```
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}.")
+    modules = {name: reduce_module(module, rank) for name, module in lora.modules.items()}
+    return LoRA(modules=modules, base=lora.base, source_format=lora.source_format, metadata=dict(lora.metadata))
+
+
+def rank1_reduce(lora: LoRA) -> LoRA:
+    """ImageGem's reduction: per layer the top-1 singular component of ΔW = (α/r)·up·down, as a rank-1 LoRA.
+
+    Each module becomes `up = √s·u` (m×1) and `down = √s·vᵀ` (1×n) with the largest-magnitude entry of `u`
+    positive, computed by QR of the factors and an r×r SVD (ΔW is never formed). Convolution LoRAs are reduced on
+    their flattened `(out, in·kh·kw)` form and reshaped back.
+
+    Args:
+        lora: A LoRA of any rank (per module ranks may differ).
+
+    Returns:
+        The rank-1 LoRA (scale 1 on every module).
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w import load_lora, rank1_reduce
+        >>> lora = rank1_reduce(load_lora("civitai_lora.safetensors"))  # doctest: +SKIP
+        >>> set(lora.ranks.values())  # doctest: +SKIP
+        {1}
+        ```
+    """
+    return reduce_rank(lora, rank=1)
+
+
+def select_layers(lora: LoRA, layers: str = "both", rank: int | None = None) -> LoRA:
+    """The paper's alternative to rank-1 reduction: keep only the `attn_v` and/or feed-forward layers.
+
+    Args:
+        lora: The LoRA.
+        layers: `"attn_v"` (attention value projections), `"ff"` (feed-forward layers) or `"both"`.
+        rank: If given, every kept module must have exactly this rank (ImageGem uses rank-16 LoRAs);
+            a LoRA of another rank is rejected.
+
+    Returns:
+        A LoRA with only the selected modules.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w import load_lora
+        >>> from imagegem_hf.w2w.reduce import select_layers
+        >>> ff_only = select_layers(load_lora("rank16.safetensors"), "ff", rank=16)  # doctest: +SKIP
+        ```
+    """
+    if layers not in LAYER_GROUPS:
+        raise ValueError(f"Unknown layer group {layers!r}; choose from {sorted(LAYER_GROUPS)}.")
+    suffixes = LAYER_GROUPS[layers]
+    modules = {name: m for name, m in lora.modules.items() if name.startswith("unet.") and name.endswith(suffixes)}
+    if not modules:
+        raise ValueError(f"The LoRA has no {layers} layers; it cannot be used with select_layers({layers!r}).")
+    if rank is not None:
+        wrong = sorted({m.rank for m in modules.values()} - {rank})
+        if wrong:
+            raise ValueError(
+                f"select_layers(rank={rank}) needs rank-{rank} LoRAs, but this one has ranks {wrong}. Use "
+                "rank1_reduce (any rank) or reduce_rank(lora, rank) first."
+            )
+    return LoRA(modules=modules, base=lora.base, source_format=lora.source_format, metadata=dict(lora.metadata))

@@ -1,0 +1,201 @@
+"""LoRA I/O: kohya, diffusers and peft files of the same LoRA read identically; bad inputs fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from imagegem_hf.testing import tiny_sd_components
+from imagegem_hf.w2w import LoRA, LoRAModule, load_lora, save_lora
+from imagegem_hf.w2w.lora_io import read_lora_shapes
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"]
+RANK, ALPHA = 4, 8.0
+
+
+@pytest.fixture(scope="module")
+def peft_lora():
+    """A LoRA trained-shaped by peft itself on the tiny UNet (lora_B randomised so ΔW ≠ 0)."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = tiny_sd_components(seed=0)["unet"]
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False)
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    state_dict = get_peft_model_state_dict(unet)
+    return config, {k: v.detach().clone() for k, v in state_dict.items()}
+
+
+def _truth(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ΔW per module written out from the peft factors: (alpha / r) · B · A on the flattened layer."""
+    out = {}
+    for key, a in state_dict.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            b = state_dict[f"{module}.lora_B.weight"]
+            out[f"unet.{module}"] = (ALPHA / RANK) * b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+    return out
+
+
+def _kohya_state_dict(state_dict, dtype=torch.float32):
+    kohya = {}
+    for key, value in state_dict.items():
+        module, _, kind = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.to(dtype)
+        kohya[f"{name}.alpha"] = torch.tensor(ALPHA)
+    return kohya
+
+
+def _assert_matches(lora: LoRA, truth: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+    assert sorted(lora.modules) == sorted(truth)
+    for name, delta in truth.items():
+        torch.testing.assert_close(lora.modules[name].delta_weight(), delta, atol=atol, rtol=1e-4)
+
+
+def test_kohya_diffusers_and_peft_files_read_identically(peft_lora, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    config, state_dict = peft_lora
+    truth = _truth(state_dict)
+    assert any(t.endswith("conv1") for t in truth) and any(t.endswith("to_out.0") for t in truth)
+
+    # peft: adapter folder written by peft's own config class
+    peft_dir = tmp_path / "peft"
+    config.save_pretrained(peft_dir)
+    save_file({f"base_model.model.{k}": v for k, v in state_dict.items()}, peft_dir / "adapter_model.safetensors")
+    # diffusers: written by diffusers, alphas in the adapter metadata
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "diffusers", unet_lora_layers=state_dict, unet_lora_adapter_metadata=config.to_dict()
+    )
+    # kohya: renamed by hand, fp16 like most Civitai files
+    save_file(_kohya_state_dict(state_dict, torch.float16), tmp_path / "kohya.safetensors")
+
+    from_peft = load_lora(peft_dir)
+    from_diffusers = load_lora(tmp_path / "diffusers" / "pytorch_lora_weights.safetensors")
+    from_kohya = load_lora(tmp_path / "kohya.safetensors")
+    assert (from_peft.source_format, from_diffusers.source_format, from_kohya.source_format) == (
+        "peft",
+        "diffusers",
+        "kohya",
+    )
+    _assert_matches(from_peft, truth)
+    _assert_matches(from_diffusers, truth)
+    _assert_matches(from_kohya, truth, atol=5e-2)  # fp16 storage
+    conv = next(n for n in truth if n.endswith("conv1"))
+    assert from_kohya.modules[conv].kernel_size == (3, 3)
+
+
+def test_bf16_kohya_file_is_upcast(peft_lora, tmp_path):
+    _, state_dict = peft_lora
+    save_file(_kohya_state_dict(state_dict, torch.bfloat16), tmp_path / "bf16.safetensors")
+    lora = load_lora(tmp_path / "bf16.safetensors")
+    assert all(m.down.dtype == torch.float32 for m in lora.modules.values())
+    _assert_matches(lora, _truth(state_dict), atol=0.3)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_save_then_load_keeps_delta_weight(peft_lora, tmp_path, fmt):
+    _, state_dict = peft_lora
+    save_file(_kohya_state_dict(state_dict), tmp_path / "in.safetensors")
+    lora = load_lora(tmp_path / "in.safetensors")
+    path = save_lora(lora, tmp_path / f"out_{fmt}.safetensors", format=fmt)
+    _assert_matches(load_lora(path), _truth(state_dict))
+
+
+def test_header_only_shapes_match_full_read(peft_lora, tmp_path):
+    _, state_dict = peft_lora
+    save_file(_kohya_state_dict(state_dict), tmp_path / "k.safetensors")
+    lora = load_lora(tmp_path / "k.safetensors")
+    shapes = read_lora_shapes(tmp_path / "k.safetensors")
+    assert shapes == {n: (m.out_features, m.in_features, m.kernel_size) for n, m in lora.modules.items()}
+
+
+def _write(tmp_path, name, tensors):
+    path = tmp_path / name
+    save_file(tensors, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (["lora_unet_a_b.hada_w1_a", "lora_unet_a_b.hada_w1_b"], "LoHa"),
+        (["lora_unet_a_b.lokr_w1", "lora_unet_a_b.lokr_w2"], "LoKr"),
+        (["lora_unet_a_b.lora_down.weight", "lora_unet_a_b.lora_up.weight", "lora_unet_a_b.lora_mid.weight"], "LoCon"),
+        (["lora_unet_a_b.lora_down.weight", "lora_unet_a_b.lora_up.weight", "lora_unet_a_b.dora_scale"], "DoRA"),
+        (["unet.a.lora_A.weight", "unet.a.lora_B.weight", "unet.a.lora_magnitude_vector"], "DoRA"),
+        (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.conv_in.weight"], "full model"),
+        (["conv_in.weight", "down_blocks.0.resnets.0.norm1.weight"], "full model"),
+        (["emb_params"], "no LoRA weights"),
+    ],
+)
+def test_unsupported_formats_are_rejected(tmp_path, keys, message):
+    path = _write(tmp_path, "bad.safetensors", {k: torch.zeros(2, 2) for k in keys})
+    with pytest.raises(ValueError, match=message):
+        load_lora(path)
+
+
+def test_pickle_files_are_refused_without_unpickling(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"a": torch.zeros(1)}, ckpt)
+    with pytest.raises(ValueError, match="pickle"):
+        load_lora(ckpt)
+    disguised = tmp_path / "disguised.safetensors"
+    disguised.write_bytes(ckpt.read_bytes())
+    with pytest.raises(ValueError, match="pickled"):
+        load_lora(disguised)
+
+
+def test_truncated_file_is_reported(peft_lora, tmp_path):
+    _, state_dict = peft_lora
+    path = _write(tmp_path, "full.safetensors", _kohya_state_dict(state_dict))
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_lora(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_lora(garbage)
+
+
+def test_architecture_mismatch_is_rejected(tmp_path):
+    name = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    sd15 = LoRA({name: LoRAModule(down=torch.randn(2, 768), up=torch.randn(320, 2))})
+    assert sd15.base == "sd15"
+    path = save_lora(sd15, tmp_path / "sd15.safetensors")
+    assert load_lora(path, base="sd15").base == "sd15"
+    with pytest.raises(ValueError, match="architecture mismatch"):
+        load_lora(path, base="sdxl")
+
+
+def test_missing_file_and_peft_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_lora(tmp_path / "nope.safetensors")
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_lora(tmp_path / "adapter")
+
+
+def test_peft_alpha_pattern_and_rslora(tmp_path):
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_file(
+        {f"base_model.model.{module}.lora_A.weight": a, f"base_model.model.{module}.lora_B.weight": b},
+        folder / "adapter_model.safetensors",
+    )
+    config = {"r": 4, "lora_alpha": 4, "alpha_pattern": {"attn1.to_q": 16}, "use_rslora": True}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    lora = load_lora(folder)
+    torch.testing.assert_close(lora.modules[f"unet.{module}"].delta_weight(), 16 / 2 * b @ a)
