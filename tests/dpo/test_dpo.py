@@ -1,0 +1,327 @@
+"""DiffusionDPOTrainer: the loss against the formula written out here, the reference model, training, saving,
+resuming and the bad inputs of a pair dataset."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from PIL import Image
+from transformers import TrainerCallback
+
+from imagegem_hf.dpo import DiffusionDPOCollator, DiffusionDPOConfig, DiffusionDPOTrainer, prepare_dpo_dataset
+from imagegem_hf.dpo.trainer import LORA_WEIGHTS_NAME, load_dpo_weights
+from imagegem_hf.testing import random_images, tiny_sd_pipeline
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _pairs(n: int = 4, seed: int = 0) -> Dataset:
+    images = random_images(2 * n, size=32, seed=seed)
+    return Dataset.from_dict(
+        {
+            "jpg_0": [_png(im) for im in images[:n]],
+            "jpg_1": [_png(im) for im in images[n:]],
+            "label_0": [float(i % 2) for i in range(n)],
+            "caption": [f"a photo number {i}" for i in range(n)],
+        }
+    )
+
+
+def _deterministic_vae(pipe) -> None:
+    """Make the VAE posterior (almost) a point mass, so that latents do not depend on the sampling noise."""
+    conv = pipe.vae.quant_conv
+    half = conv.out_channels // 2
+    with torch.no_grad():
+        conv.weight[half:] = 0
+        conv.bias[half:] = -30.0
+
+
+def _trainer(tmp_path, sdxl=False, mode="lora", beta=5000.0, **kwargs) -> DiffusionDPOTrainer:
+    pipe = tiny_sd_pipeline(seed=0, sdxl=sdxl)
+    _deterministic_vae(pipe)
+    defaults = dict(
+        resolution=32,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        report_to=[],
+        mode=mode,
+        lora_rank=2,
+        beta_dpo=beta,
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    defaults.update(kwargs)
+    return DiffusionDPOTrainer(pipe, DiffusionDPOConfig(str(tmp_path / "out"), **defaults), train_dataset=_pairs())
+
+
+def _batch(trainer: DiffusionDPOTrainer) -> dict[str, torch.Tensor]:
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+
+
+def _loss_written_out(trainer: DiffusionDPOTrainer, batch, seed: int) -> torch.Tensor:
+    """Diffusion-DPO (REFERENCE §4) computed step by step from the pipeline's parts, independently of the model."""
+    pipe, model = trainer.pipeline, trainer.model
+    scheduler = model.noise_scheduler
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        winners, losers = batch["pixel_values"][:, 0], batch["pixel_values"][:, 1]
+        latents = pipe.vae.encode(torch.cat([winners, losers])).latent_dist.sample() * pipe.vae.config.scaling_factor
+        b = winners.shape[0]
+        noise = torch.randn_like(latents[:b])
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,))
+        if model.is_sdxl:
+            h1 = pipe.text_encoder(batch["input_ids"], output_hidden_states=True).hidden_states[-2]
+            out2 = pipe.text_encoder_2(batch["input_ids_2"], output_hidden_states=True)
+            hidden = torch.cat([h1, out2.hidden_states[-2]], dim=-1)
+            cond = {"text_embeds": out2.text_embeds, "time_ids": batch["add_time_ids"]}
+        else:
+            hidden, cond = pipe.text_encoder(batch["input_ids"])[0], None
+
+    def mse(unet, x0):
+        x_t = scheduler.add_noise(x0, noise, t)
+        pred = unet(x_t, t, hidden, added_cond_kwargs=cond).sample
+        return ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+
+    unet = pipe.unet
+    model_w, model_l = mse(unet, latents[:b]), mse(unet, latents[b:])
+    with torch.no_grad():
+        if model.reference_unet is None:
+            unet.disable_adapters()
+            ref_w, ref_l = mse(unet, latents[:b]), mse(unet, latents[b:])
+            unet.enable_adapters()
+        else:
+            ref_w, ref_l = mse(model.reference_unet, latents[:b]), mse(model.reference_unet, latents[b:])
+    beta = trainer.args.beta_dpo
+    return -F.logsigmoid(-0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))).mean()
+
+
+def _perturb_trained_weights(trainer, scale: float = 0.05) -> None:
+    """Move the trained weights away from the reference (a fresh LoRA is zero: model = reference)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trainer.pipeline.unet.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd15", "sdxl"])
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_loss_equals_the_formula(tmp_path, sdxl, mode):
+    trainer = _trainer(tmp_path, sdxl=sdxl, mode=mode, beta=100.0)
+    _perturb_trained_weights(trainer)
+    batch = _batch(trainer)
+    torch.manual_seed(3)
+    ours = trainer.compute_loss(trainer.model, batch)
+    expected = _loss_written_out(trainer, batch, seed=3)
+    # Batched (2B) vs per-half UNet calls differ by float rounding only (×β/2 in the loss).
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=2e-6)
+    assert abs(ours.item() - np.log(2)) > 1e-4  # the model differs from the reference: not the trivial log 2
+
+
+def test_loss_function_by_hand():
+    from imagegem_hf.dpo import diffusion_dpo_loss
+
+    loss, inside = diffusion_dpo_loss(
+        torch.tensor([0.1, 0.4]), torch.tensor([0.3, 0.2]), torch.tensor([0.2, 0.2]), torch.tensor([0.2, 0.3]), 10.0
+    )
+    # inside = -5 * ((0.1-0.3) - 0) = 1.0 and -5 * ((0.4-0.2) - (0.2-0.3)) = -1.5
+    torch.testing.assert_close(inside, torch.tensor([1.0, -1.5]))
+    expected = (np.log1p(np.exp(-1.0)) + np.log1p(np.exp(1.5))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def _lora_grad_norm(trainer, batch) -> float:
+    trainer.model.zero_grad()
+    torch.manual_seed(0)
+    trainer.compute_loss(trainer.model, batch).backward()
+    grads = [p.grad for p in trainer.model.parameters() if p.requires_grad and p.grad is not None]
+    return float(torch.sqrt(sum((g**2).sum() for g in grads)))
+
+
+def test_gradients_vanish_as_beta_goes_to_zero(tmp_path):
+    trainer = _trainer(tmp_path, beta=5000.0)
+    _perturb_trained_weights(trainer)
+    batch = _batch(trainer)
+    full = _lora_grad_norm(trainer, batch)
+    trainer.model.beta = 1e-9
+    tiny = _lora_grad_norm(trainer, batch)
+    assert full > 1e-3
+    assert tiny < full * 1e-9
+
+
+def test_swapping_winner_and_loser_flips_the_margin(tmp_path):
+    trainer = _trainer(tmp_path)
+    _perturb_trained_weights(trainer)
+    batch = _batch(trainer)
+    swapped = dict(batch, pixel_values=batch["pixel_values"].flip(1))
+    torch.manual_seed(5)
+    out = trainer.model(**batch)
+    torch.manual_seed(5)
+    out_swapped = trainer.model(**swapped)
+    assert out.inside.abs().min() > 0
+    torch.testing.assert_close(out_swapped.inside, -out.inside, rtol=1e-3, atol=1e-6)
+
+
+def test_lora_reference_is_the_base_unet_and_does_not_move(tmp_path):
+    trainer = _trainer(tmp_path, learning_rate=1e-2, max_steps=3)
+    batch = _batch(trainer)
+
+    def terms():
+        torch.manual_seed(7)
+        with torch.no_grad():
+            out = trainer.model(**batch)
+        return out.ref_mse_w.clone(), out.model_mse_w.clone()
+
+    ref_before, model_before = terms()
+    # The adapter-free base UNet (the frozen copy of a full-mode trainer on the same base) gives the same terms.
+    base = _trainer(tmp_path / "base", mode="full")
+    torch.manual_seed(7)
+    with torch.no_grad():
+        base_out = base.model(**batch)
+    torch.testing.assert_close(ref_before, base_out.ref_mse_w)
+    torch.testing.assert_close(ref_before, base_out.model_mse_w)
+    trainer.train()
+    ref_after, model_after = terms()
+    torch.testing.assert_close(ref_after, ref_before)
+    assert not torch.allclose(model_after, model_before)
+
+
+class _SameNoiseEveryStep(TrainerCallback):
+    """Reseed before every step: each step then draws the noise and timesteps of the fixed evaluation below."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        torch.manual_seed(11)
+
+
+def test_a_few_steps_decrease_the_loss_on_a_fixed_batch(tmp_path):
+    trainer = _trainer(tmp_path, learning_rate=1e-2, max_steps=10, beta=5000.0)
+    trainer.train_dataset = trainer.train_dataset.select([0, 1])  # one batch: the fixed batch
+    trainer.add_callback(_SameNoiseEveryStep())
+    batch = _batch(trainer)
+
+    def fixed_loss():
+        torch.manual_seed(11)
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch).item()
+
+    before = fixed_loss()
+    trainer.train()
+    after = fixed_loss()
+    assert before == pytest.approx(np.log(2))  # a fresh LoRA is zero: model = reference
+    assert after < before - 0.1, (before, after)
+    assert trainer.state.log_history[-2]["rewards/margins"] > 0  # logged implicit reward margin grew positive
+
+
+def test_saved_lora_reloads_with_load_lora_weights(tmp_path):
+    trainer = _trainer(tmp_path, learning_rate=1e-2, max_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / LORA_WEIGHTS_NAME).is_file()
+    fresh = tiny_sd_pipeline(seed=0)
+    fresh.load_lora_weights(str(tmp_path / "final"), weight_name=LORA_WEIGHTS_NAME)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
+    hidden = torch.randn(1, 77, 8)
+    with torch.no_grad():
+        expected = trainer.pipeline.unet(x, t, hidden).sample
+        got = fresh.unet(x, t, hidden).sample
+        base = tiny_sd_pipeline(seed=0).unet(x, t, hidden).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(base, expected)
+    # The card names the run's settings.
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| β (beta_dpo) | 5000.0 |" in card and "rank 2" in card
+
+
+def test_resuming_from_a_checkpoint_reproduces_the_run(tmp_path):
+    first = _trainer(tmp_path / "a", learning_rate=1e-2, max_steps=4, save_strategy="steps", save_steps=2)
+    first.train()
+    resumed = _trainer(tmp_path / "b", learning_rate=1e-2, max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+
+    def lora(trainer):
+        return {k: v for k, v in trainer.pipeline.unet.state_dict().items() if "lora" in k}
+
+    a, b = lora(first), lora(resumed)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_for_another_base_model_is_refused(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "sd15"))
+    with pytest.raises(ValueError, match="another base model"):
+        load_dpo_weights(tiny_sd_pipeline(seed=0, sdxl=True), tmp_path / "sd15")
+    with pytest.raises(ValueError, match="another base model"):
+        _trainer(tmp_path / "x", sdxl=True, max_steps=1).train(resume_from_checkpoint=str(tmp_path / "sd15"))
+
+
+def test_nan_loss_stops_with_the_step(tmp_path):
+    trainer = _trainer(tmp_path, mode="full")
+    with torch.no_grad():
+        trainer.pipeline.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        trainer.train()
+
+
+def test_bad_pairs_are_dropped_and_counted():
+    good = _pairs(2)
+    a, b = good[0]["jpg_0"], good[0]["jpg_1"]
+    rows = {
+        "jpg_0": [a, a, None, b"not an image", a, a, b],
+        "jpg_1": [b, b, b, b, a, b, a],
+        "label_0": [1.0, 0.5, 1.0, 1.0, 1.0, 0.0, 0.0],
+        "caption": ["ok", "tie", "missing", "unreadable", "identical", "", "loser first"],
+    }
+    prepared, dropped = prepare_dpo_dataset(Dataset.from_dict(rows))
+    assert dropped == {
+        "tie": 1,
+        "missing image": 1,
+        "unreadable image": 1,
+        "identical images": 1,
+        "empty prompt": 1,
+    }
+    assert prepared["caption"] == ["ok", "loser first"]
+    # label_0 = 0 means jpg_1 won: it becomes image_w.
+    assert prepared[1]["image_w"] == a and prepared[1]["image_l"] == b
+    with pytest.raises(ValueError, match="No trainable pair"):
+        prepare_dpo_dataset(Dataset.from_dict({k: v[1:2] for k, v in rows.items()}))
+    with pytest.raises(ValueError, match="needs columns"):
+        prepare_dpo_dataset(Dataset.from_dict({"image": [a], "text": ["x"]}))
+
+
+def test_collator_handles_mismatched_resolutions_and_empty_prompts():
+    from imagegem_hf.testing import tiny_clip_tokenizer
+
+    wide, tall = Image.new("RGB", (40, 24), (255, 0, 0)), Image.new("RGB", (32, 64), (0, 0, 255))
+    tokenizer = tiny_clip_tokenizer()
+    collator = DiffusionDPOCollator(tokenizer, resolution=16, tokenizer_2=tokenizer, proportion_empty_prompts=1.0)
+    batch = collator([{"caption": "a red square", "image_w": _png(wide), "image_l": tall}])
+    assert batch["pixel_values"].shape == (1, 2, 3, 16, 16)
+    torch.testing.assert_close(batch["pixel_values"][0, 0, 0], torch.ones(16, 16))  # red = +1 on R
+    torch.testing.assert_close(batch["pixel_values"][0, 1, 2], torch.ones(16, 16))  # blue = +1 on B
+    # Winner 40×24 → 27×16, center crop left = (27 - 16) // 2 = 5.
+    assert batch["add_time_ids"].tolist() == [[24.0, 40.0, 0.0, 5.0, 16.0, 16.0]]
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], empty.input_ids)
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        DiffusionDPOConfig(str(tmp_path), mode="qlora", report_to=[])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        DiffusionDPOConfig(str(tmp_path), resolution=100, report_to=[])
