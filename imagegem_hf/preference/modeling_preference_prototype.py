@@ -1,0 +1,212 @@
+"""`PreferencePrototypeModel`: predict whether a user likes an image from their liked/disliked references.
+
+Paper 003 ("Learning User Preferences for Image Generation Models", arXiv 2508.08220): an image-text-to-text VLM
+reads a user's reference images (each answered with `+` or `-`) and a target image, with `L_p` learnable preference
+prototypes prepended to its input embeddings, and scores `P(like)` = softmax over the like/dislike logits at the
+last position.
+
+The prototypes get attention-mask ones and the real tokens keep their mask, so padding stays masked (the published
+code set the whole mask to ones); position ids are computed from that mask, so a left-padded row gives the same
+logits as the same row unpadded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from imagegem_hf.preference.configuration_preference_prototype import PreferencePrototypeConfig
+
+
+@dataclass
+class PreferencePrototypeOutput(ModelOutput):
+    """Output of [`PreferencePrototypeModel`].
+
+    Attributes:
+        logits: `(batch, 2)` logits of the like and dislike tokens at the last position (`M⁺`, `M⁻`).
+        p_like: `(batch,)` softmax probability of the like token over the two.
+        prototype_attention: `(batch, num_prototypes)` attention from the target image's tokens to each prototype,
+            averaged over layers, heads and target tokens (only with `output_prototype_attention=True`).
+        target_prototype_attention: `(batch, layers, heads, seq, num_prototypes)` attention of every position to
+            the prototypes (only with `output_prototype_attention=True`); rows outside `target_mask` are zero.
+    """
+
+    logits: torch.Tensor | None = None
+    p_like: torch.Tensor | None = None
+    prototype_attention: torch.Tensor | None = None
+    target_prototype_attention: torch.Tensor | None = None
+
+
+class PreferencePrototypePreTrainedModel(PreTrainedModel):
+    """Base class wiring [`PreferencePrototypeConfig`] into `PreTrainedModel` (weights init, loading)."""
+
+    config_class = PreferencePrototypeConfig
+    base_model_prefix = "preference"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PreferencePrototypeModel) and module.prototypes is not None:
+            nn.init.normal_(module.prototypes, std=self.config.prototype_init_std)
+
+
+class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
+    """An image-text-to-text backbone with learnable preference prototypes and a like/dislike head.
+
+    Args:
+        config: The model configuration; `like_token_id`/`dislike_token_id` must be set (use `from_backbone`).
+        backbone: An already built backbone (e.g. pretrained) to wrap instead of building one from
+            `config.backbone_config` with random weights.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.preference import PreferencePrototypeModel, PreferenceQuery, ReferencePair
+        >>> from imagegem_hf.testing import random_images, tiny_vlm
+        >>> backbone, processor = tiny_vlm()
+        >>> model, builder = PreferencePrototypeModel.from_backbone(backbone, processor, num_prototypes=4)
+        >>> a, b, c = random_images(3, size=16)
+        >>> batch = builder([PreferenceQuery([ReferencePair(a, b, "a cat")], c, "a dog")])
+        >>> model(**batch).p_like.shape
+        torch.Size([1])
+        ```
+    """
+
+    def __init__(self, config: PreferencePrototypeConfig, backbone: PreTrainedModel | None = None):
+        # `PreTrainedModel.__init__` resets the sub-configs' attention implementation; keep a given backbone's.
+        backbone_attention = backbone.config._attn_implementation if backbone is not None else None
+        super().__init__(config)
+        if config.like_token_id is None or config.dislike_token_id is None:
+            raise ValueError(
+                "config.like_token_id / dislike_token_id are not set; build the model with "
+                "PreferencePrototypeModel.from_backbone(backbone, processor) so they are read from the processor."
+            )
+        if backbone is None:
+            backbone = AutoModelForImageTextToText.from_config(config.backbone_config)
+        self.backbone = backbone
+        self.backbone.set_attn_implementation(backbone_attention or self.config._attn_implementation)
+        if config.num_prototypes > 0:
+            self.prototypes = nn.Parameter(torch.empty(config.num_prototypes, config.prototype_dim))
+        else:
+            self.register_parameter("prototypes", None)
+        self.post_init()
+
+    @classmethod
+    def from_backbone(cls, backbone: PreTrainedModel, processor, **config_kwargs):
+        """Wrap a built (e.g. pretrained) backbone; the label token ids are read from its processor.
+
+        Args:
+            backbone: An `AutoModelForImageTextToText` model.
+            processor: Its processor, with a chat template.
+            **config_kwargs: Other [`PreferencePrototypeConfig`] fields (`num_prototypes`, `n_ref`, ...).
+
+        Returns:
+            `(model, builder)`: the model and the [`PreferenceSequenceBuilder`] that makes its inputs.
+        """
+        from imagegem_hf.preference.sequence import PreferenceSequenceBuilder
+
+        config = PreferencePrototypeConfig(backbone_config=backbone.config, **config_kwargs)
+        builder = PreferenceSequenceBuilder.from_config(processor, config)
+        config.like_token_id, config.dislike_token_id = builder.like_token_id, builder.dislike_token_id
+        torch_state = torch.random.get_rng_state()
+        model = cls(config, backbone=backbone)
+        torch.random.set_rng_state(torch_state)
+        return model.to(backbone.device, dtype=backbone.dtype), builder
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def prepend_prototypes(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prepend the prototypes; return `(inputs_embeds, attention_mask, position_ids)`.
+
+        The prototypes get mask ones and the real mask is kept (padding stays masked); position ids count only
+        unmasked positions, so left padding does not shift the real tokens' positions.
+        """
+        batch = inputs_embeds.shape[0]
+        if self.prototypes is not None:
+            prototypes = self.prototypes.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+            inputs_embeds = torch.cat([prototypes, inputs_embeds], dim=1)
+            ones = attention_mask.new_ones(batch, self.config.num_prototypes)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        return inputs_embeds, attention_mask, position_ids
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_prototype_attention: bool = False,
+        **backbone_inputs,
+    ) -> PreferencePrototypeOutput:
+        """Score the target of each row.
+
+        Args:
+            input_ids: `(batch, seq)` left-padded token ids from [`PreferenceSequenceBuilder`] (without the label).
+            attention_mask: `(batch, seq)`; 0 on padding.
+            target_mask: `(batch, seq)` bool mask of the target image's tokens (for the prototype attention).
+            labels: Ignored here (the losses live in `losses.py` and the trainer); accepted so that a builder batch
+                can be passed as `**batch`.
+            output_prototype_attention: Also return the attention from the target tokens to the prototypes. Needs
+                eager attention (`model.backbone.set_attn_implementation("eager")`).
+            **backbone_inputs: The processor's image tensors (`pixel_values`, `pixel_attention_mask`,
+                `image_grid_thw`, ...), passed to the backbone unchanged.
+
+        Returns:
+            [`PreferencePrototypeOutput`].
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("Inputs must be left-padded (the last column scored for every row); pad on the left.")
+        if output_prototype_attention:
+            if self.prototypes is None:
+                raise ValueError("output_prototype_attention needs num_prototypes > 0.")
+            implementation = self.backbone.config._attn_implementation
+            if implementation != "eager":
+                raise ValueError(
+                    f"Attention weights need eager attention, the backbone uses {implementation!r}; call "
+                    "model.backbone.set_attn_implementation('eager') first."
+                )
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        inputs_embeds, full_mask, position_ids = self.prepend_prototypes(inputs_embeds, attention_mask)
+        outputs = self.backbone(
+            inputs_embeds=inputs_embeds,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            logits_to_keep=1,
+            output_attentions=output_prototype_attention,
+            **backbone_inputs,
+        )
+        label_ids = [self.config.like_token_id, self.config.dislike_token_id]
+        logits = outputs.logits[:, -1, label_ids].float()
+        result = PreferencePrototypeOutput(logits=logits, p_like=logits.softmax(-1)[:, 0])
+        if output_prototype_attention:
+            result.prototype_attention, result.target_prototype_attention = self._prototype_attention(
+                outputs.attentions, target_mask if target_mask is not None else attention_mask.bool()
+            )
+        return result
+
+    def _prototype_attention(
+        self, attentions: tuple[torch.Tensor, ...], target_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num = self.config.num_prototypes
+        # (batch, layers, heads, seq, prototypes) for the real positions only
+        stacked = torch.stack([a[:, :, num:, :num] for a in attentions], dim=1).float()
+        keep = target_mask.to(stacked.device)[:, None, None, :, None]
+        per_token = stacked * keep
+        count = keep.sum(dim=3).clamp(min=1)
+        summary = per_token.sum(dim=3) / count  # (batch, layers, heads, prototypes)
+        return summary.mean(dim=(1, 2)), per_token
