@@ -3,10 +3,12 @@ preference directions and `W2WEditPipeline`, which edits a LoRA along a directio
 
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora, save_lora
 from imagegem_hf.w2w.reduce import rank1_reduce, reduce_rank, select_layers
+from imagegem_hf.w2w.space import WeightSpace
 
 __all__ = [
     "LoRA",
     "LoRAModule",
+    "WeightSpace",
     "load_lora",
     "rank1_reduce",
     "reduce_rank",

@@ -169,8 +169,9 @@ def _check_not_pickle(path: Path) -> None:
             "refused. Convert it to .safetensors in a trusted environment (or download the safetensors version)."
         )
     with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
+        head = handle.read(9)
+    is_safetensors = head[8:9] == b"{"  # 8-byte header length, then the JSON header
+    if not is_safetensors and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise ValueError(
             f"{path} holds a pickled (torch.save) checkpoint despite its name; it is refused because unpickling can "
             "run arbitrary code. Convert it to safetensors in a trusted environment."

@@ -22,20 +22,22 @@ LAYER_GROUPS = {
 
 
 def top_singular_factors(
-    up: torch.Tensor, down: torch.Tensor, scale: float = 1.0, rank: int = 1
+    up: torch.Tensor, down: torch.Tensor, scale: float | torch.Tensor = 1.0, rank: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-`rank` singular triplets of `scale · up @ down` from the factors, with √s split and a fixed sign.
 
+    Leading batch dimensions are supported (a batch of same-shaped modules is reduced in one call).
+
     Args:
-        up: `(m, r)`.
-        down: `(r, n)`.
-        scale: The LoRA scale alpha / r.
+        up: `(..., m, r)`.
+        down: `(..., r, n)`.
+        scale: The LoRA scale alpha / r (a float, or a tensor broadcasting over the batch dimensions).
         rank: Number of components kept; components beyond the LoRA's rank are zero.
 
     Returns:
-        `(u, v, s)`: `u` `(m, rank)` = U·√s, `v` `(n, rank)` = V·√s, and the singular values `s` `(rank,)`, so that
-        `u @ v.T` is the best rank-`rank` approximation of ΔW. In each column the largest-magnitude entry of `u`
-        is positive.
+        `(u, v, s)`: `u` `(..., m, rank)` = U·√s, `v` `(..., n, rank)` = V·√s, and the singular values `s`
+        `(..., rank)`, so that `u @ vᵀ` is the best rank-`rank` approximation of ΔW. In each column the
+        largest-magnitude entry of `u` is positive.
 
     Example:
         ```python
@@ -48,38 +50,47 @@ def top_singular_factors(
         ```
     """
     q_up, r_up = torch.linalg.qr(up)  # (m, k1), (k1, r)
-    q_down, r_down = torch.linalg.qr(down.T)  # (n, k2), (k2, r)
-    core = (r_up @ r_down.T) * scale  # (k1, k2), at most r × r
+    q_down, r_down = torch.linalg.qr(down.transpose(-1, -2))  # (n, k2), (k2, r)
+    scale = torch.as_tensor(scale, dtype=up.dtype)
+    core = (r_up @ r_down.transpose(-1, -2)) * scale[..., None, None]  # (k1, k2), at most r × r
     u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
-    keep = min(rank, s.shape[0])
-    u = q_up @ u_core[:, :keep]
-    v = q_down @ vh_core[:keep].T
-    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True))).squeeze(0)
+    keep = min(rank, s.shape[-1])
+    u = q_up @ u_core[..., :keep]
+    v = q_down @ vh_core[..., :keep, :].transpose(-1, -2)
+    signs = torch.sign(u.gather(-2, u.abs().argmax(dim=-2, keepdim=True)))  # (..., 1, keep)
     signs[signs == 0] = 1.0
-    root = s[:keep].sqrt() * signs
-    u, v = u * root, v * root
+    root = s[..., None, :keep].sqrt() * signs
+    u, v, s = u * root, v * root, s[..., :keep]
     if keep < rank:  # the LoRA has lower rank than asked: pad with zero components
-        u = torch.cat([u, u.new_zeros(u.shape[0], rank - keep)], dim=1)
-        v = torch.cat([v, v.new_zeros(v.shape[0], rank - keep)], dim=1)
-        s = torch.cat([s[:keep], s.new_zeros(rank - keep)])
-    return u, v, s[:rank]
+        pad = rank - keep
+        u = torch.cat([u, u.new_zeros(*u.shape[:-1], pad)], dim=-1)
+        v = torch.cat([v, v.new_zeros(*v.shape[:-1], pad)], dim=-1)
+        s = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], dim=-1)
+    return u, v, s
 
 
-def reduce_module(module: LoRAModule, rank: int = 1) -> LoRAModule:
-    """The best rank-`rank` approximation of one module, as canonical factors with scale 1 (conv shapes kept)."""
-    u, v, _ = top_singular_factors(module.up_2d(), module.down_2d(), module.scale, rank)
-    kernel = module.kernel_size
+def _canonical_module(u: torch.Tensor, v: torch.Tensor, like: LoRAModule) -> LoRAModule:
+    """Factors `u` (out, k), `v` (in·kh·kw, k) as a scale-1 module shaped like `like` (conv shapes kept)."""
+    rank = u.shape[-1]
+    kernel = like.kernel_size
     if kernel:  # conv: down (k, in, kh, kw), up (out, k, 1, 1)
-        in_channels = module.down.shape[1]
-        down = v.T.reshape(rank, in_channels, *kernel)
+        down = v.T.reshape(rank, like.down.shape[1], *kernel)
         up = u.reshape(u.shape[0], rank, 1, 1)
     else:
         down, up = v.T, u
     return LoRAModule(down=down.contiguous(), up=up.contiguous(), alpha=None)
 
 
+def reduce_module(module: LoRAModule, rank: int = 1) -> LoRAModule:
+    """The best rank-`rank` approximation of one module, as canonical factors with scale 1 (conv shapes kept)."""
+    u, v, _ = top_singular_factors(module.up_2d(), module.down_2d(), module.scale, rank)
+    return _canonical_module(u, v, module)
+
+
 def reduce_rank(lora: LoRA, rank: int = 1) -> LoRA:
     """Replace every module of `lora` by its top-`rank` singular components (computed from the factors).
+
+    Modules with identical factor shapes are reduced together in one batched QR/SVD call.
 
     Example:
         ```python
@@ -90,7 +101,18 @@ def reduce_rank(lora: LoRA, rank: int = 1) -> LoRA:
     """
     if rank < 1:
         raise ValueError(f"rank must be ≥ 1, got {rank}.")
-    modules = {name: reduce_module(module, rank) for name, module in lora.modules.items()}
+    groups: dict[tuple, list[str]] = {}
+    for name, module in lora.modules.items():
+        groups.setdefault((module.out_features, module.in_features, module.rank), []).append(name)
+    modules = {}
+    for names in groups.values():
+        batch = [lora.modules[n] for n in names]
+        ups = torch.stack([m.up_2d() for m in batch])
+        downs = torch.stack([m.down_2d() for m in batch])
+        scales = torch.tensor([m.scale for m in batch], dtype=ups.dtype)
+        u, v, _ = top_singular_factors(ups, downs, scales, rank)
+        for i, name in enumerate(names):
+            modules[name] = _canonical_module(u[i], v[i], batch[i])
     return LoRA(modules=modules, base=lora.base, source_format=lora.source_format, metadata=dict(lora.metadata))
 
 

@@ -1,0 +1,479 @@
+"""`WeightSpace`: a PCA space over many LoRAs of one base model (weights2weights, ImageGem §4.3).
+
+Every LoRA is reduced to rank 1 per layer (`rank1_reduce`) and flattened into one vector along an explicit,
+stored, ordered module list: per module `down` (rank × in) then `up` (out × rank). Modules a LoRA lacks are
+zero-filled (and counted). Coordinates are z-scored across models, then PCA gives `m` components:
+
+    project(θ)   = ((θ − μ) / σ) · Vᵀ
+    unproject(p) = p · V · σ + μ
+
+The build streams the LoRAs once and never holds the N × d data matrix: the reduced vectors go to a disk cache
+split into column blocks, the N × N Gram matrix is accumulated block by block (dual PCA), its top eigenvectors
+give the components in a second pass over the blocks. Memory is O(N² + m·d + one block), so tens of thousands
+of SDXL LoRAs (d in the millions) fit on one machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from tqdm.auto import tqdm
+
+from imagegem_hf.hub import atomic_directory, push_folder, render_card, resolve
+from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora
+from imagegem_hf.w2w.reduce import reduce_rank
+
+logger = logging.getLogger(__name__)
+
+LoRAItem = str | os.PathLike | LoRA | np.ndarray | torch.Tensor
+
+
+class WeightSpace(ModelMixin, ConfigMixin):
+    """PCA over rank-reduced LoRAs with an explicit ordered module layout (a diffusers pipeline component).
+
+    Build one with `WeightSpace.build`; the constructor only allocates a space of the given layout (it is what
+    `from_pretrained` calls).
+
+    Args:
+        module_names: Canonical module names, in vector order.
+        module_shapes: `[out_features, in_features]` per module (`in_features` = in_channels·kh·kw for convs).
+        kernel_sizes: `[]` for linear layers, `[kh, kw]` for convolutions, per module.
+        rank: Components kept per module (1 = ImageGem's rank-1 reduction).
+        n_components: Number of principal components `m`.
+        n_models: Number of LoRAs the space was built from.
+        standardize: Whether coordinates were z-scored across models.
+        base: Base architecture of the LoRAs (`"sd15"`, `"sdxl"`, …).
+        missing_counts: Per module, how many of the LoRAs lacked it (zero-filled).
+        n_ignored_modules: Modules of the input LoRAs outside `module_names` (dropped), summed over LoRAs.
+        model_ids: Identifiers of the LoRAs, in the order of the stored `coefficients`.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w import WeightSpace
+        >>> space = WeightSpace.build(["a.safetensors", "b.safetensors", "c.safetensors"], n_components=2)  # doctest: +SKIP
+        >>> space.project("a.safetensors").shape  # doctest: +SKIP
+        (2,)
+        ```
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        module_names: list[str],
+        module_shapes: list[list[int]],
+        kernel_sizes: list[list[int]] | None = None,
+        rank: int = 1,
+        n_components: int = 1,
+        n_models: int = 0,
+        standardize: bool = True,
+        base: str = "unknown",
+        missing_counts: list[int] | None = None,
+        n_ignored_modules: int = 0,
+        model_ids: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(module_names) != len(module_shapes):
+            raise ValueError("module_names and module_shapes must have the same length.")
+        dim = self.vector_length
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("components", torch.zeros(n_components, dim))
+        self.register_buffer("explained_variance", torch.zeros(n_components))
+        self.register_buffer("coefficients", torch.zeros(n_models, n_components))
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def layout(self) -> list[tuple[str, int, int, tuple[int, ...], int]]:
+        """`(name, out_features, in_features, kernel_size, offset)` per module, in vector order."""
+        out, offset = [], 0
+        kernels = self.config.kernel_sizes or [[] for _ in self.config.module_names]
+        for name, (n_out, n_in), kernel in zip(
+            self.config.module_names, self.config.module_shapes, kernels, strict=True
+        ):
+            out.append((name, int(n_out), int(n_in), tuple(kernel), offset))
+            offset += self.config.rank * (int(n_out) + int(n_in))
+        return out
+
+    @property
+    def vector_length(self) -> int:
+        return sum(self.config.rank * (int(o) + int(i)) for o, i in self.config.module_shapes)
+
+    @property
+    def n_components(self) -> int:
+        return int(self.config.n_components)
+
+    def vectorize(self, lora: LoRA) -> tuple[np.ndarray, list[str], list[str]]:
+        """Reduce `lora` to the space's rank and flatten it along the module layout.
+
+        Returns:
+            `(vector, missing, ignored)`: the float32 vector, the layout modules the LoRA lacks (zero-filled),
+            and the LoRA's modules outside the layout (dropped).
+
+        Raises:
+            ValueError: A module's shape differs from the layout's (architecture mismatch).
+        """
+        reduced = reduce_rank(lora, self.config.rank)
+        vector = np.zeros(self.vector_length, dtype=np.float32)
+        missing = []
+        rank = self.config.rank
+        for name, n_out, n_in, _, offset in self.layout:
+            module = reduced.modules.get(name)
+            if module is None:
+                missing.append(name)
+                continue
+            if (module.out_features, module.in_features) != (n_out, n_in):
+                raise ValueError(
+                    f"Architecture mismatch: module {name} is {module.out_features}×{module.in_features} in this "
+                    f"LoRA but {n_out}×{n_in} in the weight space ({self.config.base}). Use LoRAs of the same base."
+                )
+            vector[offset : offset + rank * n_in] = module.down_2d().reshape(-1).numpy()
+            vector[offset + rank * n_in : offset + rank * (n_in + n_out)] = module.up_2d().reshape(-1).numpy()
+        ignored = sorted(set(reduced.modules) - set(self.config.module_names))
+        return vector, missing, ignored
+
+    def vector_to_lora(self, vector: np.ndarray | torch.Tensor) -> LoRA:
+        """The LoRA (rank `rank` per module, scale 1) whose flattened factors are `vector`."""
+        vector = torch.as_tensor(np.asarray(vector, dtype=np.float32))
+        if vector.shape != (self.vector_length,):
+            raise ValueError(f"Expected a vector of length {self.vector_length}, got shape {tuple(vector.shape)}.")
+        rank, modules = self.config.rank, {}
+        for name, n_out, n_in, kernel, offset in self.layout:
+            down = vector[offset : offset + rank * n_in].reshape(rank, n_in)
+            up = vector[offset + rank * n_in : offset + rank * (n_in + n_out)].reshape(n_out, rank)
+            if kernel:
+                down = down.reshape(rank, n_in // int(np.prod(kernel)), *kernel)
+                up = up.reshape(n_out, rank, 1, 1)
+            modules[name] = LoRAModule(down=down.clone(), up=up.clone(), alpha=None)
+        return LoRA(modules=modules, base=self.config.base)
+
+    def _item_vector(self, item: LoRAItem) -> np.ndarray:
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            vector = np.asarray(item, dtype=np.float32)
+            if vector.shape != (self.vector_length,):
+                raise ValueError(f"Expected a vector of length {self.vector_length}, got {vector.shape}.")
+            return vector
+        lora = item if isinstance(item, LoRA) else load_lora(item, base=_known(self.config.base))
+        return self.vectorize(lora)[0]
+
+    # ------------------------------------------------------------------ PCA maps
+    def project(self, items: LoRAItem | Sequence[LoRAItem]) -> np.ndarray:
+        """PCA coefficients `((θ − μ) / σ) · Vᵀ` of one item (→ `(m,)`) or a sequence / 2-D array (→ `(n, m)`).
+
+        Items are LoRA files, `LoRA` objects or vectors in the space's layout.
+        """
+        single = not isinstance(items, (list, tuple)) and not (
+            isinstance(items, (np.ndarray, torch.Tensor)) and np.ndim(items) == 2
+        )
+        batch = [items] if single else list(items)
+        vectors = np.stack([self._item_vector(item) for item in batch])
+        z = (vectors - self.mean.numpy()) / self.std.numpy()
+        coefficients = z @ self.components.numpy().T
+        return coefficients[0] if single else coefficients
+
+    def unproject(self, coefficients: np.ndarray) -> np.ndarray:
+        """Vectors `p · V · σ + μ` for coefficients `(m,)` or `(n, m)`."""
+        coefficients = np.asarray(coefficients, dtype=np.float32)
+        if coefficients.shape[-1] != self.n_components:
+            raise ValueError(f"Expected {self.n_components} coefficients, got shape {coefficients.shape}.")
+        return (coefficients @ self.components.numpy()) * self.std.numpy() + self.mean.numpy()
+
+    def to_lora(self, coefficients: np.ndarray) -> LoRA:
+        """The LoRA at PCA `coefficients` (`(m,)`): `vector_to_lora(unproject(coefficients))`."""
+        return self.vector_to_lora(self.unproject(coefficients))
+
+    def coefficient_direction_to_weights(self, normal: np.ndarray) -> np.ndarray:
+        """Map a direction in coefficient space to weight space: `(normal · V) · σ`, unit-normalised.
+
+        Moving a LoRA by `α` times the unnormalised result moves its coefficients by exactly `α · normal`.
+        """
+        direction = (np.asarray(normal, dtype=np.float32) @ self.components.numpy()) * self.std.numpy()
+        norm = float(np.linalg.norm(direction))
+        if norm == 0:
+            raise ValueError("The direction is zero in weight space; the classifier found no signal.")
+        return direction / norm
+
+    def edit(self, lora: LoRAItem, directions, strengths, in_subspace: bool = False) -> LoRA:
+        """θ + Σ αₖ vₖ: move a LoRA along one or more weight-space directions and return the edited LoRA.
+
+        Args:
+            lora: A LoRA file, `LoRA` or vector in the layout. It is reduced to the space's rank first, so
+                strength 0 returns the reduced LoRA.
+            directions: A `Direction` (see `preference_direction`), a unit vector of length `vector_length`, or a
+                list of them.
+            strengths: One α per direction (a float for a single direction). Positive α moves towards label +1.
+            in_subspace: Edit the PCA reconstruction of θ instead of θ itself (stays inside the space).
+
+        Returns:
+            The edited LoRA, ready for `save_lora` / `pipe.load_lora_weights(lora.to_diffusers_state_dict())`.
+
+        Example:
+            ```python
+            >>> edited = space.edit("user_lora.safetensors", direction, 2.0)  # doctest: +SKIP
+            >>> save_lora(edited, "user_lora_realistic.safetensors")  # doctest: +SKIP
+            ```
+        """
+        if not isinstance(directions, (list, tuple)):
+            directions, strengths = [directions], [strengths]
+        if len(directions) != len(np.atleast_1d(strengths)):
+            raise ValueError(f"Got {len(directions)} directions but {len(np.atleast_1d(strengths))} strengths.")
+        theta = self._item_vector(lora)
+        if in_subspace:
+            theta = self.unproject(self.project(theta))
+        for direction, alpha in zip(directions, np.atleast_1d(strengths), strict=True):
+            vector = np.asarray(getattr(direction, "vector", direction), dtype=np.float32)
+            if vector.shape != theta.shape:
+                raise ValueError(f"Direction has length {vector.shape[0]}, the space {theta.shape[0]}.")
+            theta = theta + float(alpha) * vector
+        return self.vector_to_lora(theta)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(
+        cls,
+        loras: Sequence[LoRAItem],
+        n_components: int,
+        standardize: bool = True,
+        modules: dict[str, tuple[int, int, tuple[int, ...]]] | None = None,
+        rank: int = 1,
+        base: str | None = None,
+        model_ids: Sequence[str] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        block_bytes: int = 256 * 2**20,
+        show_progress: bool = True,
+    ) -> WeightSpace:
+        """Build the space from N LoRAs in one streaming pass (dual PCA over the N × N Gram matrix).
+
+        Args:
+            loras: LoRA files, `LoRA` objects, or vectors already in the layout (then `modules` is required).
+            n_components: Principal components `m` (at most N − 1).
+            standardize: z-score each coordinate across models before PCA (as weights2weights does).
+            modules: `{name: (out_features, in_features, kernel_size)}` fixing the layout (sorted by name). By
+                default the union of the LoRAs' modules, read from the file headers.
+            rank: Components kept per module (1 = ImageGem).
+            base: Required base architecture; by default the first LoRA's, and all must agree.
+            model_ids: Names of the LoRAs (default: file stems or indices).
+            cache_dir: Where the temporary column-block cache (N × d float32 on disk) goes; default a temp dir.
+            block_bytes: Target size of one column block in memory.
+            show_progress: tqdm bars.
+
+        Returns:
+            The fitted `WeightSpace` (with the training coefficients in `coefficients`).
+
+        Example:
+            ```python
+            >>> from pathlib import Path
+            >>> from imagegem_hf.w2w import WeightSpace
+            >>> space = WeightSpace.build(sorted(Path("loras").glob("*.safetensors")), n_components=64)  # doctest: +SKIP
+            >>> space.save_pretrained("w2w_space")  # doctest: +SKIP
+            ```
+        """
+        n = len(loras)
+        if n < 2:
+            raise ValueError(f"A weight space needs at least 2 LoRAs, got {n}.")
+        if not 1 <= n_components <= n - 1:
+            raise ValueError(f"n_components must be in [1, N − 1] = [1, {n - 1}] for N = {n} LoRAs.")
+        if modules is None:
+            modules, base = _collect_modules(loras, base, show_progress)
+        base = base or "unknown"
+        names = sorted(modules)
+        space = cls(
+            module_names=names,
+            module_shapes=[[int(modules[k][0]), int(modules[k][1])] for k in names],
+            kernel_sizes=[[int(x) for x in modules[k][2]] for k in names],
+            rank=rank,
+            n_components=n_components,
+            n_models=n,
+            standardize=standardize,
+            base=base,
+            model_ids=list(model_ids) if model_ids is not None else _default_ids(loras),
+        )
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix="w2w-cache-") as tmp:
+            cache = _BlockCache(Path(tmp), n, space.vector_length, block_bytes)
+            missing = np.zeros(len(names), dtype=np.int64)
+            index_of = {name: i for i, name in enumerate(names)}
+            ignored = 0
+            for item in tqdm(loras, desc="Reduce + stream LoRAs", disable=not show_progress):
+                if isinstance(item, (np.ndarray, torch.Tensor)):
+                    vector = space._item_vector(item)
+                    lacking, extra = [], []
+                else:
+                    lora = item if isinstance(item, LoRA) else load_lora(item, base=_known(base))
+                    if _known(base) and _known(lora.base) and lora.base != base:
+                        raise ValueError(f"Architecture mismatch: a {lora.base} LoRA in a {base} weight space.")
+                    vector, lacking, extra = space.vectorize(lora)
+                missing[[index_of[k] for k in lacking]] += 1
+                ignored += len(extra)
+                cache.append(vector)
+            cache.finish()
+            mean, std = cache.mean_std(standardize)
+            gram = cache.gram(mean, std, show_progress)
+            eigenvalues, eigenvectors = scipy.linalg.eigh(gram, subset_by_index=[n - n_components, n - 1])
+            order = np.argsort(eigenvalues)[::-1]
+            eigenvalues = np.clip(eigenvalues[order], 0.0, None)
+            eigenvectors = eigenvectors[:, order]
+            tiny = eigenvalues <= eigenvalues.max(initial=0.0) * 1e-10
+            if tiny.any():
+                raise ValueError(
+                    f"Only {int((~tiny).sum())} of the {n_components} requested components have non-zero variance "
+                    f"(the {n} LoRAs span fewer dimensions); lower n_components."
+                )
+            components = cache.components(mean, std, eigenvectors / np.sqrt(eigenvalues), show_progress)
+        if ignored:
+            logger.warning("Dropped %d module entries outside the weight space layout.", ignored)
+        space.register_to_config(missing_counts=missing.tolist(), n_ignored_modules=int(ignored))
+        space.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+        space.std.copy_(torch.from_numpy(std.astype(np.float32)))
+        space.components.copy_(torch.from_numpy(components))
+        space.explained_variance.copy_(torch.from_numpy((eigenvalues / (n - 1)).astype(np.float32)))
+        space.coefficients.copy_(torch.from_numpy((eigenvectors * np.sqrt(eigenvalues)).astype(np.float32)))
+        return space
+
+    # ------------------------------------------------------------------ hub
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = True, **kwargs: Any) -> None:
+        """Write `config.json`, `diffusion_pytorch_model.safetensors` and a model card `README.md` atomically."""
+        kwargs.pop("safe_serialization", None)
+        with atomic_directory(save_directory, overwrite=overwrite) as tmp:
+            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            (tmp / "README.md").write_text(self.model_card(), encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> WeightSpace:
+        """Load a space saved with `save_pretrained` from a local folder or a Hub repo id."""
+        subfolder = kwargs.pop("subfolder", None)
+        path = resolve(path_or_repo_id)
+        return super().from_pretrained(str(path / subfolder if subfolder else path), **kwargs)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None, **_: Any) -> str:
+        """Save to a temporary folder and upload it to `repo_id` (returns the commit URL)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(Path(tmp) / "space")
+            return push_folder(Path(tmp) / "space", repo_id, private=private, token=token)
+
+    def model_card(self) -> str:
+        variance = self.explained_variance.numpy()
+        total = float(variance.sum()) or 1.0
+        return render_card(
+            "w2w_space_card.md",
+            base=self.config.base,
+            n_models=self.config.n_models,
+            n_components=self.n_components,
+            n_modules=len(self.config.module_names),
+            vector_length=self.vector_length,
+            rank=self.config.rank,
+            standardize=self.config.standardize,
+            zero_filled=int(sum(self.config.missing_counts or [])),
+            n_ignored_modules=self.config.n_ignored_modules,
+            top_variance=[round(float(v) / total, 4) for v in variance[:10]],
+        )
+
+
+def _known(base: str | None) -> str | None:
+    return None if base in (None, "unknown") else base
+
+
+def _default_ids(loras: Sequence[LoRAItem]) -> list[str]:
+    return [Path(x).stem if isinstance(x, (str, os.PathLike)) else str(i) for i, x in enumerate(loras)]
+
+
+def _collect_modules(
+    loras: Sequence[LoRAItem], base: str | None, show_progress: bool
+) -> tuple[dict[str, tuple[int, int, tuple[int, ...]]], str | None]:
+    """Union of the modules of all LoRAs (file headers only), checking that shapes and bases agree."""
+    modules: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+    for item in tqdm(loras, desc="Scan LoRA headers", disable=not show_progress):
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            raise ValueError("Building from vectors needs `modules` (the layout the vectors follow).")
+        lora = item if isinstance(item, LoRA) else load_lora(item, base=_known(base), header_only=True)
+        lora_base = lora.base
+        shapes = {name: (m.out_features, m.in_features, m.kernel_size) for name, m in lora.modules.items()}
+        if _known(lora_base):
+            if _known(base) and lora_base != base:
+                raise ValueError(f"Architecture mismatch: {item} is a {lora_base} LoRA, the others are {base}.")
+            base = lora_base
+        for name, shape in shapes.items():
+            if modules.setdefault(name, shape) != shape:
+                raise ValueError(
+                    f"Architecture mismatch: module {name} is {shape} in {item} but {modules[name]} in another LoRA."
+                )
+    return modules, base
+
+
+class _BlockCache:
+    """N vectors of length d on disk, split into column blocks (one file each) so that a block of all N rows
+    is one sequential read; per-coordinate sums are kept in float64 for the mean and standard deviation."""
+
+    def __init__(self, folder: Path, n_rows: int, dim: int, block_bytes: int, flush_bytes: int = 128 * 2**20):
+        self.folder, self.n_rows, self.dim = folder, n_rows, dim
+        width = max(1, block_bytes // (4 * n_rows), -(-dim // 256))  # at most 256 block files
+        self.bounds = [(start, min(start + width, dim)) for start in range(0, dim, width)]
+        self.sum = np.zeros(dim, dtype=np.float64)
+        self.sumsq = np.zeros(dim, dtype=np.float64)
+        self.rows_per_flush = max(1, flush_bytes // (4 * dim))
+        self.pending: list[np.ndarray] = []
+        self.count = 0
+
+    def _path(self, block: int) -> Path:
+        return self.folder / f"block_{block:05d}.f32"
+
+    def append(self, vector: np.ndarray) -> None:
+        self.sum += vector
+        self.sumsq += np.square(vector, dtype=np.float64)
+        self.pending.append(vector)
+        self.count += 1
+        if len(self.pending) >= self.rows_per_flush:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        rows = np.stack(self.pending)
+        for block, (start, stop) in enumerate(self.bounds):
+            with open(self._path(block), "ab") as handle:
+                handle.write(np.ascontiguousarray(rows[:, start:stop]).tobytes())
+        self.pending = []
+
+    def finish(self) -> None:
+        self._flush()
+        if self.count != self.n_rows:
+            raise ValueError(f"Expected {self.n_rows} LoRAs but the sequence yielded {self.count}.")
+
+    def mean_std(self, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.sum / self.n_rows
+        if not standardize:
+            return mean, np.ones(self.dim)
+        std = np.sqrt(np.maximum(self.sumsq / self.n_rows - mean**2, 0.0))
+        std[std <= 1e-12 * np.maximum(np.abs(mean), 1.0)] = 1.0  # constant coordinates stay at 0 after centring
+        return mean, std
+
+    def _blocks(self, mean: np.ndarray, std: np.ndarray, desc: str, show_progress: bool):
+        for block, (start, stop) in enumerate(tqdm(self.bounds, desc=desc, disable=not show_progress)):
+            data = np.fromfile(self._path(block), dtype=np.float32).reshape(self.n_rows, stop - start)
+            data -= mean[start:stop].astype(np.float32)
+            data /= std[start:stop].astype(np.float32)
+            yield start, stop, data
+
+    def gram(self, mean: np.ndarray, std: np.ndarray, show_progress: bool) -> np.ndarray:
+        gram = np.zeros((self.n_rows, self.n_rows), dtype=np.float64)
+        for _, _, z in self._blocks(mean, std, "Gram (dual PCA)", show_progress):
+            gram += z @ z.T
+        return gram
+
+    def components(self, mean: np.ndarray, std: np.ndarray, weights: np.ndarray, show_progress: bool) -> np.ndarray:
+        """V = (U Λ^-½)ᵀ Z, one column block at a time → `(m, d)` float32."""
+        out = np.empty((weights.shape[1], self.dim), dtype=np.float32)
+        weights_t = weights.T.astype(np.float32)
+        for start, stop, z in self._blocks(mean, std, "Components", show_progress):
+            out[:, start:stop] = weights_t @ z
+        return out

@@ -1,0 +1,145 @@
+"""WeightSpace: streaming dual PCA equals a dense PCA; exact round trip at m = N − 1; Hub-shaped save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imagegem_hf.w2w import LoRA, LoRAModule, WeightSpace, rank1_reduce, save_lora
+
+SHAPES = {
+    "unet.a.attn1.to_q": (12, 10, ()),
+    "unet.a.attn2.to_v": (12, 6, ()),
+    "unet.a.ff.net.2": (10, 20, ()),
+    "unet.b.conv1": (4, 4, (3, 3)),
+}
+
+
+def _random_lora(seed: int, rank: int = 4, drop: str | None = None) -> LoRA:
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, (n_out, n_in, kernel) in SHAPES.items():
+        if name == drop:
+            continue
+        down = torch.randn((rank, n_in, *kernel), generator=generator)
+        up = torch.randn((n_out, rank, *([1] * len(kernel))), generator=generator)
+        modules[name] = LoRAModule(down=down, up=up, alpha=float(rank))
+    return LoRA(modules)
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    paths = []
+    for i in range(8):
+        lora = _random_lora(i, rank=2 + i % 3, drop="unet.a.ff.net.2" if i in (2, 5) else None)
+        paths.append(save_lora(lora, folder / f"lora_{i}.safetensors", format="kohya" if i % 2 else "diffusers"))
+    return paths
+
+
+def _dense_vectors(paths, space):
+    """The data matrix written out independently: rank-1 factors per module, down then up, zeros if missing."""
+    from imagegem_hf.w2w import load_lora
+
+    rows = []
+    for path in paths:
+        reduced = rank1_reduce(load_lora(path))
+        parts = []
+        for name in sorted(SHAPES):
+            n_out, n_in, _ = SHAPES[name]
+            module = reduced.modules.get(name)
+            if module is None:
+                parts += [np.zeros(n_in + n_out, np.float32)]
+            else:
+                parts += [module.down.reshape(-1).numpy(), module.up.reshape(-1).numpy()]
+        rows.append(np.concatenate(parts))
+    return np.stack(rows)
+
+
+def test_streaming_dual_pca_matches_dense_pca(lora_files, tmp_path):
+    n = len(lora_files)
+    space = WeightSpace.build(lora_files, n_components=n - 1, cache_dir=tmp_path, block_bytes=64, show_progress=False)
+    assert space.config.module_names == sorted(SHAPES)
+    assert space.config.missing_counts == [0, 0, 2, 0]  # ff.net.2 missing in two LoRAs, zero-filled
+    assert len(space.config.kernel_sizes[3]) == 2 and space.config.base == "unknown"
+
+    x = _dense_vectors(lora_files, space)
+    assert x.shape == (n, space.vector_length)
+    mean, std = x.mean(0), x.std(0)
+    np.testing.assert_allclose(space.mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(space.std.numpy(), std, rtol=1e-4, atol=1e-6)
+    z = (x - mean) / std
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    np.testing.assert_allclose(space.explained_variance.numpy(), s[: n - 1] ** 2 / (n - 1), rtol=1e-3)
+    for k in range(n - 1):
+        cosine = abs(float(space.components[k].numpy() @ vt[k]))
+        assert cosine > 0.999
+    # exact round trip at m = N − 1, from files and from the stored training coefficients
+    coefficients = space.project(list(lora_files))
+    np.testing.assert_allclose(coefficients, space.coefficients.numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(space.unproject(coefficients), x, rtol=1e-3, atol=1e-4)
+
+
+def test_reconstruction_error_decreases_with_m(lora_files, tmp_path):
+    x = None
+    errors = []
+    for m in range(1, len(lora_files)):
+        space = WeightSpace.build(lora_files, n_components=m, cache_dir=tmp_path, show_progress=False)
+        x = _dense_vectors(lora_files, space) if x is None else x
+        errors.append(float(np.linalg.norm(space.unproject(space.project(list(lora_files))) - x)))
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < 1e-3 * errors[0]
+
+
+def test_to_lora_gives_the_reduced_lora(lora_files):
+    space = WeightSpace.build(lora_files, n_components=len(lora_files) - 1, show_progress=False)
+    from imagegem_hf.w2w import load_lora
+
+    lora = space.to_lora(space.coefficients[3].numpy())
+    original = rank1_reduce(load_lora(lora_files[3]))
+    for name, module in original.modules.items():
+        torch.testing.assert_close(lora.modules[name].delta_weight(), module.delta_weight(), atol=1e-3, rtol=1e-3)
+    assert lora.modules["unet.b.conv1"].down.shape == (1, 4, 3, 3)
+
+
+def test_save_and_load_round_trip(lora_files, tmp_path):
+    space = WeightSpace.build(lora_files, n_components=3, show_progress=False)
+    space.save_pretrained(tmp_path / "space")
+    assert {p.name for p in (tmp_path / "space").iterdir()} == {
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "README.md",
+    }
+    assert "W2W LoRA weight space" in (tmp_path / "space" / "README.md").read_text()
+    loaded = WeightSpace.from_pretrained(tmp_path / "space")
+    assert loaded.config.module_names == space.config.module_names
+    assert loaded.config.model_ids == [f"lora_{i}" for i in range(8)]
+    for name in ("mean", "std", "components", "explained_variance", "coefficients"):
+        torch.testing.assert_close(getattr(loaded, name), getattr(space, name))
+    np.testing.assert_allclose(loaded.project(lora_files[0]), space.project(lora_files[0]), rtol=1e-6)
+
+
+def test_build_from_vectors_and_explicit_layout():
+    rng = np.random.default_rng(0)
+    space0 = WeightSpace.build([_random_lora(i) for i in range(4)], n_components=2, show_progress=False)
+    vectors = rng.normal(size=(6, space0.vector_length)).astype(np.float32)
+    layout = {name: (n_out, n_in, kernel) for name, n_out, n_in, kernel, _ in space0.layout}
+    assert layout["unet.b.conv1"] == (4, 36, (3, 3))  # in_features of a conv = in_channels · kh · kw
+    space = WeightSpace.build(list(vectors), n_components=5, modules=layout, show_progress=False)
+    np.testing.assert_allclose(space.unproject(space.project(vectors)), vectors, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="needs `modules`"):
+        WeightSpace.build(list(vectors), n_components=2, show_progress=False)
+
+
+def test_bad_inputs(lora_files):
+    with pytest.raises(ValueError, match="N − 1"):
+        WeightSpace.build(lora_files[:3], n_components=3, show_progress=False)
+    space = WeightSpace.build(lora_files, n_components=2, show_progress=False)
+    wrong = LoRA({"unet.a.attn1.to_q": LoRAModule(down=torch.randn(2, 11), up=torch.randn(12, 2))})
+    with pytest.raises(ValueError, match="Architecture mismatch"):
+        space.project(wrong)
+    with pytest.raises(ValueError, match="Architecture mismatch"):
+        WeightSpace.build([*lora_files[:3], wrong], n_components=2, show_progress=False)
+    with pytest.raises(ValueError, match="coefficients"):
+        space.unproject(np.zeros(5))
