@@ -43,9 +43,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     pairs = commands.add_parser("pairs", help="Fill the preference_pairs config (prompt clusters, min-max pairs).")
     pairs.add_argument("dataset_dir", help="A built dataset folder.")
-    pairs.add_argument("--score", default="reactions", help="'reactions' or a numeric column of the images table.")
+    pairs.add_argument(
+        "--score",
+        default="hpsv2",
+        help="'hpsv2' (default, as in the paper), 'pickscore' or 'clip' (reward models on the image files of "
+        "--image-dir), 'reactions' (implicit feedback), or a numeric column of the images table.",
+    )
+    pairs.add_argument("--image-dir", default=None, help="Folder of <imageId>.jpg|png|webp files (reward scores).")
+    pairs.add_argument(
+        "--scorer-path", default=None, help="Path or repo id of the reward model (default: the paper's)."
+    )
+    pairs.add_argument("--device", default="cpu", help="Device of the reward model.")
     pairs.add_argument("--max-images", type=int, default=None, help="Use a seeded sample of this many images.")
     pairs.add_argument("--pairs-per-cluster", type=int, default=1, help="Min-max pairs per prompt cluster.")
+    pairs.add_argument("--min-margin", type=float, default=0.0, help="Minimum score difference of a pair.")
+    pairs.add_argument(
+        "--exchange-dir",
+        default=None,
+        help="Also write the pairs in the jpg_0/jpg_1/label_0/caption exchange format here (needs --image-dir).",
+    )
     pairs.set_defaults(func=_pairs)
 
     push = commands.add_parser("push", help="Upload a built dataset folder to the Hub.")
@@ -110,17 +126,56 @@ def _subsets(args: argparse.Namespace) -> int:
     return 0
 
 
+_SCORERS = {"hpsv2": "HPSv2", "pickscore": "PickScore", "clip": "CLIPScore"}
+
+
 def _pairs(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from imagegem_hf.data.pairs import make_preference_pairs, write_preference_pairs
+    from imagegem_hf.data.pairs import (
+        image_dir_loader,
+        make_preference_pairs,
+        write_exchange_pairs,
+        write_preference_pairs,
+    )
 
     images = pd.read_parquet(Path(args.dataset_dir) / "images").drop_duplicates("imageId")
     if args.max_images and len(images) > args.max_images:
         images = images.sample(args.max_images, random_state=0)
-    pairs = make_preference_pairs(images, score=args.score, pairs_per_cluster=args.pairs_per_cluster)
+    locate = image_dir_loader(args.image_dir) if args.image_dir else None
+    scorer = None
+    if args.score in _SCORERS:
+        if locate is None:
+            raise ValueError(
+                f"--score {args.score} scores image files: pass --image-dir (or use --score reactions or a column)."
+            )
+        import imagegem_hf.scoring as scoring
+
+        scorer_class = getattr(scoring, _SCORERS[args.score])
+        kwargs = {"device": args.device}
+        scorer = (
+            scorer_class.from_pretrained(args.scorer_path, **kwargs)
+            if args.scorer_path
+            else scorer_class.from_pretrained(**kwargs)
+        )
+    pairs = make_preference_pairs(
+        images,
+        score=args.score,
+        scorer=scorer,
+        locate=locate,
+        pairs_per_cluster=args.pairs_per_cluster,
+        min_margin=args.min_margin,
+    )
     path = write_preference_pairs(pairs, args.dataset_dir)
-    print(f"{len(pairs):,} pairs → {path}")
+    print(
+        f"{len(pairs):,} pairs → {path}"
+        + (f" (left out: {pairs.attrs['problems']})" if pairs.attrs.get("problems") else "")
+    )
+    if args.exchange_dir:
+        if locate is None:
+            raise ValueError("--exchange-dir writes image bytes: pass --image-dir.")
+        target = write_exchange_pairs(pairs, locate, args.exchange_dir)
+        print(f"exchange format (jpg_0, jpg_1, label_0, caption) → {target}")
     return 0
 
 

@@ -10,6 +10,7 @@ implicit-feedback score of `reaction_scores`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 
 from imagegem_hf.data.schema import PREFERENCE_PAIRS_COLUMNS, features_for
 from imagegem_hf.embeddings import TextEmbedder, l2_normalize
+from imagegem_hf.scoring.base import Scorer
 
 TOPIC_KEYWORDS: dict[str, tuple[str, ...]] = {
     "cars": ("car", "cars", "vehicle", "automobile", "race track"),
@@ -52,11 +54,20 @@ def cluster_prompts(
     embedder: TextEmbedder | None = None,
     *,
     embeddings: np.ndarray | None = None,
-    pca_components: int | None = 32,
+    pca_components: int | None = 16,
     min_cluster_size: int = 5,
+    partition_size: int = 10_000,
     seed: int = 0,
+    show_progress: bool = False,
 ) -> np.ndarray:
-    """HDBSCAN cluster label per prompt (−1 = noise).
+    """HDBSCAN cluster label per prompt (−1 = noise), scalable to millions of prompts.
+
+    Embeddings are L2-normalised and reduced with randomized PCA. Up to `partition_size` prompts are clustered
+    with one HDBSCAN (`sklearn.cluster.HDBSCAN`), whose cost grows about quadratically with the number of points.
+    Beyond that, the prompts are first split into coarse k-means partitions of at most `partition_size` points
+    (mini-batch k-means, recursively for oversized parts) and HDBSCAN runs in each: prompt clusters are small
+    and local (a few to a few hundred prompts), so the partitions only cut the rare cluster that straddles a
+    boundary, and the cost becomes linear in the number of prompts.
 
     Args:
         prompts: The prompts (ignored when `embeddings` is given).
@@ -64,15 +75,20 @@ def cluster_prompts(
         embeddings: Precomputed embeddings, one row per prompt.
         pca_components: Reduce to this many PCA components before clustering (`None` keeps all).
         min_cluster_size: HDBSCAN's minimum cluster size.
-        seed: Seed of the randomized PCA.
+        partition_size: Largest number of prompts clustered by one HDBSCAN.
+        seed: Seed of the randomized PCA and of the k-means partitions.
+        show_progress: Show a progress bar over partitions.
+
+    Returns:
+        `int32` labels; clusters are numbered consecutively across partitions.
 
     Example:
         ```python
         >>> labels = cluster_prompts(["a red car", "a blue car", "a dog"] * 5, min_cluster_size=3)  # doctest: +SKIP
         ```
     """
-    from sklearn.cluster import HDBSCAN
     from sklearn.decomposition import PCA
+    from tqdm.auto import tqdm
 
     if embeddings is None:
         if embedder is None:
@@ -80,10 +96,47 @@ def cluster_prompts(
 
             embedder = SentenceTransformerEmbedder()
         embeddings = embedder.embed_texts(prompts)
-    x = l2_normalize(embeddings)
+    if partition_size < 2 * min_cluster_size:
+        raise ValueError(f"partition_size ({partition_size}) must be at least 2 × min_cluster_size.")
+    x = l2_normalize(np.asarray(embeddings, dtype=np.float32))
     if pca_components is not None and x.shape[1] > pca_components and len(x) > pca_components:
-        x = PCA(pca_components, svd_solver="randomized", random_state=seed).fit_transform(x)
+        x = PCA(pca_components, svd_solver="randomized", random_state=seed).fit_transform(x).astype(np.float32)
+    labels = np.full(len(x), -1, dtype=np.int32)
+    parts = _partitions(x, np.arange(len(x)), partition_size, seed)
+    next_label = 0
+    for part in tqdm(parts, desc="Clustering prompts", disable=not show_progress or len(parts) == 1):
+        part_labels = _hdbscan(x[part], min_cluster_size)
+        found = part_labels >= 0
+        labels[part[found]] = part_labels[found] + next_label
+        next_label += int(part_labels.max()) + 1 if found.any() else 0
+    return labels
+
+
+def _hdbscan(x: np.ndarray, min_cluster_size: int) -> np.ndarray:
+    from sklearn.cluster import HDBSCAN
+
+    if len(x) < min_cluster_size:
+        return np.full(len(x), -1, dtype=np.int32)
     return HDBSCAN(min_cluster_size=min_cluster_size, copy=True).fit_predict(x).astype(np.int32)
+
+
+def _partitions(x: np.ndarray, index: np.ndarray, partition_size: int, seed: int) -> list[np.ndarray]:
+    """Split `index` (rows of `x`) into k-means parts of at most `partition_size` rows."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    if len(index) <= partition_size:
+        return [index]
+    k = int(np.ceil(2 * len(index) / partition_size))
+    kmeans = MiniBatchKMeans(k, random_state=seed, batch_size=4096, n_init=1, max_iter=20)
+    assignment = kmeans.fit_predict(x[index])
+    if np.bincount(assignment).max() == len(index):  # degenerate (identical points): split by position
+        return [index[i : i + partition_size] for i in range(0, len(index), partition_size)]
+    parts = []
+    for part in range(k):
+        members = index[assignment == part]
+        if len(members):
+            parts += _partitions(x, members, partition_size, seed + 1)
+    return parts
 
 
 def topic_of(prompt: str | None) -> str:
@@ -130,39 +183,126 @@ def min_max_pairs(
         [[2, 1]]
         ```
     """
-    rows = []
-    valid = images[images[cluster_col] >= 0].sort_values([cluster_col, score_col, "imageId"], kind="stable")
-    for cluster, group in valid.groupby(cluster_col, sort=True):
-        group = group.drop_duplicates("imageId")
-        for k in range(min(pairs_per_cluster, len(group) // 2)):
-            best, worst = group.iloc[len(group) - 1 - k], group.iloc[k]
-            if best[score_col] - worst[score_col] <= min_margin:
-                break
-            rows.append(
-                {
-                    "prompt": best["prompt"] or "",
-                    "chosen": int(best["imageId"]),
-                    "rejected": int(worst["imageId"]),
-                    "chosen_score": float(best[score_col]),
-                    "rejected_score": float(worst[score_col]),
-                    "score_name": score_name or score_col,
-                    "cluster_id": int(cluster),
-                    "topic": topic_of(best["prompt"]),
-                }
-            )
-    return pd.DataFrame(rows, columns=list(PREFERENCE_PAIRS_COLUMNS))
+    valid = images[images[cluster_col] >= 0].drop_duplicates("imageId")
+    valid = valid.sort_values([cluster_col, score_col, "imageId"], kind="stable")
+    group = valid.groupby(cluster_col, sort=False)
+    position = group.cumcount().to_numpy()
+    size = group[score_col].transform("size").to_numpy()
+    # The k-th worst sits at position k, the k-th best at size − 1 − k (k < size // 2).
+    k_worst = position
+    k_best = size - 1 - position
+    worst = valid[(k_worst < np.minimum(pairs_per_cluster, size // 2))]
+    best = valid[(k_best < np.minimum(pairs_per_cluster, size // 2))].iloc[::-1]
+    best = best.sort_values([cluster_col], kind="stable")
+    # Both frames are now ordered by (cluster, k): the best's rank from the top equals the worst's from the bottom.
+    chosen_score = best[score_col].to_numpy(dtype=np.float64)
+    rejected_score = worst[score_col].to_numpy(dtype=np.float64)
+    # Margins shrink with k, so "stop at the first margin ≤ min_margin" is a filter.
+    keep = chosen_score - rejected_score > min_margin
+    prompts = best["prompt"].fillna("").to_numpy()[keep]
+    pairs = pd.DataFrame(
+        {
+            "prompt": prompts,
+            "chosen": best["imageId"].to_numpy(dtype=np.int64)[keep],
+            "rejected": worst["imageId"].to_numpy(dtype=np.int64)[keep],
+            "chosen_score": chosen_score[keep].astype(np.float32),
+            "rejected_score": rejected_score[keep].astype(np.float32),
+            "score_name": score_name or score_col,
+            "cluster_id": best[cluster_col].to_numpy(dtype=np.int32)[keep],
+            "topic": [topic_of(p) for p in prompts],
+        }
+    )
+    return pairs[list(PREFERENCE_PAIRS_COLUMNS)].reset_index(drop=True)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def image_dir_loader(image_dir: str | os.PathLike) -> Callable[[int], Path]:
+    """Map an `imageId` to its file in `image_dir` (`<imageId>.jpg|.jpeg|.png|.webp`, e.g. downloaded from the
+    `url` column); raises `FileNotFoundError` for a missing image."""
+    folder = Path(image_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Image folder {folder} does not exist.")
+
+    def locate(image_id: int) -> Path:
+        for suffix in IMAGE_SUFFIXES:
+            path = folder / f"{image_id}{suffix}"
+            if path.is_file():
+                return path
+        raise FileNotFoundError(
+            f"No image file for imageId {image_id} in {folder} (tried {', '.join(IMAGE_SUFFIXES)})."
+        )
+
+    return locate
+
+
+def scorer_scores(
+    images: pd.DataFrame,
+    scorer: Scorer,
+    locate: Callable[[int], Path],
+    batch_size: int = 32,
+) -> tuple[pd.Series, dict[str, int]]:
+    """Score each (image, prompt) of `images` with a reward model (HPSv2, PickScore, CLIP score, …).
+
+    Images that are missing or unreadable get NaN and are counted, never silently scored.
+
+    Returns:
+        `(scores, problems)`: a float32 Series aligned with `images` and `{"missing image": n, "unreadable image": m}`.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.scoring import HPSv2
+        >>> hps = HPSv2.from_pretrained("xswu/HPSv2")  # doctest: +SKIP
+        >>> scores, problems = scorer_scores(images, hps, image_dir_loader("pixels/"))  # doctest: +SKIP
+        ```
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    scores = np.full(len(images), np.nan, dtype=np.float32)
+    problems = {"missing image": 0, "unreadable image": 0}
+    ids, prompts = images["imageId"].tolist(), images["prompt"].fillna("").tolist()
+    for start in tqdm(range(0, len(ids), batch_size), desc=f"Scoring with {type(scorer).__name__}"):
+        batch_images, batch_prompts, rows = [], [], []
+        for row in range(start, min(start + batch_size, len(ids))):
+            try:
+                path = locate(ids[row])
+            except FileNotFoundError:
+                problems["missing image"] += 1
+                continue
+            try:
+                with Image.open(path) as image:
+                    batch_images.append(image.convert("RGB"))
+            except OSError:
+                problems["unreadable image"] += 1
+                continue
+            batch_prompts.append(prompts[row])
+            rows.append(row)
+        if rows:
+            scores[rows] = scorer.score(batch_images, batch_prompts, batch_size=batch_size).numpy()
+    return pd.Series(scores, index=images.index), {k: v for k, v in problems.items() if v}
 
 
 def make_preference_pairs(
     images: pd.DataFrame,
     *,
     score: str = "reactions",
+    scorer: Scorer | None = None,
+    locate: Callable[[int], Path] | None = None,
     embedder: TextEmbedder | None = None,
     min_cluster_size: int = 5,
     pairs_per_cluster: int = 1,
     min_margin: float = 0.0,
 ) -> pd.DataFrame:
-    """Cluster the prompts of `images` and build min-max pairs by `score` (`"reactions"` or a numeric column).
+    """Cluster the prompts of `images` and build min-max pairs by a score.
+
+    Scores, in the order they are looked for:
+    - a reward model (`scorer`, e.g. HPSv2 as in the paper) applied to the image files found by `locate`
+      (images without a file are left out and counted in `pairs.attrs["problems"]`);
+    - `score="reactions"`: implicit feedback, `reaction_scores` (likes + hearts over the uploader's typical
+      engagement); use `min_margin` to demand a clear difference (e.g. 1.0 = one "typical image" of reactions);
+    - `score=<column>`: any precomputed numeric column of the images table.
 
     Example:
         ```python
@@ -172,19 +312,63 @@ def make_preference_pairs(
         ```
     """
     images = images.dropna(subset=["prompt"]).drop_duplicates("imageId").reset_index(drop=True)
+    images = images[images["prompt"].str.strip() != ""].reset_index(drop=True)
     if images.empty:
         raise ValueError("No images with a prompt to pair.")
-    if score == "reactions":
+    problems: dict[str, int] = {}
+    if scorer is not None:
+        if locate is None:
+            raise ValueError("Scoring with a reward model needs the image files: pass locate=image_dir_loader(dir).")
+        values, problems = scorer_scores(images, scorer, locate)
+        images = images.assign(_score=values).dropna(subset=["_score"]).reset_index(drop=True)
+        score = type(scorer).__name__.lower()
+    elif score == "reactions":
         images = images.assign(_score=reaction_scores(images))
     elif score in images.columns:
         images = images.assign(_score=images[score].astype("float32"))
     else:
         raise ValueError(f"score must be 'reactions' or a numeric column of the images table, got {score!r}.")
+    if images.empty:
+        raise ValueError(f"No image could be scored ({problems}).")
     labels = cluster_prompts(images["prompt"].tolist(), embedder, min_cluster_size=min_cluster_size)
     images = images.assign(cluster_id=labels)
-    return min_max_pairs(
+    pairs = min_max_pairs(
         images, "_score", pairs_per_cluster=pairs_per_cluster, min_margin=min_margin, score_name=score
     )
+    pairs.attrs["problems"] = problems
+    return pairs
+
+
+def exchange_format(pairs: pd.DataFrame, locate: Callable[[int], Path], seed: int = 0):
+    """The pairs in the de-facto Diffusion-DPO exchange format of Pick-a-Pic: `jpg_0`, `jpg_1` (encoded image
+    bytes), `label_0` (1.0 when `jpg_0` is preferred) and `caption`.
+
+    The winner's side is drawn at random (seeded) so that no position bias is baked into the data.
+
+    Returns:
+        A `datasets.Dataset`, ready for `DiffusionDPOTrainer` or any Pick-a-Pic-style trainer.
+
+    Example:
+        ```python
+        >>> ds = exchange_format(pairs, image_dir_loader("pixels/"))  # doctest: +SKIP
+        >>> ds.push_to_hub("org/imagegem-dpo-pairs")  # doctest: +SKIP
+        ```
+    """
+    from datasets import Dataset, Features, Value
+
+    rng = np.random.default_rng(seed)
+    first_wins = rng.random(len(pairs)) < 0.5
+    columns: dict[str, list] = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": []}
+    for wins, (_, pair) in zip(first_wins, pairs.iterrows(), strict=True):
+        chosen, rejected = locate(int(pair["chosen"])).read_bytes(), locate(int(pair["rejected"])).read_bytes()
+        columns["jpg_0"].append(chosen if wins else rejected)
+        columns["jpg_1"].append(rejected if wins else chosen)
+        columns["label_0"].append(1.0 if wins else 0.0)
+        columns["caption"].append(pair["prompt"])
+    features = Features(
+        {"jpg_0": Value("binary"), "jpg_1": Value("binary"), "label_0": Value("float32"), "caption": Value("string")}
+    )
+    return Dataset.from_dict(columns, features=features)
 
 
 def write_preference_pairs(pairs: pd.DataFrame, dataset_dir: str | os.PathLike) -> Path:
@@ -201,5 +385,19 @@ def write_preference_pairs(pairs: pd.DataFrame, dataset_dir: str | os.PathLike) 
     for old in folder.glob("train-*.parquet"):
         if old != target:
             old.unlink()
+    tmp.replace(target)
+    return target
+
+
+def write_exchange_pairs(
+    pairs: pd.DataFrame, locate: Callable[[int], Path], output_dir: str | os.PathLike, seed: int = 0
+) -> Path:
+    """Write `exchange_format(pairs, locate, seed)` to `<output_dir>/train-00000-of-00001.parquet` (temp file, then
+    rename) and return the file."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "train-00000-of-00001.parquet"
+    tmp = folder / ".train.parquet.tmp"
+    exchange_format(pairs, locate, seed=seed).to_parquet(str(tmp))
     tmp.replace(target)
     return target
