@@ -1,11 +1,19 @@
 """Weights2Weights for user-made LoRAs (ImageGem §4.3, §5.3): LoRA I/O, rank-1 reduction, a PCA weight space,
 preference directions and `W2WEditPipeline`, which edits a LoRA along a direction without retraining."""
 
-from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora, save_lora
+from imagegem_hf.w2w.directions import Direction, debias, preference_direction
+from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora, lora_target_shapes, save_lora
+from imagegem_hf.w2w.pipeline_w2w import W2WEditOutput, W2WEditPipeline
 from imagegem_hf.w2w.reduce import rank1_reduce, reduce_rank, select_layers
 from imagegem_hf.w2w.space import WeightSpace
 
 __all__ = [
+    "Direction",
+    "W2WEditOutput",
+    "W2WEditPipeline",
+    "debias",
+    "lora_target_shapes",
+    "preference_direction",
     "LoRA",
     "LoRAModule",
     "WeightSpace",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -432,3 +433,34 @@ def read_lora_shapes(path: str | os.PathLike, base: str | None = None) -> dict[s
     """
     lora = load_lora(path, base=base, header_only=True)
     return {name: (m.out_features, m.in_features, m.kernel_size) for name, m in lora.modules.items()}
+
+
+def lora_target_shapes(
+    model: torch.nn.Module, target_modules: Sequence[str], prefix: str = "unet"
+) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    """`{canonical name: (out_features, in_features, kernel_size)}` of the layers of `model` a LoRA would target.
+
+    A layer is targeted when its name ends with one of `target_modules` (peft's rule), e.g.
+    `["to_q", "to_k", "to_v", "to_out.0"]`. The result is a `WeightSpace` layout (`modules=`) for that model.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.testing import tiny_sd_components
+        >>> from imagegem_hf.w2w.lora_io import lora_target_shapes
+        >>> shapes = lora_target_shapes(tiny_sd_components()["unet"], ["to_q", "to_v"])
+        >>> shapes["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]
+        (8, 8, ())
+        ```
+    """
+    shapes = {}
+    for name, layer in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in target_modules):
+            continue
+        if isinstance(layer, torch.nn.Linear):
+            shapes[f"{prefix}.{name}"] = (layer.out_features, layer.in_features, ())
+        elif isinstance(layer, torch.nn.Conv2d):
+            kernel = tuple(int(k) for k in layer.kernel_size)
+            shapes[f"{prefix}.{name}"] = (layer.out_channels, layer.in_channels * kernel[0] * kernel[1], kernel)
+    if not shapes:
+        raise ValueError(f"No Linear/Conv2d layer of the model matches {list(target_modules)}.")
+    return dict(sorted(shapes.items()))

@@ -60,7 +60,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
     Example:
         ```python
         >>> from imagegem_hf.w2w import WeightSpace
-        >>> space = WeightSpace.build(["a.safetensors", "b.safetensors", "c.safetensors"], n_components=2)  # doctest: +SKIP
+        >>> files = ["a.safetensors", "b.safetensors", "c.safetensors"]
+        >>> space = WeightSpace.build(files, n_components=2)  # doctest: +SKIP
         >>> space.project("a.safetensors").shape  # doctest: +SKIP
         (2,)
         ```
@@ -275,7 +276,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
             ```python
             >>> from pathlib import Path
             >>> from imagegem_hf.w2w import WeightSpace
-            >>> space = WeightSpace.build(sorted(Path("loras").glob("*.safetensors")), n_components=64)  # doctest: +SKIP
+            >>> files = sorted(Path("loras").glob("*.safetensors"))
+            >>> space = WeightSpace.build(files, n_components=64)  # doctest: +SKIP
             >>> space.save_pretrained("w2w_space")  # doctest: +SKIP
             ```
         """

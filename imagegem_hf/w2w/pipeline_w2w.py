@@ -1,0 +1,223 @@
+"""`W2WEditPipeline`: generate with a LoRA edited along a weight-space direction, one image per strength.
+
+ImageGem Figures 4, 11 and 12: the same prompt and seed, the user's LoRA moved by α·v for a range of strengths α,
+shown side by side. The pipeline holds the Stable Diffusion 1.5 components plus a `WeightSpace`, edits the LoRA in
+the space, injects it with diffusers' own `load_lora_weights`, and denoises with the standard Stable Diffusion
+loop. Optional delayed injection uses the unedited LoRA for the early (high-noise) steps and the edited one only
+once the timestep falls below a threshold, which keeps the layout of the unedited image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image, ImageDraw
+
+from imagegem_hf.w2w.space import LoRAItem, WeightSpace
+
+EDIT_ADAPTER = "w2w_edit"
+BASE_ADAPTER = "w2w_base"
+
+
+@dataclass
+class W2WEditOutput(BaseOutput):
+    """Output of `W2WEditPipeline`.
+
+    Attributes:
+        images: One image per strength, in the order of `strengths`.
+        grid: The images side by side, each captioned with its strength.
+        strengths: The strengths used.
+    """
+
+    images: list[Image.Image]
+    grid: Image.Image
+    strengths: list[float]
+
+
+def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = None, rows: int = 1) -> Image.Image:
+    """Paste equally sized images into a `rows`-row grid, with an optional caption strip under each image.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.testing import random_images
+        >>> from imagegem_hf.w2w.pipeline_w2w import image_grid
+        >>> image_grid(random_images(4, size=16), ["a", "b", "c", "d"], rows=2).size
+        (32, 56)
+        ```
+    """
+    if not images:
+        raise ValueError("image_grid needs at least one image.")
+    cols = -(-len(images) // rows)
+    width, height = images[0].size
+    strip = 12 if captions else 0
+    grid = Image.new("RGB", (cols * width, rows * (height + strip)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % cols) * width, (i // cols) * (height + strip)
+        grid.paste(image.convert("RGB").resize((width, height)), (x, y))
+        if captions:
+            draw.text((x + 1, y + height), captions[i], fill="black")
+    return grid
+
+
+class W2WEditPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Stable Diffusion 1.5 with a weight-space LoRA editor (weights2weights, ImageGem §4.3).
+
+    Args:
+        vae, text_encoder, tokenizer, unet, scheduler: The Stable Diffusion 1.5 components.
+        weight_space: The `WeightSpace` the LoRA and the directions live in (same base model as the UNet).
+
+    Example:
+        ```python
+        >>> from diffusers import StableDiffusionPipeline
+        >>> from imagegem_hf.w2w import Direction, W2WEditPipeline, WeightSpace
+        >>> repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        >>> sd = StableDiffusionPipeline.from_pretrained(repo)  # doctest: +SKIP
+        >>> parts = {k: sd.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+        >>> pipe = W2WEditPipeline(**parts, weight_space=WeightSpace.from_pretrained("me/w2w-sd15"))  # doctest: +SKIP
+        >>> out = pipe("a portrait", lora="user.safetensors", direction=Direction.load("realistic.safetensors"),
+        ...            strengths=[-2, 0, 2, 4], seed=0)  # doctest: +SKIP
+        >>> out.grid.save("grid.png")  # doctest: +SKIP
+        ```
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, weight_space: WeightSpace) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            weight_space=weight_space,
+        )
+
+    def _generator_pipeline(self) -> StableDiffusionPipeline:
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
+
+    def load_edited_lora(self, lora: LoRAItem, direction, strength: float, adapter_name: str = EDIT_ADAPTER) -> None:
+        """Edit `lora` by `strength` along `direction` (or several) and inject it as adapter `adapter_name`."""
+        edited = self.weight_space.edit(lora, direction, strength)
+        unet_only = all(name.startswith("unet.") for name in edited.modules)
+        verbosity = diffusers_logging.get_verbosity()
+        if unet_only:  # diffusers warns that the text encoder got no LoRA keys, which is expected here
+            diffusers_logging.set_verbosity_error()
+        try:
+            self.load_lora_weights(edited.to_diffusers_state_dict(), adapter_name=adapter_name)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+
+    def _unload(self) -> None:
+        loaded = set(self.get_list_adapters().get("unet", [])) | set(self.get_list_adapters().get("text_encoder", []))
+        names = [name for name in (EDIT_ADAPTER, BASE_ADAPTER) if name in loaded]
+        if names:
+            self.delete_adapters(names)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        lora: LoRAItem,
+        direction,
+        strengths: Sequence[float] = (-2.0, 0.0, 2.0),
+        seed: int = 0,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        lora_scale: float = 1.0,
+        injection_timestep: int | None = None,
+        grid_rows: int = 1,
+    ) -> W2WEditOutput:
+        """Generate one image per strength, all from the same seed, and a captioned grid.
+
+        Args:
+            prompt: The text prompt.
+            lora: The user's LoRA (file, `LoRA` or vector of the space); it is rank-reduced like the space.
+            direction: A `Direction` or unit vector (or a list of them, then each strength is applied to all;
+                use `WeightSpace.edit` for per-direction strengths).
+            strengths: Edit strengths α (θ + α·v); 0 reproduces the reduced, unedited LoRA.
+            seed: The seed shared by all images.
+            num_inference_steps: Denoising steps (ImageGem: 30).
+            guidance_scale: Classifier-free guidance (ImageGem: 5).
+            negative_prompt: Optional negative prompt.
+            height, width: Image size (default: the UNet's sample size × the VAE factor).
+            lora_scale: Adapter weight of the injected LoRA (ImageGem: 1).
+            injection_timestep: If set, the unedited LoRA is used while the timestep is ≥ this value and the
+                edited one below it (delayed injection).
+            grid_rows: Rows of the grid.
+
+        Returns:
+            `W2WEditOutput` with `images`, `grid` and `strengths`. LoRA weights are unloaded afterwards.
+        """
+        generator_pipe = self._generator_pipeline()
+        directions = direction if isinstance(direction, (list, tuple)) else [direction]
+        images = []
+        try:
+            for strength in strengths:
+                self._unload()
+                self.load_edited_lora(lora, directions, [strength] * len(directions), EDIT_ADAPTER)
+                callback = None
+                if injection_timestep is not None:
+                    self.load_edited_lora(lora, directions, [0.0] * len(directions), BASE_ADAPTER)
+                    callback = self._injection_callback(injection_timestep, lora_scale)
+                    self.scheduler.set_timesteps(num_inference_steps)
+                    first = EDIT_ADAPTER if self.scheduler.timesteps[0] < injection_timestep else BASE_ADAPTER
+                    self.set_adapters(first, lora_scale)
+                else:
+                    self.set_adapters(EDIT_ADAPTER, lora_scale)
+                generator = torch.Generator(device="cpu").manual_seed(seed)
+                result = generator_pipe(
+                    prompt,
+                    negative_prompt=negative_prompt,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=height,
+                    width=width,
+                    generator=generator,
+                    callback_on_step_end=callback,
+                )
+                images.append(result.images[0])
+        finally:
+            self.unload_lora_weights()  # leave the base model as it was (no peft wrappers left behind)
+        captions = [f"a={s:g}" for s in strengths]
+        grid = image_grid(images, captions, rows=grid_rows)
+        return W2WEditOutput(images=images, grid=grid, strengths=list(strengths))
+
+    def _injection_callback(self, threshold: int, lora_scale: float):
+        def switch(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+            timesteps = pipe.scheduler.timesteps
+            if step + 1 < len(timesteps) and timesteps[step + 1] < threshold:
+                self.set_adapters(EDIT_ADAPTER, lora_scale)
+            return callback_kwargs
+
+        return switch
+
+
+def strengths_grid(low: float, high: float, count: int) -> list[float]:
+    """`count` evenly spaced strengths from `low` to `high` (always including 0 when it lies in the range)."""
+    values = np.linspace(low, high, count).tolist()
+    if low < 0 < high and not any(abs(v) < 1e-9 for v in values):
+        values = sorted([*values, 0.0])
+    return [round(float(v), 6) for v in values]

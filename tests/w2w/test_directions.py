@@ -1,0 +1,110 @@
+"""Directions: a planted direction is recovered from labels; edits move θ exactly by Σ α·v; debiasing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imagegem_hf.testing import tiny_sd_components
+from imagegem_hf.w2w import Direction, WeightSpace, debias, lora_target_shapes, preference_direction
+from imagegem_hf.w2w.demo import synthetic_loras
+
+
+@pytest.fixture(scope="module")
+def planted():
+    shapes = lora_target_shapes(tiny_sd_components(seed=0)["unet"], ["to_q", "to_k", "to_v", "to_out.0"])
+    loras, labels, direction = synthetic_loras(shapes, n=60, seed=1, noise=0.04)
+    space = WeightSpace.build(loras, n_components=12, show_progress=False)
+    return space, loras, labels, direction
+
+
+@pytest.mark.parametrize("method", ["logistic", "svm", "lstsq"])
+def test_planted_direction_is_recovered(planted, method):
+    space, loras, labels, truth = planted
+    direction = preference_direction(space, None, labels, method=method)
+    assert np.isclose(np.linalg.norm(direction.vector), 1.0, atol=1e-5)
+    assert float(direction.vector @ truth) > 0.9  # right sign too: +α moves towards label +1
+    assert direction.accuracy >= 0.9 and direction.train_accuracy >= 0.9
+    assert (direction.n_positive, direction.n_negative) == (30, 30)
+    from_loras = preference_direction(space, loras, labels, method=method)  # projected here instead of stored
+    assert float(from_loras.vector @ direction.vector) > 0.999
+
+
+def test_edit_moves_coefficients_along_the_normal(planted):
+    space, loras, labels, _ = planted
+    direction = preference_direction(space, None, labels)
+    theta = space.vectorize(loras[0])[0]
+    coefficients = space.project(theta)
+    for alpha in (0.5, 1.0, 2.0):
+        moved = space.project(theta + alpha * direction.vector) - coefficients
+        cosine = moved @ direction.normal / np.linalg.norm(moved)
+        assert cosine > 0.999
+        np.testing.assert_allclose(
+            np.linalg.norm(moved),
+            alpha * np.linalg.norm(space.project(theta + direction.vector) - coefficients),
+            rtol=1e-3,
+        )
+
+
+def test_multi_direction_edit_is_theta_plus_sum(planted):
+    space, loras, labels, _ = planted
+    rng = np.random.default_rng(0)
+    v1 = preference_direction(space, None, labels).vector
+    v2 = rng.normal(size=space.vector_length).astype(np.float32)
+    v2 /= np.linalg.norm(v2)
+    edited = space.edit(loras[3], [v1, Direction(vector=v2, normal=np.zeros(1), method="lstsq")], [1.5, -0.5])
+    expected = space.vectorize(loras[3])[0] + 1.5 * v1 - 0.5 * v2
+    for name, n_out, n_in, _, offset in space.layout:
+        module = edited.modules[name]
+        torch.testing.assert_close(module.down.reshape(-1), torch.from_numpy(expected[offset : offset + n_in]))
+        torch.testing.assert_close(
+            module.up.reshape(-1), torch.from_numpy(expected[offset + n_in : offset + n_in + n_out])
+        )
+    unedited = space.edit(loras[3], v1, 0.0)
+    reference = space.vector_to_lora(space.vectorize(loras[3])[0])
+    for name in unedited.modules:
+        torch.testing.assert_close(unedited.modules[name].delta_weight(), reference.modules[name].delta_weight())
+    subspace = space.edit(loras[3], v1, 0.0, in_subspace=True)
+    assert not torch.equal(subspace.modules[name].down, unedited.modules[name].down)
+    with pytest.raises(ValueError, match="strengths"):
+        space.edit(loras[3], [v1, v2], [1.0])
+
+
+def test_debias_removes_other_directions(planted):
+    space, _, labels, _ = planted
+    rng = np.random.default_rng(1)
+    direction = preference_direction(space, None, labels)
+    others = [rng.normal(size=space.vector_length) for _ in range(2)]
+    others.append(others[0] + others[1])  # dependent: skipped
+    clean = debias(direction, others)
+    assert np.isclose(np.linalg.norm(clean.vector), 1.0, atol=1e-5)
+    for other in others:
+        assert abs(float(clean.vector @ other)) < 1e-3 * np.linalg.norm(other)
+    assert clean.extra == {"debiased_against": 2}
+    with pytest.raises(ValueError, match="span"):
+        debias(direction, [direction])
+
+
+def test_direction_save_load(planted, tmp_path):
+    space, _, labels, _ = planted
+    direction = preference_direction(space, None, labels, method="svm", name="realistic")
+    loaded = Direction.load(direction.save(tmp_path / "d.safetensors"))
+    np.testing.assert_array_equal(loaded.vector, direction.vector)
+    assert (loaded.method, loaded.name, loaded.accuracy) == ("svm", "realistic", direction.accuracy)
+
+
+def test_bad_labels(planted):
+    space, _, labels, _ = planted
+    with pytest.raises(ValueError, match="one class"):
+        preference_direction(space, None, np.ones_like(labels))
+    with pytest.raises(ValueError, match="Labels must be"):
+        preference_direction(space, None, np.arange(len(labels)))
+    with pytest.raises(ValueError, match="labels for"):
+        preference_direction(space, None, labels[:-2])
+    with pytest.raises(ValueError, match="Unknown method"):
+        preference_direction(space, None, labels, method="tree")
+    few = np.array([1, 1] + [-1] * (len(labels) - 2))
+    with pytest.raises(ValueError, match="Too few"):
+        preference_direction(space, None, few)
+    assert preference_direction(space, None, few, test_fraction=0).accuracy is None

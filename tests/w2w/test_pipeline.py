@@ -1,0 +1,110 @@
+"""An edited LoRA written by us loads through diffusers into the tiny UNet, exactly, and its effect grows with α;
+W2WEditPipeline generates one image per strength from the same seed and round-trips through save/from_pretrained."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from imagegem_hf.testing import tiny_sd_pipeline
+from imagegem_hf.w2w import W2WEditPipeline, WeightSpace, lora_target_shapes, preference_direction, save_lora
+from imagegem_hf.w2w.demo import ATTENTION_TARGETS, synthetic_loras
+
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    sd = tiny_sd_pipeline(seed=0)
+    shapes = lora_target_shapes(sd.unet, ATTENTION_TARGETS)
+    loras, labels, _ = synthetic_loras(shapes, n=16, seed=2)
+    space = WeightSpace.build(loras, n_components=6, show_progress=False)
+    direction = preference_direction(space, None, labels, test_fraction=0)
+    return sd, space, loras, direction
+
+
+def _unet_output(unet) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16, generator=generator)
+    context = torch.randn(1, 5, 8, generator=generator)
+    return unet(sample, 500, encoder_hidden_states=context).sample
+
+
+def test_edited_lora_loads_exactly_and_changes_output_monotonically(setup, tmp_path):
+    sd, space, loras, direction = setup
+    base_out = _unet_output(sd.unet)
+    distances = []
+    for i, alpha in enumerate([0.0, 1.0, 2.0, 3.0]):
+        edited = space.edit(loras[0], direction, alpha)
+        path = save_lora(edited, tmp_path / f"edit_{alpha}.safetensors", format="kohya" if i % 2 else "diffusers")
+        sd.load_lora_weights(str(path))
+        out = _unet_output(sd.unet)
+        sd.unload_lora_weights()
+        # independent check: merge W + ΔW by hand into a copy of the UNet
+        merged = copy.deepcopy(sd.unet)
+        layers = dict(merged.named_modules())
+        with torch.no_grad():
+            for name, module in edited.modules.items():
+                layers[name.removeprefix("unet.")].weight += module.delta_weight()
+        torch.testing.assert_close(out, _unet_output(merged), atol=1e-5, rtol=1e-4)
+        if alpha == 0.0:
+            zero_out = out
+            assert not torch.allclose(out, base_out)
+        distances.append(float((out - zero_out).norm().detach()))
+    torch.testing.assert_close(_unet_output(sd.unet), base_out)  # unloaded cleanly
+    assert distances[0] == 0.0 and all(a < b for a, b in zip(distances, distances[1:], strict=False))
+
+
+def test_pipeline_one_image_per_strength_same_seed(setup):
+    sd, space, loras, direction = setup
+    pipe = W2WEditPipeline(**{k: sd.components[k] for k in COMPONENTS}, weight_space=space)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(seed=3, num_inference_steps=3, height=32, width=32, guidance_scale=5.0)
+    out = pipe("a portrait", lora=loras[1], direction=direction, strengths=[-2.0, 0.0, 3.0], **kwargs)
+    assert len(out.images) == 3 and out.strengths == [-2.0, 0.0, 3.0]
+    assert out.grid.size == (96, 32 + 12)
+    arrays = [np.asarray(im, dtype=np.float32) for im in out.images]
+    assert np.abs(arrays[0] - arrays[1]).mean() > 0 and np.abs(arrays[2] - arrays[1]).mean() > 0
+
+    # α = 0 equals plain Stable Diffusion with the reduced LoRA loaded by diffusers, same seed
+    sd.load_lora_weights(space.edit(loras[1], direction, 0.0).to_diffusers_state_dict())
+    reference = sd(
+        "a portrait",
+        generator=torch.Generator().manual_seed(3),
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        guidance_scale=5.0,
+    ).images[0]
+    sd.unload_lora_weights()
+    np.testing.assert_array_equal(np.asarray(reference), np.asarray(out.images[1]))
+
+    # delayed injection: a threshold above every timestep edits throughout, 0 never injects the edit
+    always = pipe(
+        "a portrait", lora=loras[1], direction=direction, strengths=[3.0], injection_timestep=10_000, **kwargs
+    )
+    never = pipe("a portrait", lora=loras[1], direction=direction, strengths=[3.0], injection_timestep=0, **kwargs)
+    np.testing.assert_array_equal(np.asarray(always.images[0]), arrays[2])
+    np.testing.assert_array_equal(np.asarray(never.images[0]), arrays[1])
+    assert not any(pipe.get_list_adapters().values())
+
+
+def test_pipeline_save_and_from_pretrained(setup, tmp_path):
+    sd, space, loras, direction = setup
+    pipe = W2WEditPipeline(**{k: sd.components[k] for k in COMPONENTS}, weight_space=space)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = W2WEditPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(loaded.weight_space, WeightSpace)
+    torch.testing.assert_close(loaded.weight_space.components, space.components)
+    assert loaded.weight_space.config.module_names == space.config.module_names
+    kwargs = dict(
+        lora=loras[2], direction=direction, strengths=[1.0], seed=0, num_inference_steps=2, height=32, width=32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(
+        np.asarray(pipe("x", **kwargs).images[0]), np.asarray(loaded("x", **kwargs).images[0])
+    )
