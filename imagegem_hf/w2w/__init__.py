@@ -2,12 +2,26 @@
 preference directions and `W2WEditPipeline`, which edits a LoRA along a direction without retraining."""
 
 from imagegem_hf.w2w.directions import Direction, debias, preference_direction
+from imagegem_hf.w2w.labels import (
+    PreferenceLabels,
+    StyleLabelConfig,
+    StyleLabels,
+    VLMDescriber,
+    preference_labels,
+    style_labels,
+)
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora, lora_target_shapes, save_lora
 from imagegem_hf.w2w.pipeline_w2w import W2WEditOutput, W2WEditPipeline
 from imagegem_hf.w2w.reduce import rank1_reduce, reduce_rank, select_layers
 from imagegem_hf.w2w.space import WeightSpace
 
 __all__ = [
+    "PreferenceLabels",
+    "StyleLabelConfig",
+    "StyleLabels",
+    "VLMDescriber",
+    "preference_labels",
+    "style_labels",
     "Direction",
     "W2WEditOutput",
     "W2WEditPipeline",
