@@ -14,6 +14,7 @@ from collections.abc import Sequence
 _AREA_CLIS: tuple[str, ...] = (
     "imagegem_hf.data.cli",
     "imagegem_hf.recsys.cli",
+    "imagegem_hf.dpo.cli",
     "imagegem_hf.demo",
 )
 

@@ -19,6 +19,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("data", "imagegem_hf.data.demo"),
     ("recsys", "imagegem_hf.recsys.demo"),
     ("ranker", "imagegem_hf.ranker.demo"),
+    ("dpo", "imagegem_hf.dpo.demo"),
 )
 
 
