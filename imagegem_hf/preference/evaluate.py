@@ -1,0 +1,324 @@
+"""Evaluation of personal preference prediction as in paper 003's Tables 1–3 and Figs. 3 and 5.
+
+- Pairwise top-1 accuracy (1 like vs 1 dislike): **both** images of a pair are scored with the same references and
+  the one with the higher `P(like)` is the prediction (the published evaluation scored only one image).
+- 1 like vs 3 dislikes: the liked target and three of the user's disliked images (not among the references) are
+  scored; top-1/2/3 accuracy of the liked one.
+- Seen vs unseen users and the gap; accuracy vs the number of references `N_ref` (a PNG).
+- Zero-shot baselines (CLIP score, PickScore, ... any `imagegem_hf.scoring.Scorer`) in the same table.
+- User–user similarity from the attention of the target tokens to the prototypes (which users share taste).
+
+Ties count as expected values under random tie-breaking, so a constant scorer sits exactly at chance.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from imagegem_hf.hub import atomic_directory, write_json
+from imagegem_hf.preference.data import PreferenceExample, by_user
+from imagegem_hf.preference.sequence import PreferenceSequenceBuilder
+
+TOPK = (1, 2, 3)
+
+
+def pairwise_accuracy(score0: np.ndarray, score1: np.ndarray, label0: np.ndarray) -> float:
+    """Fraction of pairs whose preferred image has the higher score (ties count ½).
+
+    Example:
+        ```python
+        >>> import numpy as np
+        >>> pairwise_accuracy(np.array([0.9, 0.2, 0.5]), np.array([0.1, 0.3, 0.5]), np.array([1, 1, 0]))
+        0.5
+        ```
+    """
+    score0, score1, label0 = (np.asarray(a, dtype=np.float64) for a in (score0, score1, label0))
+    liked = np.where(label0 == 1, score0, score1)
+    other = np.where(label0 == 1, score1, score0)
+    if len(liked) == 0:
+        return float("nan")
+    return float(np.mean((liked > other) + 0.5 * (liked == other)))
+
+
+def topk_accuracy(scores: np.ndarray, k: int) -> float:
+    """Top-k accuracy of column 0 (the liked image) among each row's candidates, ties broken at random in
+    expectation.
+
+    Example:
+        ```python
+        >>> import numpy as np
+        >>> topk_accuracy(np.array([[0.9, 0.1, 0.2, 0.3], [0.1, 0.5, 0.6, 0.7]]), k=1)
+        0.5
+        ```
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        return float("nan")
+    liked, others = scores[:, :1], scores[:, 1:]
+    greater = (others > liked).sum(axis=1)
+    ties = (others == liked).sum(axis=1)
+    return float(np.mean(np.clip((k - greater) / (ties + 1), 0.0, 1.0)))
+
+
+def one_vs_three_groups(
+    examples: Sequence[PreferenceExample], n_dislikes: int = 3, seed: int = 0
+) -> list[tuple[PreferenceExample, list[str]]]:
+    """For each example: `[liked, d1, d2, d3]`, the target's disliked image plus disliked images of the same user's
+    other targets that are not among this example's references (examples without enough such images are skipped).
+    """
+    rng = np.random.default_rng(seed)
+    groups = []
+    for user_examples in by_user(examples).values():
+        for e in user_examples:
+            in_refs = {key for ref in e.references for key in ref[:2]}
+            pool = sorted({o.disliked for o in user_examples if o is not e} - in_refs - {e.liked, e.disliked})
+            if len(pool) < n_dislikes - 1:
+                continue
+            extra = rng.choice(pool, size=n_dislikes - 1, replace=False).tolist()
+            groups.append((e, [e.liked, e.disliked, *extra]))
+    return groups
+
+
+@torch.no_grad()
+def score_targets(
+    model,
+    builder: PreferenceSequenceBuilder,
+    items: Sequence[tuple[PreferenceExample, str]],
+    load_image: Callable[[str], Image.Image],
+    n_ref: int | None = None,
+    batch_size: int = 8,
+    desc: str = "scoring",
+) -> np.ndarray:
+    """`P(like)` of each `(example, target image key)` with the example's first `n_ref` references (default order).
+
+    Example:
+        ```python
+        >>> p = score_targets(model, builder, [(e, e.image0) for e in examples], images.__getitem__)  # doctest: +SKIP
+        ```
+    """
+    device = next(model.parameters()).device
+    scores = []
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, disable=len(items) <= batch_size):
+        chunk = items[start : start + batch_size]
+        batch = builder([e.query(load_image, key, n_ref) for e, key in chunk]).to(device)
+        scores.append(model(**batch).p_like.float().cpu().numpy())
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def prototype_attention_by_user(
+    model,
+    builder: PreferenceSequenceBuilder,
+    examples: Sequence[PreferenceExample],
+    load_image: Callable[[str], Image.Image],
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """Mean attention of each user's target tokens to each prototype (users × prototypes), on the liked targets.
+
+    Runs the backbone with eager attention for the duration of the call.
+    """
+    backbone = model.backbone
+    previous = backbone.config._attn_implementation
+    backbone.set_attn_implementation("eager")
+    device = next(model.parameters()).device
+    rows: dict[str, list[np.ndarray]] = {}
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                batch = builder([e.query(load_image, e.liked) for e in chunk]).to(device)
+                attention = model(**batch, output_prototype_attention=True).prototype_attention.float().cpu().numpy()
+                for e, a in zip(chunk, attention, strict=True):
+                    rows.setdefault(e.user_id, []).append(a)
+    finally:
+        backbone.set_attn_implementation(previous)
+    frame = pd.DataFrame({user: np.mean(v, axis=0) for user, v in rows.items()}).T
+    frame.columns = [f"prototype_{i}" for i in range(frame.shape[1])]
+    return frame
+
+
+def user_similarity(attention: pd.DataFrame) -> pd.DataFrame:
+    """Cosine similarity between users' centred prototype-attention profiles (which users share taste)."""
+    values = attention.to_numpy(dtype=np.float64)
+    values = values - values.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(values, axis=1, keepdims=True)
+    unit = values / np.maximum(norms, 1e-12)
+    return pd.DataFrame(unit @ unit.T, index=attention.index, columns=attention.index)
+
+
+@dataclass
+class PreferenceEvalResult:
+    """The evaluation table (methods × metrics), the accuracy-vs-`N_ref` curve and the user similarity."""
+
+    table: pd.DataFrame
+    nref_curve: dict[int, float] = field(default_factory=dict)
+    prototype_attention: pd.DataFrame | None = None
+    similarity: pd.DataFrame | None = None
+
+    def markdown(self) -> str:
+        """The table as Markdown (percentages)."""
+        shown = (self.table * 100).round(2)
+        header = "| method | " + " | ".join(shown.columns) + " |"
+        lines = [header, "|" + "---|" * (len(shown.columns) + 1)]
+        for method, row in shown.iterrows():
+            lines.append(f"| {method} | " + " | ".join("–" if np.isnan(v) else f"{v:.2f}" for v in row) + " |")
+        return "\n".join(lines)
+
+    def save(self, output_dir: str | os.PathLike, name: str = "preference_eval") -> dict[str, Path]:
+        """Write `<name>.md/.csv/.json`, `<name>_nref.png` and the user similarity (`.csv`, `.png`) atomically.
+
+        Returns:
+            `{what: path}`.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staged = output_dir / f".{name}"
+        with atomic_directory(staged, overwrite=True) as tmp:
+            (tmp / f"{name}.md").write_text(self.markdown() + "\n", encoding="utf-8")
+            self.table.to_csv(tmp / f"{name}.csv")
+            write_json(
+                tmp / f"{name}.json",
+                {
+                    "table": self.table.to_dict(orient="index"),
+                    "nref_curve": {str(k): v for k, v in self.nref_curve.items()},
+                },
+            )
+            if self.nref_curve:
+                fig, ax = plt.subplots(figsize=(4, 3))
+                ax.plot(list(self.nref_curve), [v * 100 for v in self.nref_curve.values()], marker="o")
+                ax.axhline(50, color="gray", linestyle="--", linewidth=1)
+                ax.set_xlabel("reference pairs N_ref")
+                ax.set_ylabel("pairwise top-1 accuracy (%)")
+                fig.tight_layout()
+                fig.savefig(tmp / f"{name}_nref.png", dpi=120)
+                plt.close(fig)
+            if self.similarity is not None:
+                self.similarity.to_csv(tmp / f"{name}_user_similarity.csv")
+                fig, ax = plt.subplots(figsize=(4, 3.5))
+                image = ax.imshow(self.similarity.to_numpy(), cmap="viridis", vmin=-1, vmax=1)
+                ax.set_title("user–user similarity (prototype attention)", fontsize=8)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                fig.colorbar(image)
+                fig.tight_layout()
+                fig.savefig(tmp / f"{name}_user_similarity.png", dpi=120)
+                plt.close(fig)
+        paths = {}
+        for file in sorted(staged.iterdir()):
+            target = output_dir / file.name
+            file.replace(target)
+            paths[file.name] = target
+        staged.rmdir()
+        return paths
+
+
+def _metrics(pair_scores: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], group_scores: np.ndarray | None):
+    row = {}
+    for split in ("seen", "unseen"):
+        row[f"pairwise {split}"] = pairwise_accuracy(*pair_scores[split]) if split in pair_scores else float("nan")
+    all_scores = [np.concatenate(parts) for parts in zip(*pair_scores.values(), strict=True)]
+    row["pairwise top-1"] = pairwise_accuracy(*all_scores)
+    row["unseen − seen"] = row["pairwise unseen"] - row["pairwise seen"]
+    for k in TOPK:
+        row[f"1v3 top-{k}"] = topk_accuracy(group_scores, k) if group_scores is not None else float("nan")
+    return row
+
+
+def evaluate_preference(
+    model,
+    builder: PreferenceSequenceBuilder,
+    test_sets: Mapping[str, Sequence[PreferenceExample]],
+    load_image: Callable[[str], Image.Image],
+    baselines: Mapping[str, object] | None = None,
+    nref_values: Sequence[int] | None = None,
+    user_similarity_users: int = 0,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> PreferenceEvalResult:
+    """Paper 003's evaluation of a model and zero-shot baselines.
+
+    Args:
+        model: A `PreferencePrototypeModel` (in eval mode).
+        builder: Its sequence builder.
+        test_sets: `{"seen": examples, "unseen": examples}` (either may be missing).
+        load_image: Image key → PIL image.
+        baselines: `{name: scorer}` with `scorer.score(images, prompts)` (e.g. `imagegem_hf.scoring.CLIPScore`).
+        nref_values: `N_ref` values of the accuracy curve (default `1..config.n_ref`; empty to skip).
+        user_similarity_users: Compute the prototype-attention user similarity on this many users (0 skips).
+        batch_size: Sequences per forward pass.
+        seed: Seed of the 1-vs-3 negative draws.
+
+    Returns:
+        A [`PreferenceEvalResult`].
+
+    Example:
+        ```python
+        >>> result = evaluate_preference(model, builder, {"seen": seen, "unseen": unseen}, images.__getitem__,
+        ...                              baselines={"CLIP score": CLIPScore(clip, clip_processor)})  # doctest: +SKIP
+        >>> print(result.markdown())  # doctest: +SKIP
+        ```
+    """
+    unknown = sorted(set(test_sets) - {"seen", "unseen"})
+    if unknown or not test_sets:
+        raise ValueError(f"test_sets keys must be 'seen' and/or 'unseen', got {sorted(test_sets)}.")
+    all_examples = [e for examples in test_sets.values() for e in examples]
+    if not all_examples:
+        raise ValueError("The test sets are empty.")
+    groups = one_vs_three_groups(all_examples, seed=seed)
+
+    def model_scores(n_ref: int | None):
+        pairs = {}
+        for split, examples in test_sets.items():
+            items = [(e, e.image0) for e in examples] + [(e, e.image1) for e in examples]
+            p = score_targets(model, builder, items, load_image, n_ref=n_ref, batch_size=batch_size, desc=split)
+            pairs[split] = (p[: len(examples)], p[len(examples) :], np.array([e.label0 for e in examples]))
+        return pairs
+
+    rows = {}
+    pair_scores = model_scores(None)
+    group_items = [(e, key) for e, keys in groups for key in keys]
+    group_scores = score_targets(model, builder, group_items, load_image, batch_size=batch_size, desc="1 vs 3")
+    rows["preference model"] = _metrics(pair_scores, group_scores.reshape(len(groups), -1) if groups else None)
+    for name, scorer in (baselines or {}).items():
+        pairs = {}
+        for split, examples in test_sets.items():
+            images = [load_image(e.image0) for e in examples] + [load_image(e.image1) for e in examples]
+            s = scorer.score(images, [e.prompt for e in examples] * 2)
+            s = np.asarray(s.float().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float64)
+            pairs[split] = (s[: len(examples)], s[len(examples) :], np.array([e.label0 for e in examples]))
+        g = None
+        if groups:
+            g_images = [load_image(key) for _, keys in groups for key in keys]
+            g_prompts = [e.prompt for e, keys in groups for _ in keys]
+            g = scorer.score(g_images, g_prompts)
+            g = np.asarray(g.float().cpu() if isinstance(g, torch.Tensor) else g).reshape(len(groups), -1)
+        rows[name] = _metrics(pairs, g)
+    table = pd.DataFrame.from_dict(rows, orient="index")
+
+    n_ref = model.config.n_ref
+    values = list(range(1, n_ref + 1)) if nref_values is None else list(nref_values)
+    curve = {}
+    for n in values:
+        scores = model_scores(n)
+        curve[n] = pairwise_accuracy(*(np.concatenate(parts) for parts in zip(*scores.values(), strict=True)))
+
+    attention = similarity = None
+    if user_similarity_users and model.prototypes is not None:
+        users = list(by_user(all_examples))[:user_similarity_users]
+        chosen = [e for e in all_examples if e.user_id in set(users)]
+        attention = prototype_attention_by_user(model, builder, chosen, load_image, batch_size=batch_size)
+        similarity = user_similarity(attention)
+    return PreferenceEvalResult(table=table, nref_curve=curve, prototype_attention=attention, similarity=similarity)
