@@ -252,7 +252,15 @@ def _from_kohya(tensors: dict[str, torch.Tensor], unet_config: Any | None) -> tu
         _convert_non_diffusers_lora_to_diffusers,
         _maybe_map_sgm_blocks_to_diffusers,
     )
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import (
+        DIFFUSERS_OLD_TO_PEFT,
+        DIFFUSERS_TO_PEFT,
+        convert_state_dict,
+        convert_unet_state_dict_to_peft,
+    )
+
+    # kohya text-encoder keys come out with attention in the old naming and MLPs in the new one: map both
+    text_encoder_mapping = {**DIFFUSERS_OLD_TO_PEFT, **DIFFUSERS_TO_PEFT}
 
     state_dict = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
     alphas = {k[: -len(".alpha")]: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
@@ -266,7 +274,10 @@ def _from_kohya(tensors: dict[str, torch.Tensor], unet_config: Any | None) -> tu
         part = {k[len(component) + 1 :]: v for k, v in converted.items() if k.split(".", 1)[0] == component}
         if not part:
             continue
-        part = convert_unet_state_dict_to_peft(part) if component == "unet" else convert_state_dict_to_peft(part)
+        if component == "unet":
+            part = convert_unet_state_dict_to_peft(part)
+        else:
+            part = convert_state_dict(part, text_encoder_mapping)
         peft_keys.update({f"{component}.{k}": v for k, v in part.items()})
     downs = {k[: -len(".lora_A.weight")]: v for k, v in peft_keys.items() if k.endswith(".lora_A.weight")}
     modules = _modules_from_peft_keys(peft_keys)

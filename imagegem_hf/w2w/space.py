@@ -252,6 +252,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
         model_ids: Sequence[str] | None = None,
         cache_dir: str | os.PathLike | None = None,
         block_bytes: int = 256 * 2**20,
+        cache_dtype: str = "float32",
         show_progress: bool = True,
     ) -> WeightSpace:
         """Build the space from N LoRAs in one streaming pass (dual PCA over the N × N Gram matrix).
@@ -267,6 +268,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
             model_ids: Names of the LoRAs (default: file stems or indices).
             cache_dir: Where the temporary column-block cache (N × d float32 on disk) goes; default a temp dir.
             block_bytes: Target size of one column block in memory.
+            cache_dtype: `"float32"` or `"float16"` (halves the disk cache; PCA is still computed in float32).
             show_progress: tqdm bars.
 
         Returns:
@@ -299,14 +301,16 @@ class WeightSpace(ModelMixin, ConfigMixin):
             n_models=n,
             standardize=standardize,
             base=base,
-            model_ids=list(model_ids) if model_ids is not None else _default_ids(loras),
+            model_ids=list(model_ids) if model_ids is not None else None,
         )
+        ids: list[str] = []
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix="w2w-cache-") as tmp:
-            cache = _BlockCache(Path(tmp), n, space.vector_length, block_bytes)
+            cache = _BlockCache(Path(tmp), n, space.vector_length, block_bytes, np.dtype(cache_dtype))
             missing = np.zeros(len(names), dtype=np.int64)
             index_of = {name: i for i, name in enumerate(names)}
             ignored = 0
-            for item in tqdm(loras, desc="Reduce + stream LoRAs", disable=not show_progress):
+            for index, item in enumerate(tqdm(loras, desc="Reduce + stream LoRAs", disable=not show_progress)):
+                ids.append(Path(item).stem if isinstance(item, (str, os.PathLike)) else str(index))
                 if isinstance(item, (np.ndarray, torch.Tensor)):
                     vector = space._item_vector(item)
                     lacking, extra = [], []
@@ -334,7 +338,11 @@ class WeightSpace(ModelMixin, ConfigMixin):
             components = cache.components(mean, std, eigenvectors / np.sqrt(eigenvalues), show_progress)
         if ignored:
             logger.warning("Dropped %d module entries outside the weight space layout.", ignored)
-        space.register_to_config(missing_counts=missing.tolist(), n_ignored_modules=int(ignored))
+        space.register_to_config(
+            missing_counts=missing.tolist(),
+            n_ignored_modules=int(ignored),
+            model_ids=list(model_ids) if model_ids is not None else ids,
+        )
         space.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
         space.std.copy_(torch.from_numpy(std.astype(np.float32)))
         space.components.copy_(torch.from_numpy(components))
@@ -385,10 +393,6 @@ def _known(base: str | None) -> str | None:
     return None if base in (None, "unknown") else base
 
 
-def _default_ids(loras: Sequence[LoRAItem]) -> list[str]:
-    return [Path(x).stem if isinstance(x, (str, os.PathLike)) else str(i) for i, x in enumerate(loras)]
-
-
 def _collect_modules(
     loras: Sequence[LoRAItem], base: str | None, show_progress: bool
 ) -> tuple[dict[str, tuple[int, int, tuple[int, ...]]], str | None]:
@@ -416,13 +420,23 @@ class _BlockCache:
     """N vectors of length d on disk, split into column blocks (one file each) so that a block of all N rows
     is one sequential read; per-coordinate sums are kept in float64 for the mean and standard deviation."""
 
-    def __init__(self, folder: Path, n_rows: int, dim: int, block_bytes: int, flush_bytes: int = 128 * 2**20):
-        self.folder, self.n_rows, self.dim = folder, n_rows, dim
+    def __init__(
+        self,
+        folder: Path,
+        n_rows: int,
+        dim: int,
+        block_bytes: int,
+        dtype: np.dtype,
+        flush_bytes: int = 128 * 2**20,
+    ):
+        if dtype not in (np.float32, np.float16):
+            raise ValueError(f"cache_dtype must be float32 or float16, got {dtype}.")
+        self.folder, self.n_rows, self.dim, self.dtype = folder, n_rows, dim, dtype
         width = max(1, block_bytes // (4 * n_rows), -(-dim // 256))  # at most 256 block files
         self.bounds = [(start, min(start + width, dim)) for start in range(0, dim, width)]
         self.sum = np.zeros(dim, dtype=np.float64)
         self.sumsq = np.zeros(dim, dtype=np.float64)
-        self.rows_per_flush = max(1, flush_bytes // (4 * dim))
+        self.rows_per_flush = max(1, flush_bytes // (4 * dim))  # float32 rows held before a flush
         self.pending: list[np.ndarray] = []
         self.count = 0
 
@@ -430,8 +444,6 @@ class _BlockCache:
         return self.folder / f"block_{block:05d}.f32"
 
     def append(self, vector: np.ndarray) -> None:
-        self.sum += vector
-        self.sumsq += np.square(vector, dtype=np.float64)
         self.pending.append(vector)
         self.count += 1
         if len(self.pending) >= self.rows_per_flush:
@@ -441,9 +453,13 @@ class _BlockCache:
         if not self.pending:
             return
         rows = np.stack(self.pending)
+        stored = rows.astype(self.dtype, copy=False)
         for block, (start, stop) in enumerate(self.bounds):
             with open(self._path(block), "ab") as handle:
-                handle.write(np.ascontiguousarray(rows[:, start:stop]).tobytes())
+                handle.write(np.ascontiguousarray(stored[:, start:stop]).tobytes())
+            chunk = stored[:, start:stop].astype(np.float64)  # statistics of exactly what is cached
+            self.sum[start:stop] += chunk.sum(axis=0)
+            self.sumsq[start:stop] += np.einsum("ij,ij->j", chunk, chunk)
         self.pending = []
 
     def finish(self) -> None:
@@ -461,7 +477,8 @@ class _BlockCache:
 
     def _blocks(self, mean: np.ndarray, std: np.ndarray, desc: str, show_progress: bool):
         for block, (start, stop) in enumerate(tqdm(self.bounds, desc=desc, disable=not show_progress)):
-            data = np.fromfile(self._path(block), dtype=np.float32).reshape(self.n_rows, stop - start)
+            data = np.fromfile(self._path(block), dtype=self.dtype).reshape(self.n_rows, stop - start)
+            data = data.astype(np.float32, copy=False)
             data -= mean[start:stop].astype(np.float32)
             data /= std[start:stop].astype(np.float32)
             yield start, stop, data

@@ -199,3 +199,40 @@ def test_peft_alpha_pattern_and_rslora(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(config))
     lora = load_lora(folder)
     torch.testing.assert_close(lora.modules[f"unet.{module}"].delta_weight(), 16 / 2 * b @ a)
+
+
+def test_kohya_sdxl_sgm_names_and_text_encoders_map_to_diffusers_names(tmp_path):
+    """kohya trains SDXL on the SGM UNet (input_blocks / middle_block / output_blocks) and names both encoders."""
+    expected = {
+        "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "input_blocks_8_1_transformer_blocks_9_attn2_to_k": "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k",
+        "middle_block_1_transformer_blocks_3_ff_net_0_proj": "mid_block.attentions.0.transformer_blocks.3.ff.net.0.proj",
+        "output_blocks_2_1_transformer_blocks_1_attn2_to_out_0": (
+            "up_blocks.0.attentions.2.transformer_blocks.1.attn2.to_out.0"
+        ),
+        "output_blocks_5_1_proj_in": "up_blocks.1.attentions.2.proj_in",
+    }
+    tensors = {}
+    for kohya in expected:
+        n_in = 2048 if kohya.endswith("attn2_to_k") else 64
+        tensors[f"lora_unet_{kohya}.lora_down.weight"] = torch.randn(4, n_in)
+        tensors[f"lora_unet_{kohya}.lora_up.weight"] = torch.randn(8, 4)
+        tensors[f"lora_unet_{kohya}.alpha"] = torch.tensor(2.0)
+    for prefix, module in (("lora_te1_", "mlp_fc1"), ("lora_te2_", "self_attn_q_proj")):
+        tensors[f"{prefix}text_model_encoder_layers_0_{module}.lora_down.weight"] = torch.randn(4, 16)
+        tensors[f"{prefix}text_model_encoder_layers_0_{module}.lora_up.weight"] = torch.randn(16, 4)
+    lora = load_lora(_write(tmp_path, "sdxl.safetensors", tensors), base="sdxl")
+    assert lora.base == "sdxl"
+    assert sorted(lora.modules) == sorted(
+        [f"unet.{name}" for name in expected.values()]
+        + [
+            "text_encoder.text_model.encoder.layers.0.mlp.fc1",
+            "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
+        ]
+    )
+    for kohya, name in expected.items():
+        module = lora.modules[f"unet.{name}"]
+        assert module.alpha == 2.0
+        torch.testing.assert_close(module.down, tensors[f"lora_unet_{kohya}.lora_down.weight"])
+    with pytest.raises(ValueError, match="architecture mismatch"):
+        load_lora(tmp_path / "sdxl.safetensors", base="sd15")

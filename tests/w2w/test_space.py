@@ -143,3 +143,13 @@ def test_bad_inputs(lora_files):
         WeightSpace.build([*lora_files[:3], wrong], n_components=2, show_progress=False)
     with pytest.raises(ValueError, match="coefficients"):
         space.unproject(np.zeros(5))
+
+
+def test_float16_cache_gives_the_same_space_up_to_rounding(lora_files):
+    full = WeightSpace.build(lora_files, n_components=3, show_progress=False)
+    half = WeightSpace.build(lora_files, n_components=3, cache_dtype="float16", show_progress=False)
+    np.testing.assert_allclose(half.explained_variance.numpy(), full.explained_variance.numpy(), rtol=1e-2)
+    cosines = np.abs(np.sum(half.components.numpy() * full.components.numpy(), axis=1))
+    assert np.all(cosines > 0.999)
+    with pytest.raises(ValueError, match="cache_dtype"):
+        WeightSpace.build(lora_files, n_components=3, cache_dtype="int8", show_progress=False)
