@@ -204,9 +204,15 @@ def test_peft_alpha_pattern_and_rslora(tmp_path):
 def test_kohya_sdxl_sgm_names_and_text_encoders_map_to_diffusers_names(tmp_path):
     """kohya trains SDXL on the SGM UNet (input_blocks / middle_block / output_blocks) and names both encoders."""
     expected = {
-        "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
-        "input_blocks_8_1_transformer_blocks_9_attn2_to_k": "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k",
-        "middle_block_1_transformer_blocks_3_ff_net_0_proj": "mid_block.attentions.0.transformer_blocks.3.ff.net.0.proj",
+        "input_blocks_4_1_transformer_blocks_0_attn1_to_q": (
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+        ),
+        "input_blocks_8_1_transformer_blocks_9_attn2_to_k": (
+            "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"
+        ),
+        "middle_block_1_transformer_blocks_3_ff_net_0_proj": (
+            "mid_block.attentions.0.transformer_blocks.3.ff.net.0.proj"
+        ),
         "output_blocks_2_1_transformer_blocks_1_attn2_to_out_0": (
             "up_blocks.0.attentions.2.transformer_blocks.1.attn2.to_out.0"
         ),
