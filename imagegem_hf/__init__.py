@@ -34,6 +34,13 @@ _LAZY: dict[str, str] = {
     # VLM ranking
     "VLMRankerPipeline": "imagegem_hf.ranker",
     "RankItem": "imagegem_hf.ranker",
+    # reward scorers
+    "PickScore": "imagegem_hf.scoring",
+    "HPSv2": "imagegem_hf.scoring",
+    "CLIPScore": "imagegem_hf.scoring",
+    # Diffusion-DPO
+    "DiffusionDPOConfig": "imagegem_hf.dpo",
+    "DiffusionDPOTrainer": "imagegem_hf.dpo",
 }
 
 __all__ = sorted(_LAZY)
