@@ -325,3 +325,48 @@ def test_config_rejects_bad_values(tmp_path):
         DiffusionDPOConfig(str(tmp_path), mode="qlora", report_to=[])
     with pytest.raises(ValueError, match="multiple of 8"):
         DiffusionDPOConfig(str(tmp_path), resolution=100, report_to=[])
+
+
+def test_activation_checkpointing_and_bf16_train_the_same_lora(tmp_path):
+    trainer = _trainer(tmp_path, activation_checkpointing=True, bf16=True, max_steps=1)
+    assert trainer.pipeline.vae.dtype == torch.bfloat16 and trainer.pipeline.text_encoder.dtype == torch.bfloat16
+    lora = [p for p in trainer.pipeline.unet.parameters() if p.requires_grad]
+    assert lora and all(p.dtype == torch.float32 for p in lora)  # trained weights stay in float32
+    before = [p.detach().clone() for p in lora]
+    trainer.train()
+    assert trainer.pipeline.unet.is_gradient_checkpointing  # Trainer switched it on through the wrapper
+    assert any(not torch.equal(a, p) for a, p in zip(before, lora, strict=True))
+
+
+def test_evaluation_table_win_rates_and_grid(tmp_path):
+    from imagegem_hf.dpo.evaluate import evaluate_pipelines
+    from imagegem_hf.scoring import CLIPScore, PickScore
+    from imagegem_hf.testing import tiny_clip_model
+
+    clip, processor = tiny_clip_model(seed=3)
+    scorers = {"PickScore": PickScore(clip, processor), "CLIP": CLIPScore(clip, processor)}
+    base, other = tiny_sd_pipeline(seed=0), tiny_sd_pipeline(seed=1)
+    kwargs = dict(num_inference_steps=2, height=32, width=32)
+    report = evaluate_pipelines(
+        {"base": base, "tuned": other}, ["a dog", "a car"], scorers, seeds=(0, 1), subset="dogs", **kwargs
+    )
+    scores = report.scores
+    assert len(scores) == 8 and scores.model.tolist() == ["base"] * 4 + ["tuned"] * 4
+    # Same seed, same pipeline → same images: the base regenerates its first image exactly.
+    again = base(["a dog"], generator=[torch.Generator().manual_seed(0)], **kwargs).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(report.images["base"][0]))
+    summary = report.summary
+    base_pick = scores[scores.model == "base"].PickScore.to_numpy()
+    tuned_pick = scores[scores.model == "tuned"].PickScore.to_numpy()
+    assert summary.loc["tuned", "PickScore"] == pytest.approx(tuned_pick.mean())
+    assert summary.loc["tuned", "PickScore win rate"] == pytest.approx((tuned_pick > base_pick).mean())
+    assert summary.loc["base", "PickScore win rate"] == 0.0
+    assert report.table().splitlines()[0] == (
+        "| Model | Subset | PickScore | CLIP | PickScore win rate | CLIP win rate |"
+    )
+    paths = report.save(tmp_path)
+    from PIL import Image as PILImage
+
+    assert PILImage.open(paths["grid"]).size[1] == 2 * 128
+    with pytest.raises(ValueError, match="prompts"):
+        evaluate_pipelines({"base": base}, [], scorers)
