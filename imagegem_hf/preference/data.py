@@ -443,3 +443,57 @@ def by_user(examples: Iterable[PreferenceExample]) -> dict[str, list[PreferenceE
     for e in examples:
         grouped[e.user_id].append(e)
     return dict(grouped)
+
+
+def read_records(path: str | os.PathLike, image_bytes_columns: tuple[str, str] | None = None):
+    """Read Pick-a-Pic-v2-style records from a parquet or JSON-lines file.
+
+    Args:
+        path: The file; needs the columns `user_id, image_0, image_1, label_0, caption` (image columns hold keys,
+            e.g. Pick-a-Pic's `image_0_uid`/`image_1_uid` renamed).
+        image_bytes_columns: Columns holding the encoded images of `image_0`/`image_1` (Pick-a-Pic: `jpg_0`,
+            `jpg_1`), collected into the `images` table; None leaves the pixels out.
+
+    Returns:
+        `(records, images)`, where `images` maps keys to PIL images (empty without `image_bytes_columns`).
+
+    Example:
+        ```python
+        >>> records, images = read_records("pickapic_v2_train.parquet", ("jpg_0", "jpg_1"))  # doctest: +SKIP
+        ```
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    frame = pd.read_json(path, lines=True) if path.suffix in (".jsonl", ".json") else pd.read_parquet(path)
+    needed = ["user_id", "image_0", "image_1", "label_0", "caption"] + list(image_bytes_columns or [])
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} lacks the columns {missing}; it has {list(frame.columns)}.")
+    images: dict[str, Image.Image] = {}
+    if image_bytes_columns:
+        for key_column, bytes_column in zip(("image_0", "image_1"), image_bytes_columns, strict=True):
+            for key, data in zip(frame[key_column], frame[bytes_column], strict=True):
+                if str(key) not in images:
+                    images[str(key)] = Image.open(io.BytesIO(data)).convert("RGB")
+    return frame[["user_id", "image_0", "image_1", "label_0", "caption"]].to_dict(orient="records"), images
+
+
+def load_preference_dataset(path_or_repo_id: str | os.PathLike):
+    """Every split of a folder (or Hub repo) written by `save_preference_dataset`, and its images.
+
+    Returns:
+        `(splits, images)`: `{split: examples}` and `{key: PIL image}` (empty when the folder has no `images/`).
+
+    Example:
+        ```python
+        >>> splits, images = load_preference_dataset("demo_output/preference/dataset")  # doctest: +SKIP
+        ```
+    """
+    root = resolve(path_or_repo_id, repo_type="dataset")
+    files = sorted((root / "pairs").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{root} has no pairs/*.parquet; build it with `imagegem preference build`.")
+    splits = {file.stem: read_processed(file) for file in files}
+    images = load_images_table(root) if (root / "images" / "images.parquet").is_file() else {}
+    return splits, images

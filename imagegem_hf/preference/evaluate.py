@@ -226,11 +226,10 @@ class PreferenceEvalResult:
 
 
 def _metrics(pair_scores: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], group_scores: np.ndarray | None):
-    row = {}
+    all_scores = [np.concatenate(parts) for parts in zip(*pair_scores.values(), strict=True)]
+    row = {"pairwise top-1": pairwise_accuracy(*all_scores)}
     for split in ("seen", "unseen"):
         row[f"pairwise {split}"] = pairwise_accuracy(*pair_scores[split]) if split in pair_scores else float("nan")
-    all_scores = [np.concatenate(parts) for parts in zip(*pair_scores.values(), strict=True)]
-    row["pairwise top-1"] = pairwise_accuracy(*all_scores)
     row["unseen − seen"] = row["pairwise unseen"] - row["pairwise seen"]
     for k in TOPK:
         row[f"1v3 top-{k}"] = topk_accuracy(group_scores, k) if group_scores is not None else float("nan")

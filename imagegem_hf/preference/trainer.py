@@ -250,3 +250,60 @@ def save_preference_model(
         )
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(output_dir)
+
+
+def train_from_dataset(
+    model_name_or_path: str | os.PathLike,
+    dataset: str | os.PathLike,
+    args: PreferencePrototypeTrainingConfig,
+    resume_from_checkpoint: str | bool | None = None,
+) -> Path:
+    """Train one stage on a dataset folder (or Hub repo) from `save_preference_dataset`.
+
+    Stage 1 loads `model_name_or_path` as an `AutoModelForImageTextToText` with its processor (4 bit with
+    `args.load_in_4bit`) and wraps it without prototypes; stage 2 loads the stage-1 model folder. Validation uses the
+    validation users.
+
+    Returns:
+        The folder of the trained model (`<args.output_dir>/model`).
+
+    Example:
+        ```python
+        >>> args = PreferencePrototypeTrainingConfig(output_dir="out/s1", stage=1, max_steps=5000)  # doctest: +SKIP
+        >>> train_from_dataset("HuggingFaceM4/idefics2-8b", "me/pickapic-users", args)  # doctest: +SKIP
+        ```
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from imagegem_hf.hub import resolve
+    from imagegem_hf.preference.data import load_preference_dataset
+
+    splits, images = load_preference_dataset(dataset)
+    if not images:
+        raise ValueError(f"{dataset} has no images table; rebuild it with the image bytes columns.")
+    if "train" not in splits:
+        raise ValueError(f"{dataset} has no train split (splits: {sorted(splits)}).")
+    model_dir = resolve(model_name_or_path)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    if args.stage == 1:
+        kwargs = {}
+        if args.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            )
+        backbone = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
+        model, _ = PreferencePrototypeModel.from_backbone(backbone, processor, num_prototypes=0, n_ref=args.n_ref)
+    else:
+        model = model_dir
+    train_preference_model(
+        model,
+        processor,
+        splits["train"],
+        images.__getitem__,
+        args,
+        eval_examples=splits.get("validation"),
+        resume_from_checkpoint=resume_from_checkpoint,
+    )
+    return Path(args.output_dir) / "model"
