@@ -66,7 +66,9 @@ def small_pipeline(seed: int = 0, sd15_size: bool = False):
         )
         text = dict(tiny_clip_text_config(len(tokenizer)), hidden_size=32, projection_dim=32)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text))
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
+    )
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
