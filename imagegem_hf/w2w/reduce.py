@@ -1,11 +1,14 @@
 """Reduce LoRAs of any rank to a fixed-size canonical form (ImageGem §4.3).
 
 Civitai LoRAs differ in rank and in which layers they touch. ImageGem keeps, per layer, only the top singular
-component of ΔW = (α/r)·up·down. `rank1_reduce` computes it from the factors alone: QR-decompose `up` (m×r) and
-`downᵀ` (n×r), take the SVD of the r×r product of the R factors, and map the singular vectors back, so ΔW (m×n)
-is never formed. The singular value is split as √s on each side and the sign is fixed (largest-magnitude entry
-of `u` positive), so equal LoRAs always give equal vectors. `select_layers` is the paper's alternative: keep only
-the `attn_v` and/or feed-forward layers at a fixed rank.
+component of ΔW = (α/r)·up·down. `rank1_reduce` computes it from the factors alone: factor `up` (m×r) and
+`downᵀ` (n×r) as Q·R with orthonormal Q, take the SVD of the r×r product R_up·R_downᵀ, and map the singular
+vectors back through Q, so ΔW (m×n) is never formed. Two ways to get the R factors: `"gram"` (default) from the
+r×r Gram matrices upᵀ·up = Rᵀ·R (one matrix product per factor, then an r×r Cholesky in float64; Q is
+never formed, only applied to the top vectors) and `"qr"` (Householder QR, slower, for ill-conditioned
+factors). The singular value is split as √s on each side and the sign is fixed (largest-magnitude entry of `u`
+positive), so equal LoRAs always give equal vectors. `select_layers` is the paper's alternative: keep only the
+`attn_v` and/or feed-forward layers at a fixed rank.
 """
 
 from __future__ import annotations
@@ -21,8 +24,31 @@ LAYER_GROUPS = {
 }
 
 
+def _gram_roots(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For Gram matrices AᵀA (float64): `R` with AᵀA = RᵀR (so A = Q·R, Q orthonormal) and a pseudo-inverse of R.
+
+    Cholesky (R upper triangular) where AᵀA is positive definite; where it is singular (a rank-deficient
+    factor, e.g. zero-padded ranks) R = Λ^½·Vᵀ from the eigendecomposition, with the null space dropped.
+    """
+    lower, info = torch.linalg.cholesky_ex(gram)
+    r = lower.mT
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype).expand_as(gram)
+    r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
+    singular = info != 0
+    if bool(singular.any()):
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+        root = eigenvalues.clamp(min=0.0).sqrt()
+        tolerance = root.amax(dim=-1, keepdim=True) * 1e-7 * gram.shape[-1]
+        inverse = torch.where(root > tolerance, 1.0 / root.clamp(min=1e-300), torch.zeros_like(root))
+        root = torch.where(root > tolerance, root, torch.zeros_like(root))
+        r_eig, r_inv_eig = root[..., :, None] * eigenvectors.mT, eigenvectors * inverse[..., None, :]
+        mask = singular[..., None, None]
+        r, r_inv = torch.where(mask, r_eig, r), torch.where(mask, r_inv_eig, r_inv)
+    return r, r_inv
+
+
 def top_singular_factors(
-    up: torch.Tensor, down: torch.Tensor, scale: float | torch.Tensor = 1.0, rank: int = 1
+    up: torch.Tensor, down: torch.Tensor, scale: float | torch.Tensor = 1.0, rank: int = 1, method: str = "gram"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-`rank` singular triplets of `scale · up @ down` from the factors, with √s split and a fixed sign.
 
@@ -33,6 +59,9 @@ def top_singular_factors(
         down: `(..., r, n)`.
         scale: The LoRA scale alpha / r (a float, or a tensor broadcasting over the batch dimensions).
         rank: Number of components kept; components beyond the LoRA's rank are zero.
+        method: `"gram"` (R factors by Cholesky of the r×r Gram matrices in float64, eigendecomposition where
+            they are singular; top singular pairs of the r×r core from its eigendecomposition) or `"qr"`
+            (Householder QR and an SVD of the core).
 
     Returns:
         `(u, v, s)`: `u` `(..., m, rank)` = U·√s, `v` `(..., n, rank)` = V·√s, and the singular values `s`
@@ -45,18 +74,39 @@ def top_singular_factors(
         >>> from imagegem_hf.w2w.reduce import top_singular_factors
         >>> up, down = torch.randn(6, 3), torch.randn(3, 5)
         >>> u, v, s = top_singular_factors(up, down)
-        >>> torch.allclose(s[0], torch.linalg.svdvals(up @ down)[0], atol=1e-5)
+        >>> torch.allclose(s[0], torch.linalg.svdvals(up @ down)[0], atol=1e-4)
         True
         ```
     """
-    q_up, r_up = torch.linalg.qr(up)  # (m, k1), (k1, r)
-    q_down, r_down = torch.linalg.qr(down.transpose(-1, -2))  # (n, k2), (k2, r)
-    scale = torch.as_tensor(scale, dtype=up.dtype)
-    core = (r_up @ r_down.transpose(-1, -2)) * scale[..., None, None]  # (k1, k2), at most r × r
-    u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
-    keep = min(rank, s.shape[-1])
-    u = q_up @ u_core[..., :keep]
-    v = q_down @ vh_core[..., :keep, :].transpose(-1, -2)
+    dtype = up.dtype
+    scale = torch.as_tensor(scale, dtype=torch.float64)[..., None, None]
+    if method == "gram":
+        r_up, r_up_inv = _gram_roots((up.mT @ up).double())  # (r, r) each
+        r_down, r_down_inv = _gram_roots((down @ down.mT).double())
+        core = (r_up @ r_down.mT) * scale
+        eigenvalues, eigenvectors = torch.linalg.eigh(core @ core.mT)  # ascending
+        keep = min(rank, eigenvalues.shape[-1])
+        u_core = eigenvectors[..., -keep:].flip(-1)
+        s = eigenvalues[..., -keep:].flip(-1).clamp(min=0.0).sqrt()
+        positive = s > s[..., :1] * 1e-12
+        v_core = (core.mT @ u_core) / torch.where(positive, s, torch.ones_like(s))[..., None, :]
+        u = up @ (r_up_inv @ u_core).to(dtype)
+        v = down.mT @ (r_down_inv @ v_core).to(dtype)
+        u = u / u.norm(dim=-2, keepdim=True).clamp(min=1e-30)  # undo float rounding of the implicit Q
+        v = v / v.norm(dim=-2, keepdim=True).clamp(min=1e-30)
+        s = torch.where(positive, s, torch.zeros_like(s))
+        u, v = u.masked_fill(~positive[..., None, :], 0.0), v.masked_fill(~positive[..., None, :], 0.0)
+    elif method == "qr":
+        q_up, r_up = torch.linalg.qr(up)  # (m, k1), (k1, r)
+        q_down, r_down = torch.linalg.qr(down.mT)  # (n, k2), (k2, r)
+        core = (r_up @ r_down.mT).double() * scale  # (k1, k2), at most r × r
+        u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
+        keep = min(rank, s.shape[-1])
+        u = q_up @ u_core[..., :keep].to(dtype)
+        v = q_down @ vh_core[..., :keep, :].mT.to(dtype)
+    else:
+        raise ValueError(f"Unknown method {method!r}; use 'gram' or 'qr'.")
+    s = s.to(dtype)
     signs = torch.sign(u.gather(-2, u.abs().argmax(dim=-2, keepdim=True)))  # (..., 1, keep)
     signs[signs == 0] = 1.0
     root = s[..., None, :keep].sqrt() * signs
@@ -81,13 +131,13 @@ def _canonical_module(u: torch.Tensor, v: torch.Tensor, like: LoRAModule) -> LoR
     return LoRAModule(down=down.contiguous(), up=up.contiguous(), alpha=None)
 
 
-def reduce_module(module: LoRAModule, rank: int = 1) -> LoRAModule:
+def reduce_module(module: LoRAModule, rank: int = 1, method: str = "gram") -> LoRAModule:
     """The best rank-`rank` approximation of one module, as canonical factors with scale 1 (conv shapes kept)."""
-    u, v, _ = top_singular_factors(module.up_2d(), module.down_2d(), module.scale, rank)
+    u, v, _ = top_singular_factors(module.up_2d(), module.down_2d(), module.scale, rank, method)
     return _canonical_module(u, v, module)
 
 
-def reduce_rank(lora: LoRA, rank: int = 1) -> LoRA:
+def reduce_rank(lora: LoRA, rank: int = 1, method: str = "gram") -> LoRA:
     """Replace every module of `lora` by its top-`rank` singular components (computed from the factors).
 
     Modules with identical factor shapes are reduced together in one batched QR/SVD call.
@@ -109,22 +159,23 @@ def reduce_rank(lora: LoRA, rank: int = 1) -> LoRA:
         batch = [lora.modules[n] for n in names]
         ups = torch.stack([m.up_2d() for m in batch])
         downs = torch.stack([m.down_2d() for m in batch])
-        scales = torch.tensor([m.scale for m in batch], dtype=ups.dtype)
-        u, v, _ = top_singular_factors(ups, downs, scales, rank)
+        scales = torch.tensor([m.scale for m in batch], dtype=torch.float64)
+        u, v, _ = top_singular_factors(ups, downs, scales, rank, method)
         for i, name in enumerate(names):
             modules[name] = _canonical_module(u[i], v[i], batch[i])
     return LoRA(modules=modules, base=lora.base, source_format=lora.source_format, metadata=dict(lora.metadata))
 
 
-def rank1_reduce(lora: LoRA) -> LoRA:
+def rank1_reduce(lora: LoRA, method: str = "gram") -> LoRA:
     """ImageGem's reduction: per layer the top-1 singular component of ΔW = (α/r)·up·down, as a rank-1 LoRA.
 
     Each module becomes `up = √s·u` (m×1) and `down = √s·vᵀ` (1×n) with the largest-magnitude entry of `u`
-    positive, computed by QR of the factors and an r×r SVD (ΔW is never formed). Convolution LoRAs are reduced on
-    their flattened `(out, in·kh·kw)` form and reshaped back.
+    positive, computed from orthogonal factorizations of up and downᵀ and an r×r SVD (ΔW is never formed).
+    Convolution LoRAs are reduced on their flattened `(out, in·kh·kw)` form and reshaped back.
 
     Args:
         lora: A LoRA of any rank (per module ranks may differ).
+        method: How the R factors are obtained: `"gram"` (fast, default) or `"qr"` (Householder).
 
     Returns:
         The rank-1 LoRA (scale 1 on every module).
@@ -137,7 +188,7 @@ def rank1_reduce(lora: LoRA) -> LoRA:
         {1}
         ```
     """
-    return reduce_rank(lora, rank=1)
+    return reduce_rank(lora, rank=1, method=method)
 
 
 def select_layers(lora: LoRA, layers: str = "both", rank: int | None = None) -> LoRA:

@@ -16,12 +16,13 @@ def _random_module(out_features, in_features, rank, seed, kernel=()):
     return LoRAModule(down=down, up=up, alpha=rank / 2)
 
 
+@pytest.mark.parametrize("method", ["gram", "qr"])
 @pytest.mark.parametrize("rank", [1, 2, 3, 8, 16, 32, 64])
 @pytest.mark.parametrize(("out_features", "in_features", "kernel"), [(96, 80, ()), (40, 120, ()), (16, 4, (3, 3))])
-def test_rank1_matches_dense_svd(rank, out_features, in_features, kernel):
+def test_rank1_matches_dense_svd(rank, out_features, in_features, kernel, method):
     name = "unet.block.conv" if kernel else "unet.block.to_q"
     module = _random_module(out_features, in_features, rank, seed=rank, kernel=kernel)
-    reduced = rank1_reduce(LoRA({name: module})).modules[name]
+    reduced = rank1_reduce(LoRA({name: module}), method=method).modules[name]
     assert reduced.rank == 1 and reduced.scale == 1.0
     assert reduced.down.shape[1:] == module.down.shape[1:] and reduced.up.shape[2:] == module.up.shape[2:]
 
@@ -74,3 +75,20 @@ def test_select_layers_keeps_value_and_feed_forward_layers():
         select_layers(lora, "both", rank=16)
     with pytest.raises(ValueError, match="Unknown layer group"):
         select_layers(lora, "attn_k")
+
+
+@pytest.mark.parametrize("method", ["gram", "qr"])
+def test_float32_and_rank_deficient_factors(method):
+    """fp32 factors as read from files, with a zero row in down (rank-deficient, as in padded LoRAs)."""
+    module = _random_module(64, 48, 8, seed=7)
+    module = LoRAModule(down=module.down.float(), up=module.up.float(), alpha=module.alpha)
+    module.down[3] = 0
+    reduced = rank1_reduce(LoRA({"unet.x.to_k": module}), method=method).modules["unet.x.to_k"]
+    u, s, vh = torch.linalg.svd(module.delta_weight().double())
+    torch.testing.assert_close(
+        reduced.delta_weight().double(), s[0] * torch.outer(u[:, 0], vh[0]), atol=1e-4, rtol=1e-4
+    )
+    zero = LoRAModule(down=torch.zeros(4, 6), up=torch.randn(5, 4))
+    assert torch.all(rank1_reduce(LoRA({"unet.z.to_v": zero}), method=method).modules["unet.z.to_v"].up == 0)
+    with pytest.raises(ValueError, match="Unknown method"):
+        top_singular_factors(module.up, module.down, method="svd")
