@@ -28,7 +28,7 @@ import pandas as pd
 from PIL import Image
 
 from imagegem_hf.hub import atomic_directory, render_card, resolve
-from imagegem_hf.preference.sequence import PreferenceQuery, ReferencePair
+from imagegem_hf.preference.sequence import PreferenceQuery, ReferencePair, build_pair_batch
 
 PUBLISHED_COLUMNS = (
     "user_id",
@@ -399,9 +399,11 @@ def synthetic_pickapic_records(
 class PreferenceCollator:
     """Collate `PreferenceExample`s into one batch scoring both target images with the same references.
 
-    The batch holds `2 · B` rows: the liked targets first, then the disliked ones, both with the same references in
-    the same order (shuffled per call when `shuffle_references`, as in paper 003's training), left-padded by
-    [`PreferenceSequenceBuilder`]. `labels` is 1 for the first half and 0 for the second.
+    Both targets of an example get the same references in the same order (shuffled per call when
+    `shuffle_references`, as in paper 003's training). With `share_prefix` (default) the batch is a `PairBatch`: the
+    references are encoded once per example and the two target turns on top of them; otherwise it holds `2 · B`
+    full left-padded sequences (liked targets first). Either way the model returns the `B` liked targets' logits,
+    then the `B` disliked ones, and `labels` is 1 for the first half and 0 for the second.
 
     Args:
         builder: The sequence builder of the model.
@@ -409,6 +411,7 @@ class PreferenceCollator:
         n_ref: References per example (the first `n_ref`).
         shuffle_references: Shuffle the reference turns of every example on every call.
         seed: Seed of the shuffles.
+        share_prefix: Encode the shared references once per example (`build_pair_batch`).
 
     Example:
         ```python
@@ -424,9 +427,10 @@ class PreferenceCollator:
         n_ref: int = 8,
         shuffle_references: bool = True,
         seed: int = 0,
+        share_prefix: bool = True,
     ):
         self.builder, self.load_image, self.n_ref = builder, load_image, n_ref
-        self.shuffle_references = shuffle_references
+        self.shuffle_references, self.share_prefix = shuffle_references, share_prefix
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, examples: Sequence[PreferenceExample]):
@@ -434,6 +438,8 @@ class PreferenceCollator:
         pos = [e.query(self.load_image, e.liked, self.n_ref) for e in examples]
         neg = [e.query(self.load_image, e.disliked, self.n_ref) for e in examples]
         orders = self.builder.random_orders(pos, self.rng) if self.shuffle_references else [None] * len(pos)
+        if self.share_prefix:
+            return build_pair_batch(self.builder, pos, neg, orders)
         return self.builder(pos + neg, orders=orders + orders, labels=[1] * len(pos) + [0] * len(neg))
 
 

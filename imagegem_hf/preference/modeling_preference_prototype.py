@@ -144,7 +144,7 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
@@ -152,6 +152,9 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
         **backbone_inputs,
     ) -> PreferencePrototypeOutput:
         """Score the target of each row.
+
+        A [`PairBatch`] (`prefix_*` / `target_*` inputs from `build_pair_batch`) is scored with `forward_pairs`,
+        which runs each example's shared reference prefix once.
 
         Args:
             input_ids: `(batch, seq)` left-padded token ids from [`PreferenceSequenceBuilder`] (without the label).
@@ -167,6 +170,13 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
         Returns:
             [`PreferencePrototypeOutput`].
         """
+        if "prefix_input_ids" in backbone_inputs:
+            if output_prototype_attention:
+                raise ValueError("output_prototype_attention needs full sequences, not a shared-prefix PairBatch.")
+            logits = self.forward_pairs(**backbone_inputs)
+            return PreferencePrototypeOutput(logits=logits, p_like=logits.softmax(-1)[:, 0])
+        if input_ids is None:
+            raise ValueError("Pass input_ids (a PreferenceSequenceBuilder batch) or a PairBatch.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
@@ -198,6 +208,59 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
                 outputs.attentions, target_mask if target_mask is not None else attention_mask.bool()
             )
         return result
+
+    def forward_pairs(
+        self, prefix_input_ids: torch.LongTensor, target_input_ids: torch.LongTensor, **inputs
+    ) -> torch.Tensor:
+        """Score both targets of each example, running the shared reference prefix once.
+
+        The prefix (prototypes and reference turns, `B` rows) is encoded once with a KV cache, the cache is repeated
+        for the liked and disliked target turns (`2·B` rows) and the targets are run on top of it; attention masks
+        and position ids continue across the two parts, so the logits equal those of the full sequences.
+
+        Args:
+            prefix_input_ids: `(B, Lp)` left-padded reference turns (from `build_pair_batch`).
+            target_input_ids: `(2B, Lt)` left-padded target turns without the label.
+            **inputs: `prefix_*` and `target_*` processor outputs (`prefix_attention_mask`, `prefix_pixel_values`,
+                `target_attention_mask`, `target_pixel_values`, ...).
+
+        Returns:
+            `(2B, 2)` like/dislike logits: the `B` liked targets, then the `B` disliked ones.
+        """
+        if self.backbone.is_activation_checkpointing and self.training:
+            raise ValueError("The shared-prefix path needs a KV cache, which gradient checkpointing disables.")
+        prefix = {k.removeprefix("prefix_"): v for k, v in inputs.items() if k.startswith("prefix_")}
+        target = {k.removeprefix("target_"): v for k, v in inputs.items() if k.startswith("target_")}
+        prefix_mask, target_mask = prefix.pop("attention_mask"), target.pop("attention_mask")
+        embeds, prefix_mask, positions = self.prepend_prototypes(
+            self.get_input_embeddings()(prefix_input_ids), prefix_mask
+        )
+        cache = self.backbone(
+            inputs_embeds=embeds,
+            attention_mask=prefix_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **prefix,
+        ).cache
+        cache.batch_repeat_interleave(2)
+        prefix_mask = prefix_mask.repeat_interleave(2, dim=0)
+        target_positions = prefix_mask.sum(-1, keepdim=True) + target_mask.long().cumsum(-1) - 1
+        target_positions = target_positions.masked_fill(target_mask == 0, 1)
+        logits = (
+            self.backbone(
+                inputs_embeds=self.get_input_embeddings()(target_input_ids),
+                attention_mask=torch.cat([prefix_mask, target_mask], dim=1),
+                position_ids=target_positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **target,
+            )
+            .logits[:, -1, [self.config.like_token_id, self.config.dislike_token_id]]
+            .float()
+        )
+        return torch.cat([logits[0::2], logits[1::2]], dim=0)
 
     def _prototype_attention(
         self, attentions: tuple[torch.Tensor, ...], target_mask: torch.Tensor

@@ -224,6 +224,81 @@ class PreferenceSequenceBuilder:
         return encoded
 
 
+class PairBatch(dict):
+    """Inputs of `PreferencePrototypeModel.forward_pairs`: the shared reference prefix of each example (`prefix`,
+    `B` rows) and its two target turns (`targets`, `2·B` rows: liked and disliked target of example `i` at rows
+    `2i` and `2i + 1`), plus `labels` (`B` ones then `B` zeros, the order of the returned logits)."""
+
+    def to(self, device) -> PairBatch:
+        return PairBatch({k: v.to(device) for k, v in self.items()})
+
+
+def _split_prefix_text(full: str, prefix: str) -> str:
+    if not full.startswith(prefix):
+        raise ValueError(
+            "The chat template renders the reference turns differently when a target turn follows, so the reference "
+            "prefix cannot be shared; use the full-sequence path (PreferenceCollator(share_prefix=False))."
+        )
+    return full[len(prefix) :]
+
+
+def build_pair_batch(
+    builder: PreferenceSequenceBuilder,
+    liked: Sequence[PreferenceQuery],
+    disliked: Sequence[PreferenceQuery],
+    orders: Sequence[Sequence[int] | None] | None = None,
+) -> PairBatch:
+    """Tokenize each example's references once and its liked and disliked target turns separately.
+
+    `liked[i]` and `disliked[i]` must have the same references and prompt (they are one example's two targets);
+    `orders[i]` orders both. Computing the reference prefix once halves the work of a training step (paper 003's
+    loss always scores both targets of a pair with the same references).
+
+    Example:
+        ```python
+        >>> batch = build_pair_batch(builder, [pos_query], [neg_query])  # doctest: +SKIP
+        >>> model.forward_pairs(batch).shape  # doctest: +SKIP
+        torch.Size([2, 2])
+        ```
+    """
+    if len(liked) != len(disliked) or not liked:
+        raise ValueError("liked and disliked must be non-empty and hold one query each per example.")
+    orders = list(orders) if orders is not None else [None] * len(liked)
+    prefix_texts, prefix_images, target_texts, target_images = [], [], [], []
+    for pos, neg, order in zip(liked, disliked, orders, strict=True):
+        if pos.references is not neg.references and pos.references != neg.references:
+            raise ValueError("The liked and disliked query of an example must share their references.")
+        turns = builder.turns(pos, order)
+        references = [(p, a) for _, p, a in turns]
+        messages = builder.messages(references, pos.prompt)[:-1]
+        prefix = builder.processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        full = builder.render_prefix(references, pos.prompt) + builder.like_token
+        prefix_texts.append(prefix)
+        prefix_images.append([im for im, _, _ in turns])
+        suffix = _split_prefix_text(full, prefix)
+        target_texts += [suffix, suffix]
+        target_images += [[pos.image], [neg.image]]
+    processor = builder.processor
+    prefix = processor(text=prefix_texts, images=prefix_images, padding=True, padding_side="left", return_tensors="pt")
+    targets = processor(
+        text=target_texts,
+        images=target_images,
+        padding=True,
+        padding_side="left",
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
+    if not bool(prefix["attention_mask"][:, -1].all()) or not bool(targets["attention_mask"][:, -1].all()):
+        raise ValueError("The processor did not pad on the left; the label must sit in the last column.")
+    if not bool((targets["input_ids"][:, -1] == builder.like_token_id).all()):
+        raise ValueError("The rendered answer did not tokenize to the label token; check like/dislike tokens.")
+    targets["input_ids"], targets["attention_mask"] = targets["input_ids"][:, :-1], targets["attention_mask"][:, :-1]
+    batch = PairBatch({f"prefix_{k}": v for k, v in prefix.items()})
+    batch.update({f"target_{k}": v for k, v in targets.items()})
+    batch["labels"] = torch.tensor([1] * len(liked) + [0] * len(liked))
+    return batch
+
+
 def last_run_mask(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
     """Boolean mask of the last contiguous run of `token_id` in each row (the target image's tokens).
 

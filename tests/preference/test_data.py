@@ -78,7 +78,7 @@ def test_collator_scores_both_targets_with_the_same_references():
     splits = build_user_splits(group_pickapic_records(records), val_users=1, test_users=1, seen_users=0)
     _, processor = tiny_vlm()
     builder = PreferenceSequenceBuilder(processor)
-    collator = PreferenceCollator(builder, images.__getitem__, n_ref=3, seed=0)
+    collator = PreferenceCollator(builder, images.__getitem__, n_ref=3, seed=0, share_prefix=False)
     batch = collator(splits["train"][:2])
     assert batch["labels"].tolist() == [1, 1, 0, 0]
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -87,7 +87,7 @@ def test_collator_scores_both_targets_with_the_same_references():
     # the reference order is drawn anew on every call (seeded); without shuffling it is the default order
     again = collator(splits["train"][:2])["input_ids"]
     assert again.shape != ids.shape or not bool((again == ids).all())
-    fixed = PreferenceCollator(builder, images.__getitem__, n_ref=3, shuffle_references=False)
+    fixed = PreferenceCollator(builder, images.__getitem__, n_ref=3, shuffle_references=False, share_prefix=False)
     e = splits["train"][0]
     default = builder([e.query(images.__getitem__, e.liked, 3)])["input_ids"][0]
     row = fixed(splits["train"][:1])["input_ids"][0]
@@ -96,3 +96,20 @@ def test_collator_scores_both_targets_with_the_same_references():
 
 def torch_equal_rows(a, mask_a, b, mask_b):
     return a[mask_a.bool()].tolist() == b[mask_b.bool()].tolist()
+
+
+def test_shared_prefix_batch_splits_each_sequence_at_the_target_turn():
+    records, images = synthetic_pickapic_records(n_users=6, pairs_per_user=12, seed=2)
+    splits = build_user_splits(group_pickapic_records(records), val_users=1, test_users=1, seen_users=0)
+    _, processor = tiny_vlm()
+    builder = PreferenceSequenceBuilder(processor)
+    examples = splits["train"][:3]
+    shared = PreferenceCollator(builder, images.__getitem__, n_ref=3, seed=5)(examples)
+    full = PreferenceCollator(builder, images.__getitem__, n_ref=3, seed=5, share_prefix=False)(examples)
+    assert shared["labels"].tolist() == full["labels"].tolist() == [1, 1, 1, 0, 0, 0]
+    assert shared["prefix_input_ids"].shape[0] == 3 and shared["target_input_ids"].shape[0] == 6
+    for i in range(3):
+        prefix = shared["prefix_input_ids"][i][shared["prefix_attention_mask"][i].bool()].tolist()
+        for row, target in ((i, 2 * i), (i + 3, 2 * i + 1)):  # liked, then disliked target of example i
+            suffix = shared["target_input_ids"][target][shared["target_attention_mask"][target].bool()].tolist()
+            assert prefix + suffix == full["input_ids"][row][full["attention_mask"][row].bool()].tolist()

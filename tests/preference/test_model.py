@@ -10,7 +10,7 @@ from imagegem_hf.preference import (
     PreferenceSequenceBuilder,
     ReferencePair,
 )
-from imagegem_hf.preference.sequence import last_run_mask
+from imagegem_hf.preference.sequence import build_pair_batch, last_run_mask
 from imagegem_hf.testing import random_images, tiny_vlm
 
 
@@ -177,3 +177,24 @@ def test_config_validation():
     with pytest.raises(ValueError, match="from_backbone"):
         backbone, _ = tiny_vlm()
         PreferencePrototypeModel(PreferencePrototypeConfig(backbone_config=backbone.config))
+
+
+def test_shared_prefix_path_matches_full_sequences_in_logits_and_gradients(tiny):
+    model, builder, _ = tiny
+    ims = random_images(10, size=16, seed=4)
+    refs = [
+        [ReferencePair(ims[0], ims[1], "red car"), ReferencePair(ims[2], ims[3], "a blue sky")],
+        [ReferencePair(ims[4], ims[5], "a much longer prompt for padding")],
+    ]
+    liked = [PreferenceQuery(refs[0], ims[6], "x"), PreferenceQuery(refs[1], ims[7], "a longer target prompt")]
+    disliked = [PreferenceQuery(refs[0], ims[8], "x"), PreferenceQuery(refs[1], ims[9], "a longer target prompt")]
+    orders = [[3, 0, 2, 1], None]
+    grads = []
+    for batch in (build_pair_batch(builder, liked, disliked, orders), builder(liked + disliked, orders=orders * 2)):
+        model.zero_grad()
+        logits = model(**batch).logits
+        (logits[:, 0] * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+        grads.append((logits.detach(), model.prototypes.grad.clone()))
+    model.zero_grad()
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-7, rtol=1e-3)
