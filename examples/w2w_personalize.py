@@ -138,7 +138,7 @@ def main() -> None:
     labels = _labels(args, model_ids)
     rows = [i for i, m in enumerate(model_ids) if m in labels]
     direction = preference_direction(
-        space, space.coefficients.numpy()[rows], np.array([labels[model_ids[i]] for i in rows]), method=args.method
+        space, space.training_coefficients()[rows], np.array([labels[model_ids[i]] for i in rows]), method=args.method
     )
     direction.save(out / "direction.safetensors")
     print(f"Direction: held-out accuracy {direction.accuracy}, {direction.n_positive}/{direction.n_negative} LoRAs")

@@ -126,7 +126,7 @@ def _direction(args: argparse.Namespace) -> int:
     models, labels = _read_labels(args.labels)
     index = {model_id: i for i, model_id in enumerate(space.config.model_ids or [])}
     if all(m in index for m in models):
-        data = space.coefficients.numpy()[[index[m] for m in models]]
+        data = space.training_coefficients()[[index[m] for m in models]]
     else:
         data = [Path(m) for m in models]
     direction = preference_direction(

@@ -159,7 +159,7 @@ def preference_direction(
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
     if loras_or_coefficients is None:
-        x = space.coefficients.numpy().astype(np.float64)
+        x = space.training_coefficients().astype(np.float64)
     elif (
         isinstance(loras_or_coefficients, np.ndarray)
         and loras_or_coefficients.ndim == 2

@@ -115,6 +115,10 @@ class WeightSpace(ModelMixin, ConfigMixin):
     def n_components(self) -> int:
         return int(self.config.n_components)
 
+    def training_coefficients(self) -> np.ndarray:
+        """PCA coefficients `(n_models, m)` of the LoRAs the space was built from, in `config.model_ids` order."""
+        return _numpy(self.coefficients)
+
     def vectorize(self, lora: LoRA) -> tuple[np.ndarray, list[str], list[str]]:
         """Reduce `lora` to the space's rank and flatten it along the module layout.
 
@@ -139,8 +143,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
                     f"Architecture mismatch: module {name} is {module.out_features}×{module.in_features} in this "
                     f"LoRA but {n_out}×{n_in} in the weight space ({self.config.base}). Use LoRAs of the same base."
                 )
-            vector[offset : offset + rank * n_in] = module.down_2d().reshape(-1).numpy()
-            vector[offset + rank * n_in : offset + rank * (n_in + n_out)] = module.up_2d().reshape(-1).numpy()
+            vector[offset : offset + rank * n_in] = _numpy(module.down_2d().reshape(-1))
+            vector[offset + rank * n_in : offset + rank * (n_in + n_out)] = _numpy(module.up_2d().reshape(-1))
         ignored = sorted(set(reduced.modules) - set(self.config.module_names))
         return vector, missing, ignored
 
@@ -179,8 +183,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
         )
         batch = [items] if single else list(items)
         vectors = np.stack([self._item_vector(item) for item in batch])
-        z = (vectors - self.mean.numpy()) / self.std.numpy()
-        coefficients = z @ self.components.numpy().T
+        z = (vectors - _numpy(self.mean)) / _numpy(self.std)
+        coefficients = z @ _numpy(self.components).T
         return coefficients[0] if single else coefficients
 
     def unproject(self, coefficients: np.ndarray) -> np.ndarray:
@@ -188,7 +192,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
         coefficients = np.asarray(coefficients, dtype=np.float32)
         if coefficients.shape[-1] != self.n_components:
             raise ValueError(f"Expected {self.n_components} coefficients, got shape {coefficients.shape}.")
-        return (coefficients @ self.components.numpy()) * self.std.numpy() + self.mean.numpy()
+        return (coefficients @ _numpy(self.components)) * _numpy(self.std) + _numpy(self.mean)
 
     def to_lora(self, coefficients: np.ndarray) -> LoRA:
         """The LoRA at PCA `coefficients` (`(m,)`): `vector_to_lora(unproject(coefficients))`."""
@@ -199,7 +203,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
 
         Moving a LoRA by `α` times the unnormalised result moves its coefficients by exactly `α · normal`.
         """
-        direction = (np.asarray(normal, dtype=np.float32) @ self.components.numpy()) * self.std.numpy()
+        direction = (np.asarray(normal, dtype=np.float32) @ _numpy(self.components)) * _numpy(self.std)
         norm = float(np.linalg.norm(direction))
         if norm == 0:
             raise ValueError("The direction is zero in weight space; the classifier found no signal.")
@@ -372,7 +376,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
             return push_folder(Path(tmp) / "space", repo_id, private=private, token=token)
 
     def model_card(self) -> str:
-        variance = self.explained_variance.numpy()
+        variance = _numpy(self.explained_variance)
         total = float(variance.sum()) or 1.0
         return render_card(
             "w2w_space_card.md",
@@ -387,6 +391,11 @@ class WeightSpace(ModelMixin, ConfigMixin):
             n_ignored_modules=self.config.n_ignored_modules,
             top_variance=[round(float(v) / total, 4) for v in variance[:10]],
         )
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 numpy view of a buffer wherever it lives (the pipeline may have moved the space to a GPU)."""
+    return tensor.detach().to("cpu", torch.float32).numpy()
 
 
 def _known(base: str | None) -> str | None:
