@@ -23,6 +23,7 @@ from PIL import Image
 
 from imagegem_hf.w2w import (
     W2WEditPipeline,
+    W2WEditXLPipeline,
     WeightSpace,
     preference_direction,
     preference_labels,
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--user-lora", default=None, help="The LoRA to edit.")
     parser.add_argument("--strengths", default="-2,0,2,4", help="Comma-separated strengths (use --strengths=-2,…).")
     parser.add_argument("--base-model", default=None, help="Stable Diffusion 1.5 folder or repo id for the grid.")
+    parser.add_argument("--sdxl", action="store_true", help="The base model (and the LoRAs) are SDXL.")
     parser.add_argument("--prompt", default="a portrait photo")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
@@ -149,13 +151,19 @@ def main() -> None:
             save_lora(space.edit(args.user_lora, direction, strength), out / f"edited_alpha{strength:g}.safetensors")
         print(f"Edited LoRAs → {out}/edited_alpha*.safetensors")
         if args.base_model:
-            from diffusers import StableDiffusionPipeline
+            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-            sd = StableDiffusionPipeline.from_pretrained(
-                args.base_model, safety_checker=None, requires_safety_checker=False
-            )
-            parts = {k: sd.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-            pipe = W2WEditPipeline(**parts, weight_space=space).to(args.device)
+            if args.sdxl:
+                base = StableDiffusionXLPipeline.from_pretrained(args.base_model)
+                names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+                pipe = W2WEditXLPipeline(**{k: base.components[k] for k in names}, weight_space=space)
+            else:
+                base = StableDiffusionPipeline.from_pretrained(
+                    args.base_model, safety_checker=None, requires_safety_checker=False
+                )
+                names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+                pipe = W2WEditPipeline(**{k: base.components[k] for k in names}, weight_space=space)
+            pipe = pipe.to(args.device)
             result = pipe(
                 args.prompt,
                 lora=args.user_lora,

@@ -11,7 +11,7 @@ from imagegem_hf.w2w.labels import (
     style_labels,
 )
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora, lora_target_shapes, save_lora
-from imagegem_hf.w2w.pipeline_w2w import W2WEditOutput, W2WEditPipeline
+from imagegem_hf.w2w.pipeline_w2w import W2WEditOutput, W2WEditPipeline, W2WEditXLPipeline
 from imagegem_hf.w2w.reduce import rank1_reduce, reduce_rank, select_layers
 from imagegem_hf.w2w.space import WeightSpace
 
@@ -25,6 +25,7 @@ __all__ = [
     "VLMDescriber",
     "W2WEditOutput",
     "W2WEditPipeline",
+    "W2WEditXLPipeline",
     "WeightSpace",
     "debias",
     "load_lora",

@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     edit.set_defaults(func=_edit)
 
     grid = commands.add_parser("grid", help="Generate one image per strength (same seed) and save a grid PNG.")
-    grid.add_argument("--base-model", required=True, help="Stable Diffusion 1.5 folder or repo id.")
+    grid.add_argument("--base-model", required=True, help="Stable Diffusion 1.5 (or, with --sdxl, SDXL) folder/repo.")
+    grid.add_argument("--sdxl", action="store_true", help="The base model is SDXL (W2WEditXLPipeline).")
     grid.add_argument("--space", required=True, help="Weight space folder or Hub repo id.")
     grid.add_argument("--lora", required=True, help="The LoRA .safetensors file.")
     grid.add_argument("--direction", required=True, help="Direction .safetensors file.")
@@ -163,16 +164,25 @@ def _edit(args: argparse.Namespace) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from imagegem_hf.w2w.directions import Direction
-    from imagegem_hf.w2w.pipeline_w2w import W2WEditPipeline
+    from imagegem_hf.w2w.pipeline_w2w import W2WEditPipeline, W2WEditXLPipeline
     from imagegem_hf.w2w.space import WeightSpace
 
     strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
-    sd = StableDiffusionPipeline.from_pretrained(args.base_model, safety_checker=None, requires_safety_checker=False)
-    parts = {k: sd.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-    pipe = W2WEditPipeline(**parts, weight_space=WeightSpace.from_pretrained(args.space)).to(args.device)
+    space = WeightSpace.from_pretrained(args.space)
+    if args.sdxl:
+        base = StableDiffusionXLPipeline.from_pretrained(args.base_model)
+        names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+        pipe = W2WEditXLPipeline(**{k: base.components[k] for k in names}, weight_space=space)
+    else:
+        base = StableDiffusionPipeline.from_pretrained(
+            args.base_model, safety_checker=None, requires_safety_checker=False
+        )
+        names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+        pipe = W2WEditPipeline(**{k: base.components[k] for k in names}, weight_space=space)
+    pipe = pipe.to(args.device)
     result = pipe(
         args.prompt,
         lora=args.lora,

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageDraw
@@ -67,58 +67,16 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = N
     return grid
 
 
-class W2WEditPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
-    """Stable Diffusion 1.5 with a weight-space LoRA editor (weights2weights, ImageGem §4.3).
+class _W2WEditBase(DiffusionPipeline):
+    """What the SD 1.5 and SDXL editing pipelines share: edit, inject, denoise per strength, grid."""
 
-    Args:
-        vae, text_encoder, tokenizer, unet, scheduler: The Stable Diffusion 1.5 components.
-        weight_space: The `WeightSpace` the LoRA and the directions live in (same base model as the UNet).
-
-    Example:
-        ```python
-        >>> from diffusers import StableDiffusionPipeline
-        >>> from imagegem_hf.w2w import Direction, W2WEditPipeline, WeightSpace
-        >>> repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-        >>> sd = StableDiffusionPipeline.from_pretrained(repo)  # doctest: +SKIP
-        >>> parts = {k: sd.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-        >>> pipe = W2WEditPipeline(**parts, weight_space=WeightSpace.from_pretrained("me/w2w-sd15"))  # doctest: +SKIP
-        >>> out = pipe("a portrait", lora="user.safetensors", direction=Direction.load("realistic.safetensors"),
-        ...            strengths=[-2, 0, 2, 4], seed=0)  # doctest: +SKIP
-        >>> out.grid.save("grid.png")  # doctest: +SKIP
-        ```
-    """
-
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, weight_space: WeightSpace) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            weight_space=weight_space,
-        )
-
-    def _generator_pipeline(self) -> StableDiffusionPipeline:
-        pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
-        return pipe
+    def _generator_pipeline(self) -> DiffusionPipeline:
+        raise NotImplementedError
 
     def load_edited_lora(self, lora: LoRAItem, direction, strength: float, adapter_name: str = EDIT_ADAPTER) -> None:
         """Edit `lora` by `strength` along `direction` (or several) and inject it as adapter `adapter_name`."""
         edited = self.weight_space.edit(lora, direction, strength)
-        unet_only = all(name.startswith("unet.") for name in edited.modules)
+        unet_only = all(name.startswith("unet.") for name in edited.modules)  # text encoders get no keys
         verbosity = diffusers_logging.get_verbosity()
         if unet_only:  # diffusers warns that the text encoder got no LoRA keys, which is expected here
             diffusers_logging.set_verbosity_error()
@@ -128,7 +86,7 @@ class W2WEditPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             diffusers_logging.set_verbosity(verbosity)
 
     def _unload(self) -> None:
-        loaded = set(self.get_list_adapters().get("unet", [])) | set(self.get_list_adapters().get("text_encoder", []))
+        loaded = {name for names in self.get_list_adapters().values() for name in names}
         names = [name for name in (EDIT_ADAPTER, BASE_ADAPTER) if name in loaded]
         if names:
             self.delete_adapters(names)
@@ -213,6 +171,105 @@ class W2WEditPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return callback_kwargs
 
         return switch
+
+
+class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
+    """Stable Diffusion 1.5 with a weight-space LoRA editor (weights2weights, ImageGem §4.3).
+
+    Args:
+        vae, text_encoder, tokenizer, unet, scheduler: The Stable Diffusion 1.5 components.
+        weight_space: The `WeightSpace` the LoRA and the directions live in (same base model as the UNet).
+
+    Example:
+        ```python
+        >>> from diffusers import StableDiffusionPipeline
+        >>> from imagegem_hf.w2w import Direction, W2WEditPipeline, WeightSpace
+        >>> repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        >>> sd = StableDiffusionPipeline.from_pretrained(repo)  # doctest: +SKIP
+        >>> parts = {k: sd.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+        >>> pipe = W2WEditPipeline(**parts, weight_space=WeightSpace.from_pretrained("me/w2w-sd15"))  # doctest: +SKIP
+        >>> out = pipe("a portrait", lora="user.safetensors", direction=Direction.load("realistic.safetensors"),
+        ...            strengths=[-2, 0, 2, 4], seed=0)  # doctest: +SKIP
+        >>> out.grid.save("grid.png")  # doctest: +SKIP
+        ```
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, weight_space: WeightSpace) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            weight_space=weight_space,
+        )
+
+    def _generator_pipeline(self) -> StableDiffusionPipeline:
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
+
+
+class W2WEditXLPipeline(_W2WEditBase, StableDiffusionXLLoraLoaderMixin):
+    """Stable Diffusion XL with a weight-space LoRA editor (ImageGem's setting: SDXL, 30 steps, guidance 5).
+
+    Args:
+        vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler: The SDXL components.
+        weight_space: The `WeightSpace` of SDXL LoRAs.
+
+    Example:
+        ```python
+        >>> from diffusers import StableDiffusionXLPipeline
+        >>> from imagegem_hf.w2w import W2WEditXLPipeline, WeightSpace
+        >>> repo = "stabilityai/stable-diffusion-xl-base-1.0"
+        >>> xl = StableDiffusionXLPipeline.from_pretrained(repo)  # doctest: +SKIP
+        >>> names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+        >>> pipe = W2WEditXLPipeline(**{k: xl.components[k] for k in names},
+        ...                          weight_space=WeightSpace.from_pretrained("me/w2w-sdxl"))  # doctest: +SKIP
+        ```
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+
+    def __init__(
+        self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, weight_space: WeightSpace
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            weight_space=weight_space,
+        )
+
+    def _generator_pipeline(self) -> StableDiffusionXLPipeline:
+        pipe = StableDiffusionXLPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=self.unet,
+            scheduler=self.scheduler,
+        )
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
 
 
 def strengths_grid(low: float, high: float, count: int) -> list[float]:

@@ -108,3 +108,39 @@ def test_pipeline_save_and_from_pretrained(setup, tmp_path):
     np.testing.assert_array_equal(
         np.asarray(pipe("x", **kwargs).images[0]), np.asarray(loaded("x", **kwargs).images[0])
     )
+
+
+def test_sdxl_pipeline_matches_plain_sdxl_at_zero_strength():
+    from imagegem_hf.w2w import W2WEditXLPipeline
+
+    xl = tiny_sd_pipeline(seed=0, sdxl=True)
+    shapes = lora_target_shapes(xl.unet, ATTENTION_TARGETS)
+    loras, labels, _ = synthetic_loras(shapes, n=10, seed=4)
+    space = WeightSpace.build(loras, n_components=4, show_progress=False)
+    direction = preference_direction(space, None, labels, test_fraction=0)
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+    pipe = W2WEditXLPipeline(**{k: xl.components[k] for k in names}, weight_space=space)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        "a cat",
+        lora=loras[0],
+        direction=direction,
+        strengths=[0.0, 3.0],
+        seed=1,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+    )
+    assert len(out.images) == 2 and out.images[0].size == (32, 32)
+    assert np.abs(np.asarray(out.images[0], np.float32) - np.asarray(out.images[1], np.float32)).mean() > 0
+    xl.load_lora_weights(space.edit(loras[0], direction, 0.0).to_diffusers_state_dict())
+    reference = xl(
+        "a cat",
+        generator=torch.Generator().manual_seed(1),
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        guidance_scale=5.0,
+    ).images[0]
+    xl.unload_lora_weights()
+    np.testing.assert_array_equal(np.asarray(reference), np.asarray(out.images[0]))
