@@ -210,8 +210,10 @@ class PreferenceEvalResult:
                 fig, ax = plt.subplots(figsize=(4, 3.5))
                 image = ax.imshow(self.similarity.to_numpy(), cmap="viridis", vmin=-1, vmax=1)
                 ax.set_title("user–user similarity (prototype attention)", fontsize=8)
-                ax.set_xticks([])
-                ax.set_yticks([])
+                users = list(self.similarity.index)
+                ticks = range(len(users)) if len(users) <= 20 else []
+                ax.set_xticks(list(ticks), [users[i] for i in ticks], rotation=90, fontsize=6)
+                ax.set_yticks(list(ticks), [users[i] for i in ticks], fontsize=6)
                 fig.colorbar(image)
                 fig.tight_layout()
                 fig.savefig(tmp / f"{name}_user_similarity.png", dpi=120)
