@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from imagegem_hf.hub import atomic_directory, write_json
 from imagegem_hf.preference.data import PreferenceExample, by_user
-from imagegem_hf.preference.sequence import PreferenceSequenceBuilder
+from imagegem_hf.preference.sequence import PreferenceSequenceBuilder, build_pair_batch
 
 TOPK = (1, 2, 3)
 
@@ -112,6 +112,41 @@ def score_targets(
         batch = builder([e.query(load_image, key, n_ref) for e, key in chunk]).to(device)
         scores.append(model(**batch).p_like.float().cpu().numpy())
     return np.concatenate(scores) if scores else np.zeros(0)
+
+
+@torch.no_grad()
+def score_pairs(
+    model,
+    builder: PreferenceSequenceBuilder,
+    examples: Sequence[PreferenceExample],
+    load_image: Callable[[str], Image.Image],
+    n_ref: int | None = None,
+    batch_size: int = 8,
+    desc: str = "pairs",
+) -> tuple[np.ndarray, np.ndarray]:
+    """`P(like)` of `image0` and of `image1` of each example, both scored on one shared encoding of its references.
+
+    Example:
+        ```python
+        >>> p0, p1 = score_pairs(model, builder, examples, images.__getitem__)  # doctest: +SKIP
+        ```
+    """
+    device = next(model.parameters()).device
+    first, second = [], []
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=len(examples) <= batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = build_pair_batch(
+            builder,
+            [e.query(load_image, e.image0, n_ref) for e in chunk],
+            [e.query(load_image, e.image1, n_ref) for e in chunk],
+        ).to(device)
+        p_like = model(**batch).p_like.float().cpu().numpy()
+        first.append(p_like[: len(chunk)])
+        second.append(p_like[len(chunk) :])
+    if not examples:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(first), np.concatenate(second)
 
 
 def prototype_attention_by_user(
@@ -283,9 +318,8 @@ def evaluate_preference(
     def model_scores(n_ref: int | None):
         pairs = {}
         for split, examples in test_sets.items():
-            items = [(e, e.image0) for e in examples] + [(e, e.image1) for e in examples]
-            p = score_targets(model, builder, items, load_image, n_ref=n_ref, batch_size=batch_size, desc=split)
-            pairs[split] = (p[: len(examples)], p[len(examples) :], np.array([e.label0 for e in examples]))
+            p0, p1 = score_pairs(model, builder, examples, load_image, n_ref=n_ref, batch_size=batch_size, desc=split)
+            pairs[split] = (p0, p1, np.array([e.label0 for e in examples]))
         return pairs
 
     rows = {}

@@ -114,10 +114,10 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
         config = PreferencePrototypeConfig(backbone_config=backbone.config, **config_kwargs)
         builder = PreferenceSequenceBuilder.from_config(processor, config)
         config.like_token_id, config.dislike_token_id = builder.like_token_id, builder.dislike_token_id
-        torch_state = torch.random.get_rng_state()
         model = cls(config, backbone=backbone)
-        torch.random.set_rng_state(torch_state)
-        return model.to(backbone.device, dtype=backbone.dtype), builder
+        if model.prototypes is not None:  # only the new parameter moves: a quantized backbone cannot be cast
+            model.prototypes.data = model.prototypes.data.to(backbone.device, dtype=backbone.dtype)
+        return model, builder
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()

@@ -97,6 +97,10 @@ def prepare_stage1(model: PreferencePrototypeModel, args: PreferencePrototypeTra
                 f"train_vision_tower: the backbone has no module named one of {VISION_MODULE_NAMES}; "
                 "pass --train_vision_tower false."
             )
+    if getattr(model.backbone, "is_loaded_in_4bit", False):  # QLoRA
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model.backbone, use_gradient_checkpointing=False)
     lora = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
