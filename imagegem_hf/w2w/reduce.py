@@ -79,38 +79,58 @@ def top_singular_factors(
         ```
     """
     dtype = up.dtype
-    scale = torch.as_tensor(scale, dtype=torch.float64)[..., None, None]
     if method == "gram":
-        r_up, r_up_inv = _gram_roots((up.mT @ up).double())  # (r, r) each
-        r_down, r_down_inv = _gram_roots((down @ down.mT).double())
-        core = (r_up @ r_down.mT) * scale
-        eigenvalues, eigenvectors = torch.linalg.eigh(core @ core.mT)  # ascending
-        keep = min(rank, eigenvalues.shape[-1])
-        u_core = eigenvectors[..., -keep:].flip(-1)
-        s = eigenvalues[..., -keep:].flip(-1).clamp(min=0.0).sqrt()
-        positive = s > s[..., :1] * 1e-12
-        v_core = (core.mT @ u_core) / torch.where(positive, s, torch.ones_like(s))[..., None, :]
-        u = up @ (r_up_inv @ u_core).to(dtype)
-        v = down.mT @ (r_down_inv @ v_core).to(dtype)
-        u = u / u.norm(dim=-2, keepdim=True).clamp(min=1e-30)  # undo float rounding of the implicit Q
-        v = v / v.norm(dim=-2, keepdim=True).clamp(min=1e-30)
-        s = torch.where(positive, s, torch.zeros_like(s))
-        u, v = u.masked_fill(~positive[..., None, :], 0.0), v.masked_fill(~positive[..., None, :], 0.0)
+        x_up, x_down, s, positive = _core_top(
+            (up.mT @ up).double(), (down @ down.mT).double(), torch.as_tensor(scale, dtype=torch.float64), rank
+        )
+        u, v = up @ x_up.to(dtype), down.mT @ x_down.to(dtype)
     elif method == "qr":
         q_up, r_up = torch.linalg.qr(up)  # (m, k1), (k1, r)
         q_down, r_down = torch.linalg.qr(down.mT)  # (n, k2), (k2, r)
+        scale = torch.as_tensor(scale, dtype=torch.float64)[..., None, None]
         core = (r_up @ r_down.mT).double() * scale  # (k1, k2), at most r × r
         u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
         keep = min(rank, s.shape[-1])
+        s = s[..., :keep]
         u = q_up @ u_core[..., :keep].to(dtype)
         v = q_down @ vh_core[..., :keep, :].mT.to(dtype)
+        positive = s > s[..., :1] * 1e-12
     else:
         raise ValueError(f"Unknown method {method!r}; use 'gram' or 'qr'.")
-    s = s.to(dtype)
+    return _finish(u, v, s, positive, rank)
+
+
+def _core_top(
+    gram_up: torch.Tensor, gram_down: torch.Tensor, scale: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the float64 Gram matrices upᵀ·up and down·downᵀ: `x_up`, `x_down` (r × k) with u = up·x_up and
+    v = downᵀ·x_down the top-k singular vectors (before normalisation), the singular values, and which are > 0."""
+    r_up, r_up_inv = _gram_roots(gram_up)
+    r_down, r_down_inv = _gram_roots(gram_down)
+    core = (r_up @ r_down.mT) * scale[..., None, None]
+    eigenvalues, eigenvectors = torch.linalg.eigh(core @ core.mT)  # ascending
+    keep = min(rank, eigenvalues.shape[-1])
+    u_core = eigenvectors[..., -keep:].flip(-1)
+    s = eigenvalues[..., -keep:].flip(-1).clamp(min=0.0).sqrt()
+    positive = s > s[..., :1] * 1e-12
+    v_core = (core.mT @ u_core) / torch.where(positive, s, torch.ones_like(s))[..., None, :]
+    return r_up_inv @ u_core, r_down_inv @ v_core, s, positive
+
+
+def _finish(
+    u: torch.Tensor, v: torch.Tensor, s: torch.Tensor, positive: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unit-normalise the singular vectors, zero the null components, fix the sign, split √s, pad to `rank`."""
+    dtype = u.dtype
+    u = u / u.norm(dim=-2, keepdim=True).clamp(min=1e-30)  # undo float rounding of the implicit Q
+    v = v / v.norm(dim=-2, keepdim=True).clamp(min=1e-30)
+    s = torch.where(positive, s, torch.zeros_like(s)).to(dtype)
+    u, v = u.masked_fill(~positive[..., None, :], 0.0), v.masked_fill(~positive[..., None, :], 0.0)
     signs = torch.sign(u.gather(-2, u.abs().argmax(dim=-2, keepdim=True)))  # (..., 1, keep)
     signs[signs == 0] = 1.0
-    root = s[..., None, :keep].sqrt() * signs
-    u, v, s = u * root, v * root, s[..., :keep]
+    root = s[..., None, :].sqrt() * signs
+    u, v = u * root, v * root
+    keep = s.shape[-1]
     if keep < rank:  # the LoRA has lower rank than asked: pad with zero components
         pad = rank - keep
         u = torch.cat([u, u.new_zeros(*u.shape[:-1], pad)], dim=-1)
@@ -140,7 +160,7 @@ def reduce_module(module: LoRAModule, rank: int = 1, method: str = "gram") -> Lo
 def reduce_rank(lora: LoRA, rank: int = 1, method: str = "gram") -> LoRA:
     """Replace every module of `lora` by its top-`rank` singular components (computed from the factors).
 
-    Modules with identical factor shapes are reduced together in one batched QR/SVD call.
+    Modules with identical factor shapes share one batched r×r factorization.
 
     Example:
         ```python
@@ -157,10 +177,19 @@ def reduce_rank(lora: LoRA, rank: int = 1, method: str = "gram") -> LoRA:
     modules = {}
     for names in groups.values():
         batch = [lora.modules[n] for n in names]
-        ups = torch.stack([m.up_2d() for m in batch])
-        downs = torch.stack([m.down_2d() for m in batch])
         scales = torch.tensor([m.scale for m in batch], dtype=torch.float64)
-        u, v, _ = top_singular_factors(ups, downs, scales, rank, method)
+        if method == "gram":  # only the r×r Gram matrices are stacked; the factors are never copied
+            ups, downs = [m.up_2d() for m in batch], [m.down_2d() for m in batch]
+            gram_up = torch.stack([a.mT @ a for a in ups]).double()
+            gram_down = torch.stack([b @ b.mT for b in downs]).double()
+            x_up, x_down, s, positive = _core_top(gram_up, gram_down, scales, rank)
+            u = torch.stack([a @ x_up[i].to(a.dtype) for i, a in enumerate(ups)])
+            v = torch.stack([b.mT @ x_down[i].to(b.dtype) for i, b in enumerate(downs)])
+            u, v, _ = _finish(u, v, s, positive, rank)
+        else:
+            ups = torch.stack([m.up_2d() for m in batch])
+            downs = torch.stack([m.down_2d() for m in batch])
+            u, v, _ = top_singular_factors(ups, downs, scales, rank, method)
         for i, name in enumerate(names):
             modules[name] = _canonical_module(u[i], v[i], batch[i])
     return LoRA(modules=modules, base=lora.base, source_format=lora.source_format, metadata=dict(lora.metadata))
