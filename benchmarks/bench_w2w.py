@@ -10,7 +10,7 @@
    SDXL UNet attention/feed-forward layout, generated reproducibly from seeds, vs the N × d × 4 bytes a dense data
    matrix would take. Target: < 8 GB.
 
-    python benchmarks/bench_w2w.py            # all three (a few minutes on one core)
+    python benchmarks/bench_w2w.py            # all three (about 10 minutes on one busy core)
     python benchmarks/bench_w2w.py --quick    # smaller sizes, same code paths
 
 Everything runs with `--threads` BLAS/torch threads (default 1): on a shared, oversubscribed machine, multi-threaded
