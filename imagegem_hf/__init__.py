@@ -41,6 +41,11 @@ _LAZY: dict[str, str] = {
     # Diffusion-DPO
     "DiffusionDPOConfig": "imagegem_hf.dpo",
     "DiffusionDPOTrainer": "imagegem_hf.dpo",
+    # personal preference prediction
+    "PreferencePrototypeConfig": "imagegem_hf.preference",
+    "PreferencePrototypeModel": "imagegem_hf.preference",
+    "PreferencePrototypeTrainer": "imagegem_hf.preference",
+    "PreferencePrototypeTrainingConfig": "imagegem_hf.preference",
 }
 
 __all__ = sorted(_LAZY)
