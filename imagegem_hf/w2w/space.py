@@ -292,6 +292,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
             raise ValueError(f"A weight space needs at least 2 LoRAs, got {n}.")
         if not 1 <= n_components <= n - 1:
             raise ValueError(f"n_components must be in [1, N − 1] = [1, {n - 1}] for N = {n} LoRAs.")
+        if model_ids is not None and len(model_ids) != n:
+            raise ValueError(f"Got {len(model_ids)} model_ids for {n} LoRAs.")
         if modules is None:
             modules, base = _collect_modules(loras, base, show_progress)
         base = base or "unknown"

@@ -135,6 +135,8 @@ def test_build_from_vectors_and_explicit_layout():
 def test_bad_inputs(lora_files):
     with pytest.raises(ValueError, match="N − 1"):
         WeightSpace.build(lora_files[:3], n_components=3, show_progress=False)
+    with pytest.raises(ValueError, match="model_ids"):
+        WeightSpace.build(lora_files[:3], n_components=2, model_ids=["a"], show_progress=False)
     space = WeightSpace.build(lora_files, n_components=2, show_progress=False)
     wrong = LoRA({"unet.a.attn1.to_q": LoRAModule(down=torch.randn(2, 11), up=torch.randn(12, 2))})
     with pytest.raises(ValueError, match="Architecture mismatch"):
