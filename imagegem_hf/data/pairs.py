@@ -330,7 +330,9 @@ def make_preference_pairs(
         raise ValueError(f"score must be 'reactions' or a numeric column of the images table, got {score!r}.")
     if images.empty:
         raise ValueError(f"No image could be scored ({problems}).")
-    labels = cluster_prompts(images["prompt"].tolist(), embedder, min_cluster_size=min_cluster_size)
+    labels = cluster_prompts(
+        images["prompt"].tolist(), embedder, min_cluster_size=min_cluster_size, show_progress=True
+    )
     images = images.assign(cluster_id=labels)
     pairs = min_max_pairs(
         images, "_score", pairs_per_cluster=pairs_per_cluster, min_margin=min_margin, score_name=score
