@@ -41,6 +41,19 @@ _LAZY: dict[str, str] = {
     # Diffusion-DPO
     "DiffusionDPOConfig": "imagegem_hf.dpo",
     "DiffusionDPOTrainer": "imagegem_hf.dpo",
+    # LoRA weight space (W2W)
+    "WeightSpace": "imagegem_hf.w2w",
+    "W2WEditPipeline": "imagegem_hf.w2w",
+    "W2WEditXLPipeline": "imagegem_hf.w2w",
+    "LoRA": "imagegem_hf.w2w",
+    "load_lora": "imagegem_hf.w2w",
+    "save_lora": "imagegem_hf.w2w",
+    "rank1_reduce": "imagegem_hf.w2w",
+    "preference_direction": "imagegem_hf.w2w",
+    "debias": "imagegem_hf.w2w",
+    "Direction": "imagegem_hf.w2w",
+    "style_labels": "imagegem_hf.w2w",
+    "preference_labels": "imagegem_hf.w2w",
     # personal preference prediction
     "PreferencePrototypeConfig": "imagegem_hf.preference",
     "PreferencePrototypeModel": "imagegem_hf.preference",

@@ -15,6 +15,7 @@ _AREA_CLIS: tuple[str, ...] = (
     "imagegem_hf.data.cli",
     "imagegem_hf.recsys.cli",
     "imagegem_hf.dpo.cli",
+    "imagegem_hf.w2w.cli",
     "imagegem_hf.preference.cli",
     "imagegem_hf.demo",
 )

@@ -20,6 +20,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("recsys", "imagegem_hf.recsys.demo"),
     ("ranker", "imagegem_hf.ranker.demo"),
     ("dpo", "imagegem_hf.dpo.demo"),
+    ("w2w", "imagegem_hf.w2w.demo"),
     ("preference", "imagegem_hf.preference.demo"),
 )
 

@@ -9,5 +9,5 @@ def test_every_public_name_resolves():
 
 def test_cli_lists_the_commands():
     help_text = build_parser().format_help()
-    for command in ("dataset", "recommend", "demo"):
+    for command in ("dataset", "recommend", "dpo", "w2w", "preference", "demo"):
         assert command in help_text
