@@ -6,7 +6,7 @@ LLaVA, same examples, same loss. Target ≥ 2× examples/s. Batched full sequenc
 On a CUDA machine it also reports steps/s and peak memory of a training step with a real-size random-weight
 LLaVA-1.5-7B-shaped backbone (bf16, LoRA on the language model, N_ref = 8 at 336² images).
 
-Run: `python benchmarks/bench_preference.py [--batch 8 --n-ref 8 --repeats 3]`.
+Run: `python benchmarks/bench_preference.py [--batch 8 --n-ref 8 --repeats 5]`.
 """
 
 from __future__ import annotations
@@ -54,19 +54,27 @@ def naive_step(model, collator, examples) -> None:
         (preference_loss(logits[0], logits[1])["loss"] / len(examples)).backward()
 
 
-def measure(step, model, collator, examples, repeats: int) -> float:
-    step(model, collator, examples)  # warm-up
+def timed(step, model, collator, examples) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(model, collator, examples)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
-    best = float("inf")
+    return seconds
+
+
+def measure(runs: dict, model, examples, repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` seconds of each `name: (step, collator)`, the runs interleaved so that a change in machine
+    load during the benchmark affects all of them alike."""
+    for step, collator in runs.values():  # warm-up
+        timed(step, model, collator, examples)
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(model, collator, examples)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
+        for name, (step, collator) in runs.items():
+            best[name] = min(best[name], timed(step, model, collator, examples))
     return best
 
 
@@ -78,9 +86,9 @@ def tiny_comparison(batch: int, n_ref: int, repeats: int) -> None:
     collator = PreferenceCollator(builder, images.__getitem__, n_ref=n_ref, shuffle_references=False)
     full = PreferenceCollator(builder, images.__getitem__, n_ref=n_ref, shuffle_references=False, share_prefix=False)
     work = examples[:batch]
-    ours = batch / measure(batched_step, model, collator, work, repeats)
-    batched_full = batch / measure(batched_step, model, full, work, repeats)
-    baseline = batch / measure(naive_step, model, collator, work, repeats)
+    runs = {"ours": (batched_step, collator), "full": (batched_step, full), "baseline": (naive_step, collator)}
+    seconds = measure(runs, model, work, repeats)
+    ours, batched_full, baseline = (batch / seconds[name] for name in ("ours", "full", "baseline"))
     ratio = ours / baseline
     print(
         f"tiny LLaVA, {batch} pairs/step, N_ref={n_ref}: shared-prefix batch {ours:.1f} examples/s, "
@@ -138,7 +146,7 @@ def real_size_cuda(batch: int, n_ref: int, steps: int) -> None:
     collator = PreferenceCollator(builder, images.__getitem__, n_ref=n_ref)
     work = examples[:batch]
     torch.cuda.reset_peak_memory_stats()
-    seconds = measure(batched_step, model, collator, work, steps)
+    seconds = measure({"ours": (batched_step, collator)}, model, work, steps)["ours"]
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(
         f"LLaVA-1.5-7B-shaped, bf16, LoRA, {batch} pairs/step, N_ref={n_ref}, 336² images: "
@@ -150,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="Pairs (examples) per training step.")
     parser.add_argument("--n-ref", type=int, default=8, help="Reference pairs per example.")
-    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats (best is kept).")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed repeats (best is kept).")
     args = parser.parse_args()
     torch.manual_seed(0)
     tiny_comparison(args.batch, args.n_ref, args.repeats)

@@ -248,7 +248,8 @@ def build_pair_batch(
     disliked: Sequence[PreferenceQuery],
     orders: Sequence[Sequence[int] | None] | None = None,
 ) -> PairBatch:
-    """Tokenize each example's references once and its liked and disliked target turns separately.
+    """Tokenize each example's references once (right-padded) and its liked and disliked target turns separately
+    (left-padded, so the label position is the last column).
 
     `liked[i]` and `disliked[i]` must have the same references and prompt (they are one example's two targets);
     `orders[i]` orders both. Computing the reference prefix once halves the work of a training step (paper 003's
@@ -279,7 +280,11 @@ def build_pair_batch(
         target_texts += [suffix, suffix]
         target_images += [[pos.image], [neg.image]]
     processor = builder.processor
-    prefix = processor(text=prefix_texts, images=prefix_images, padding=True, padding_side="left", return_tensors="pt")
+    # the prefix is padded on the right: its real tokens then never see padding, so the model can run it with a
+    # plain causal mask (the fast attention path), and the padding is masked out for the targets only
+    prefix = processor(
+        text=prefix_texts, images=prefix_images, padding=True, padding_side="right", return_tensors="pt"
+    )
     targets = processor(
         text=target_texts,
         images=target_images,
@@ -288,8 +293,11 @@ def build_pair_batch(
         add_special_tokens=False,
         return_tensors="pt",
     )
-    if not bool(prefix["attention_mask"][:, -1].all()) or not bool(targets["attention_mask"][:, -1].all()):
-        raise ValueError("The processor did not pad on the left; the label must sit in the last column.")
+    if not bool(prefix["attention_mask"][:, 0].all()) or not bool(targets["attention_mask"][:, -1].all()):
+        raise ValueError(
+            "The processor ignored padding_side (reference prefixes are padded on the right, target turns on the "
+            "left); use a processor that honours it."
+        )
     if not bool((targets["input_ids"][:, -1] == builder.like_token_id).all()):
         raise ValueError("The rendered answer did not tokenize to the label token; check like/dislike tokens.")
     targets["input_ids"], targets["attention_mask"] = targets["input_ids"][:, :-1], targets["attention_mask"][:, :-1]

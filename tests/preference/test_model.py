@@ -189,6 +189,9 @@ def test_shared_prefix_path_matches_full_sequences_in_logits_and_gradients(tiny)
     liked = [PreferenceQuery(refs[0], ims[6], "x"), PreferenceQuery(refs[1], ims[7], "a longer target prompt")]
     disliked = [PreferenceQuery(refs[0], ims[8], "x"), PreferenceQuery(refs[1], ims[9], "a longer target prompt")]
     orders = [[3, 0, 2, 1], None]
+    prefix_mask = build_pair_batch(builder, liked, disliked, orders)["prefix_attention_mask"]
+    # the prefixes differ in length and are padded on the right (run with causal attention only)
+    assert prefix_mask[:, 0].all() and not prefix_mask[:, -1].all()
     grads = []
     for batch in (build_pair_batch(builder, liked, disliked, orders), builder(liked + disliked, orders=orders * 2)):
         model.zero_grad()
