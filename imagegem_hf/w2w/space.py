@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +259,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
         cache_dir: str | os.PathLike | None = None,
         block_bytes: int = 256 * 2**20,
         cache_dtype: str = "float32",
+        num_workers: int = 2,
         show_progress: bool = True,
     ) -> WeightSpace:
         """Build the space from N LoRAs in one streaming pass (dual PCA over the N × N Gram matrix).
@@ -273,6 +276,9 @@ class WeightSpace(ModelMixin, ConfigMixin):
             cache_dir: Where the temporary column-block cache (N × d float32 on disk) goes; default a temp dir.
             block_bytes: Target size of one column block in memory.
             cache_dtype: `"float32"` or `"float16"` (halves the disk cache; PCA is still computed in float32).
+            num_workers: Threads that read and reduce LoRAs concurrently (file reads and torch kernels release the
+                GIL, so reading overlaps with reduction and each thread keeps a core busy); vectors are appended in
+                input order.
             show_progress: tqdm bars.
 
         Returns:
@@ -315,16 +321,19 @@ class WeightSpace(ModelMixin, ConfigMixin):
             missing = np.zeros(len(names), dtype=np.int64)
             index_of = {name: i for i, name in enumerate(names)}
             ignored = 0
-            for index, item in enumerate(tqdm(loras, desc="Reduce + stream LoRAs", disable=not show_progress)):
-                ids.append(Path(item).stem if isinstance(item, (str, os.PathLike)) else str(index))
+
+            def reduce_one(item: LoRAItem) -> tuple[np.ndarray, list[str], list[str]]:
                 if isinstance(item, (np.ndarray, torch.Tensor)):
-                    vector = space._item_vector(item)
-                    lacking, extra = [], []
-                else:
-                    lora = item if isinstance(item, LoRA) else load_lora(item, base=_known(base))
-                    if _known(base) and _known(lora.base) and lora.base != base:
-                        raise ValueError(f"Architecture mismatch: a {lora.base} LoRA in a {base} weight space.")
-                    vector, lacking, extra = space.vectorize(lora)
+                    return space._item_vector(item), [], []
+                lora = item if isinstance(item, LoRA) else load_lora(item, base=_known(base))
+                if _known(base) and _known(lora.base) and lora.base != base:
+                    raise ValueError(f"Architecture mismatch: a {lora.base} LoRA in a {base} weight space.")
+                return space.vectorize(lora)
+
+            vectors = _ordered_map(reduce_one, loras, num_workers)
+            results = tqdm(vectors, total=n, desc="Reduce + stream LoRAs", disable=not show_progress)
+            for index, (item, (vector, lacking, extra)) in enumerate(zip(loras, results, strict=True)):
+                ids.append(Path(item).stem if isinstance(item, (str, os.PathLike)) else str(index))
                 missing[[index_of[k] for k in lacking]] += 1
                 ignored += len(extra)
                 cache.append(vector)
@@ -393,6 +402,24 @@ class WeightSpace(ModelMixin, ConfigMixin):
             n_ignored_modules=self.config.n_ignored_modules,
             top_variance=[round(float(v) / total, 4) for v in variance[:10]],
         )
+
+
+def _ordered_map(function, items: Sequence, num_workers: int):
+    """`map(function, items)` on `num_workers` threads, in input order, with at most 2 × num_workers results in
+    flight (memory stays bounded however many LoRAs stream through)."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be ≥ 1, got {num_workers}.")
+    if num_workers == 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(num_workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

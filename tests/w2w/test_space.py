@@ -155,3 +155,17 @@ def test_float16_cache_gives_the_same_space_up_to_rounding(lora_files):
     assert np.all(cosines > 0.999)
     with pytest.raises(ValueError, match="cache_dtype"):
         WeightSpace.build(lora_files, n_components=3, cache_dtype="int8", show_progress=False)
+
+
+def test_parallel_reduction_keeps_the_input_order(lora_files, tmp_path):
+    serial = WeightSpace.build(lora_files, n_components=3, num_workers=1, show_progress=False)
+    parallel = WeightSpace.build(lora_files, n_components=3, num_workers=3, show_progress=False)
+    assert parallel.config.model_ids == serial.config.model_ids
+    torch.testing.assert_close(parallel.coefficients, serial.coefficients)
+    torch.testing.assert_close(parallel.components, serial.components)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(lora_files[0].read_bytes()[:100])  # truncated: the worker's error reaches the caller
+    with pytest.raises(ValueError):
+        WeightSpace.build([*lora_files, broken], n_components=3, num_workers=2, show_progress=False)
+    with pytest.raises(ValueError, match="num_workers"):
+        WeightSpace.build(lora_files, n_components=3, num_workers=0, show_progress=False)
