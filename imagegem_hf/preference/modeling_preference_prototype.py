@@ -7,16 +7,20 @@ last position.
 
 The prototypes get attention-mask ones and the real tokens keep their mask, so padding stays masked (the published
 code set the whole mask to ones); position ids are computed from that mask, so a left-padded row gives the same
-logits as the same row unpadded.
+logits as the same row unpadded. Qwen2-VL's 3-D rotary positions are those of its `get_rope_index`, shifted past the
+prototypes. Backbones whose positions or masks cannot be laid out around the prototypes raise `NotImplementedError`
+(`check_backbone_supported`).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 from transformers.utils import ModelOutput
 
 from imagegem_hf.preference.configuration_preference_prototype import PreferencePrototypeConfig
@@ -39,6 +43,57 @@ class PreferencePrototypeOutput(ModelOutput):
     p_like: torch.Tensor | None = None
     prototype_attention: torch.Tensor | None = None
     target_prototype_attention: torch.Tensor | None = None
+
+
+# backbones whose 3-D rotary positions (M-RoPE) come from `model.get_rope_index`, shifted past the prototypes
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# backbones that attend bidirectionally within images through `token_type_ids` (a prefix-LM mask laid out for the
+# unprefixed sequence)
+TOKEN_TYPE_MODEL_TYPES = ("gemma3", "gemma3n", "paligemma")
+
+
+def check_backbone_supported(backbone_config) -> None:
+    """Raise `NotImplementedError` for a backbone whose positions or mask `PreferencePrototypeModel` cannot lay out.
+
+    Supported: backbones with 1-D rotary positions and a causal mask (LLaVA, LLaVA-NeXT, Idefics2, Idefics3/SmolVLM,
+    ...) and the Qwen2-VL family (3-D M-RoPE positions from `get_rope_index`, shifted past the prototypes). Other
+    M-RoPE backbones (Qwen3-VL, GLM-4V, ...) and `token_type_ids` prefix-LM backbones (Gemma 3, PaliGemma) raise.
+
+    Example:
+        ```python
+        >>> from transformers import AutoConfig
+        >>> check_backbone_supported(AutoConfig.for_model("gemma3"))
+        Traceback (most recent call last):
+        NotImplementedError: ...
+        ```
+    """
+    model_type = getattr(backbone_config, "model_type", None)
+    if model_type in TOKEN_TYPE_MODEL_TYPES:
+        raise NotImplementedError(
+            f"PreferencePrototypeModel does not support the {model_type!r} backbone: it attends bidirectionally "
+            "within images through token_type_ids, which would need a prefix-LM mask built around the prepended "
+            "prototypes. "
+            "Use an Idefics2/Idefics3 (SmolVLM), LLaVA or Qwen2-VL backbone."
+        )
+    if model_type not in MROPE_MODEL_TYPES and _uses_multimodal_rope(backbone_config):
+        raise NotImplementedError(
+            f"PreferencePrototypeModel does not support the {model_type!r} backbone: its multimodal rotary positions "
+            f"are only laid out around the prototypes for {', '.join(MROPE_MODEL_TYPES)}. Use one of those or an "
+            "Idefics2/Idefics3 (SmolVLM) or LLaVA backbone."
+        )
+
+
+def _uses_multimodal_rope(backbone_config) -> bool:
+    """Whether the backbone numbers its tokens with multimodal rotary positions (an `mrope_section`, or a modeling
+    module that computes them with `get_rope_index` as the Qwen-VL and GLM-4V families do)."""
+    rope = getattr(backbone_config.get_text_config(), "rope_parameters", None) or {}
+    if "mrope_section" in rope:
+        return True
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING.get(type(backbone_config), None)
+    if model_class is None:
+        return False
+    module = importlib.import_module(model_class.__module__)
+    return any(isinstance(obj, type) and hasattr(obj, "get_rope_index") for obj in vars(module).values())
 
 
 class PreferencePrototypePreTrainedModel(PreTrainedModel):
@@ -79,6 +134,7 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
     """
 
     def __init__(self, config: PreferencePrototypeConfig, backbone: PreTrainedModel | None = None):
+        check_backbone_supported(config.backbone_config)
         # `PreTrainedModel.__init__` resets the sub-configs' attention implementation; keep a given backbone's.
         backbone_attention = backbone.config._attn_implementation if backbone is not None else None
         super().__init__(config)
@@ -125,22 +181,80 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.backbone.set_input_embeddings(value)
 
-    def prepend_prototypes(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prepend the prototypes; return `(inputs_embeds, attention_mask, position_ids)`.
+    def position_ids(
+        self,
+        attention_mask: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        start: torch.Tensor | int = 0,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids of the unmasked tokens of a padded batch, numbered from `start` in each row.
 
-        The prototypes get mask ones and the real mask is kept (padding stays masked); position ids count only
-        unmasked positions, so left padding does not shift the real tokens' positions.
+        1-D positions count the unmasked tokens. Qwen2-VL's 3-D positions (temporal, height, width) come from the
+        backbone's `get_rope_index` and are shifted by `start`: M-RoPE positions are translation invariant, so a
+        sequence split in two parts gets the positions of the whole when the second starts where the first ended.
+
+        Args:
+            attention_mask: `(batch, seq)`, 0 on padding (either side).
+            input_ids: `(batch, seq)` token ids (without the prototypes); needed for Qwen2-VL only.
+            start: First position of each row, `(batch,)` or an int (the number of prototypes before the tokens).
+            image_grid_thw: Qwen2-VL's image grids of the batch's images, in order.
+            video_grid_thw: Qwen2-VL's video grids.
+
+        Returns:
+            `(positions, next_start)`: `(batch, seq)` or `(3, batch, seq)` positions (1 on padding) and the
+            `(batch,)` position that a continuation of each row starts at.
+        """
+        mask = attention_mask.bool()
+        if self.config.backbone_config.model_type in MROPE_MODEL_TYPES:
+            if input_ids is None:
+                raise ValueError("Qwen2-VL positions need input_ids (and image_grid_thw) to find the image tokens.")
+            backbone_config = self.config.backbone_config
+            token_types = torch.zeros_like(input_ids, dtype=torch.int)
+            token_types[input_ids == backbone_config.image_token_id] = 1
+            token_types[input_ids == backbone_config.video_token_id] = 2
+            positions, _ = self.backbone.model.get_rope_index(
+                input_ids=input_ids,
+                mm_token_type_ids=token_types,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                attention_mask=attention_mask,
+            )
+            positions = positions.to(input_ids.device)
+            start = torch.as_tensor(start, device=mask.device).reshape(-1, 1)
+            positions = (positions + start).masked_fill(~mask, 1)
+            next_start = positions.masked_fill(~mask, -1).amax(dim=(0, 2)) + 1
+        else:
+            positions = mask.long().cumsum(-1) - 1 + torch.as_tensor(start, device=mask.device).reshape(-1, 1)
+            positions = positions.masked_fill(~mask, 1)
+            next_start = positions.masked_fill(~mask, -1).amax(-1) + 1
+        return positions, next_start
+
+    def prepend_prototypes(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prepend the prototypes; return `(inputs_embeds, attention_mask, position_ids, next_start)`.
+
+        The prototypes get mask ones and positions `0 … L_p - 1`; the real mask is kept (padding stays masked) and
+        the real tokens are numbered from `L_p` by [`position_ids`] (so padding does not shift them). `input_ids`
+        and the image grids are needed for Qwen2-VL's 3-D positions only.
         """
         batch = inputs_embeds.shape[0]
-        if self.prototypes is not None:
+        num = self.config.num_prototypes if self.prototypes is not None else 0
+        positions, next_start = self.position_ids(attention_mask, input_ids, num, image_grid_thw, video_grid_thw)
+        if num:
             prototypes = self.prototypes.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
             inputs_embeds = torch.cat([prototypes, inputs_embeds], dim=1)
-            ones = attention_mask.new_ones(batch, self.config.num_prototypes)
-            attention_mask = torch.cat([ones, attention_mask], dim=1)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        return inputs_embeds, attention_mask, position_ids
+            attention_mask = torch.cat([attention_mask.new_ones(batch, num), attention_mask], dim=1)
+            prototype_positions = torch.arange(num, device=positions.device).expand(*positions.shape[:-1], num)
+            positions = torch.cat([prototype_positions, positions], dim=-1)
+        return inputs_embeds, attention_mask, positions, next_start
 
     def forward(
         self,
@@ -190,8 +304,14 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
                     f"Attention weights need eager attention, the backbone uses {implementation!r}; call "
                     "model.backbone.set_attn_implementation('eager') first."
                 )
-        inputs_embeds = self.get_input_embeddings()(input_ids)
-        inputs_embeds, full_mask, position_ids = self.prepend_prototypes(inputs_embeds, attention_mask)
+        backbone_inputs.pop("mm_token_type_ids", None)  # laid out for the sequence without the prototypes
+        inputs_embeds, full_mask, position_ids, _ = self.prepend_prototypes(
+            self.get_input_embeddings()(input_ids),
+            attention_mask,
+            input_ids,
+            backbone_inputs.get("image_grid_thw"),
+            backbone_inputs.get("video_grid_thw"),
+        )
         outputs = self.backbone(
             inputs_embeds=inputs_embeds,
             attention_mask=full_mask,
@@ -233,8 +353,13 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
         prefix = {k.removeprefix("prefix_"): v for k, v in inputs.items() if k.startswith("prefix_")}
         target = {k.removeprefix("target_"): v for k, v in inputs.items() if k.startswith("target_")}
         prefix_mask, target_mask = prefix.pop("attention_mask"), target.pop("attention_mask")
-        embeds, prefix_mask, positions = self.prepend_prototypes(
-            self.get_input_embeddings()(prefix_input_ids), prefix_mask
+        prefix.pop("mm_token_type_ids", None), target.pop("mm_token_type_ids", None)
+        embeds, prefix_mask, positions, next_start = self.prepend_prototypes(
+            self.get_input_embeddings()(prefix_input_ids),
+            prefix_mask,
+            prefix_input_ids,
+            prefix.get("image_grid_thw"),
+            prefix.get("video_grid_thw"),
         )
         # a right-padded prefix needs no mask: causal attention alone keeps its real tokens off the padding (which
         # the targets mask out), and the unmasked causal path is about twice as fast
@@ -249,8 +374,13 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
         ).cache
         cache.batch_repeat_interleave(2)
         prefix_mask = prefix_mask.repeat_interleave(2, dim=0)
-        target_positions = prefix_mask.sum(-1, keepdim=True) + target_mask.long().cumsum(-1) - 1
-        target_positions = target_positions.masked_fill(target_mask == 0, 1)
+        target_positions, _ = self.position_ids(
+            target_mask,
+            target_input_ids,
+            next_start.repeat_interleave(2),
+            target.get("image_grid_thw"),
+            target.get("video_grid_thw"),
+        )
         logits = (
             self.backbone(
                 inputs_embeds=self.get_input_embeddings()(target_input_ids),

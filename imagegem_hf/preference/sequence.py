@@ -216,7 +216,7 @@ class PreferenceSequenceBuilder:
         if not bool(((last == self.like_token_id) | (last == self.dislike_token_id)).all()):
             raise ValueError("The rendered answer did not tokenize to the label token; check like/dislike tokens.")
         if not append_label:
-            encoded["input_ids"], encoded["attention_mask"] = input_ids[:, :-1], attention_mask[:, :-1]
+            _drop_last_column(encoded)
         if self.image_token_id is not None:
             encoded["target_mask"] = last_run_mask(encoded["input_ids"], self.image_token_id)
         if labels is not None:
@@ -300,11 +300,19 @@ def build_pair_batch(
         )
     if not bool((targets["input_ids"][:, -1] == builder.like_token_id).all()):
         raise ValueError("The rendered answer did not tokenize to the label token; check like/dislike tokens.")
-    targets["input_ids"], targets["attention_mask"] = targets["input_ids"][:, :-1], targets["attention_mask"][:, :-1]
+    _drop_last_column(targets)
     batch = PairBatch({f"prefix_{k}": v for k, v in prefix.items()})
     batch.update({f"target_{k}": v for k, v in targets.items()})
     batch["labels"] = torch.tensor([1] * len(liked) + [0] * len(liked))
     return batch
+
+
+def _drop_last_column(encoded: BatchFeature) -> None:
+    """Drop the label column from every per-token tensor (`input_ids`, `attention_mask`, `mm_token_type_ids`, ...)."""
+    shape = encoded["input_ids"].shape
+    for key, value in encoded.items():
+        if isinstance(value, torch.Tensor) and value.shape == shape:
+            encoded[key] = value[:, :-1]
 
 
 def last_run_mask(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ def queries():
 
 def backbone_call(model, batch, **kwargs):
     """The backbone run directly on the prototype-prefixed embeddings (all positions' logits)."""
-    embeds, mask, positions = model.prepend_prototypes(
+    embeds, mask, positions, _ = model.prepend_prototypes(
         model.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
     )
     return model.backbone(
@@ -61,7 +61,7 @@ def test_padding_is_masked_after_prepending_prototypes(tiny):
     batch = builder([short_query, queries()[0]])
     mask = batch["attention_mask"]
     embeds = model.get_input_embeddings()(batch["input_ids"])
-    _, full_mask, positions = model.prepend_prototypes(embeds, mask)
+    _, full_mask, positions, _ = model.prepend_prototypes(embeds, mask)
     assert full_mask.shape[1] == mask.shape[1] + 4
     assert full_mask[:, :4].all() and torch.equal(full_mask[:, 4:], mask)
     # real tokens are numbered consecutively after the prototypes, whatever the padding
