@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 from pathlib import Path
 
 
@@ -19,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--base", default=None, help="Required base architecture: sd15, sd2 or sdxl.")
     build.add_argument("--no-standardize", action="store_true", help="Do not z-score coordinates before PCA.")
     build.add_argument("--cache-dir", default=None, help="Where the temporary N × d disk cache goes.")
+    build.add_argument(
+        "--num-workers", type=int, default=os.cpu_count() or 1, help="Processes reading and reducing LoRAs."
+    )
     build.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Also upload the space to this repo.")
     build.set_defaults(func=_build)
 
@@ -96,6 +100,7 @@ def _build(args: argparse.Namespace) -> int:
         rank=args.rank,
         base=args.base,
         cache_dir=args.cache_dir,
+        num_workers=args.num_workers,
     )
     space.save_pretrained(args.output)
     zero_filled = sum(space.config.missing_counts or [])

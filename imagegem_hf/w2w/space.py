@@ -18,9 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 
 from imagegem_hf.hub import atomic_directory, push_folder, render_card, resolve
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora
-from imagegem_hf.w2w.reduce import reduce_rank
+from imagegem_hf.w2w.vectorize import Vectorizer, known_base, ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -131,24 +130,11 @@ class WeightSpace(ModelMixin, ConfigMixin):
         Raises:
             ValueError: A module's shape differs from the layout's (architecture mismatch).
         """
-        reduced = reduce_rank(lora, self.config.rank)
-        vector = np.zeros(self.vector_length, dtype=np.float32)
-        missing = []
-        rank = self.config.rank
-        for name, n_out, n_in, _, offset in self.layout:
-            module = reduced.modules.get(name)
-            if module is None:
-                missing.append(name)
-                continue
-            if (module.out_features, module.in_features) != (n_out, n_in):
-                raise ValueError(
-                    f"Architecture mismatch: module {name} is {module.out_features}×{module.in_features} in this "
-                    f"LoRA but {n_out}×{n_in} in the weight space ({self.config.base}). Use LoRAs of the same base."
-                )
-            vector[offset : offset + rank * n_in] = _numpy(module.down_2d().reshape(-1))
-            vector[offset + rank * n_in : offset + rank * (n_in + n_out)] = _numpy(module.up_2d().reshape(-1))
-        ignored = sorted(set(reduced.modules) - set(self.config.module_names))
-        return vector, missing, ignored
+        return self.vectorizer().vectorize(lora)
+
+    def vectorizer(self) -> Vectorizer:
+        """The picklable LoRA → vector map of this space (what `build` runs in its worker processes)."""
+        return Vectorizer(tuple(self.layout), int(self.config.rank), self.vector_length, self.config.base)
 
     def vector_to_lora(self, vector: np.ndarray | torch.Tensor) -> LoRA:
         """The LoRA (rank `rank` per module, scale 1) whose flattened factors are `vector`."""
@@ -166,13 +152,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
         return LoRA(modules=modules, base=self.config.base)
 
     def _item_vector(self, item: LoRAItem) -> np.ndarray:
-        if isinstance(item, (np.ndarray, torch.Tensor)):
-            vector = np.asarray(item, dtype=np.float32)
-            if vector.shape != (self.vector_length,):
-                raise ValueError(f"Expected a vector of length {self.vector_length}, got {vector.shape}.")
-            return vector
-        lora = item if isinstance(item, LoRA) else load_lora(item, base=_known(self.config.base))
-        return self.vectorize(lora)[0]
+        return self.vectorizer()(item)[0]
 
     # ------------------------------------------------------------------ PCA maps
     def project(self, items: LoRAItem | Sequence[LoRAItem]) -> np.ndarray:
@@ -259,7 +239,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
         cache_dir: str | os.PathLike | None = None,
         block_bytes: int = 256 * 2**20,
         cache_dtype: str = "float32",
-        num_workers: int = 2,
+        num_workers: int = 1,
         show_progress: bool = True,
     ) -> WeightSpace:
         """Build the space from N LoRAs in one streaming pass (dual PCA over the N × N Gram matrix).
@@ -276,9 +256,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
             cache_dir: Where the temporary column-block cache (N × d float32 on disk) goes; default a temp dir.
             block_bytes: Target size of one column block in memory.
             cache_dtype: `"float32"` or `"float16"` (halves the disk cache; PCA is still computed in float32).
-            num_workers: Threads that read and reduce LoRAs concurrently (file reads and torch kernels release the
-                GIL, so reading overlaps with reduction and each thread keeps a core busy); vectors are appended in
-                input order.
+            num_workers: Processes that read and reduce LoRAs in parallel (vectors are appended in input order);
+                worth it for large collections, where the workers' start-up is amortised.
             show_progress: tqdm bars.
 
         Returns:
@@ -322,15 +301,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
             index_of = {name: i for i, name in enumerate(names)}
             ignored = 0
 
-            def reduce_one(item: LoRAItem) -> tuple[np.ndarray, list[str], list[str]]:
-                if isinstance(item, (np.ndarray, torch.Tensor)):
-                    return space._item_vector(item), [], []
-                lora = item if isinstance(item, LoRA) else load_lora(item, base=_known(base))
-                if _known(base) and _known(lora.base) and lora.base != base:
-                    raise ValueError(f"Architecture mismatch: a {lora.base} LoRA in a {base} weight space.")
-                return space.vectorize(lora)
-
-            vectors = _ordered_map(reduce_one, loras, num_workers)
+            vectorizer = replace(space.vectorizer(), base=base)
+            vectors = ordered_map(vectorizer, loras, num_workers)
             results = tqdm(vectors, total=n, desc="Reduce + stream LoRAs", disable=not show_progress)
             for index, (item, (vector, lacking, extra)) in enumerate(zip(loras, results, strict=True)):
                 ids.append(Path(item).stem if isinstance(item, (str, os.PathLike)) else str(index))
@@ -404,31 +376,9 @@ class WeightSpace(ModelMixin, ConfigMixin):
         )
 
 
-def _ordered_map(function, items: Sequence, num_workers: int):
-    """`map(function, items)` on `num_workers` threads, in input order, with at most 2 × num_workers results in
-    flight (memory stays bounded however many LoRAs stream through)."""
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be ≥ 1, got {num_workers}.")
-    if num_workers == 1:
-        yield from map(function, items)
-        return
-    with ThreadPoolExecutor(num_workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) >= 2 * num_workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     """A float32 numpy view of a buffer wherever it lives (the pipeline may have moved the space to a GPU)."""
     return tensor.detach().to("cpu", torch.float32).numpy()
-
-
-def _known(base: str | None) -> str | None:
-    return None if base in (None, "unknown") else base
 
 
 def _collect_modules(
@@ -439,11 +389,11 @@ def _collect_modules(
     for item in tqdm(loras, desc="Scan LoRA headers", disable=not show_progress):
         if isinstance(item, (np.ndarray, torch.Tensor)):
             raise ValueError("Building from vectors needs `modules` (the layout the vectors follow).")
-        lora = item if isinstance(item, LoRA) else load_lora(item, base=_known(base), header_only=True)
+        lora = item if isinstance(item, LoRA) else load_lora(item, base=known_base(base), header_only=True)
         lora_base = lora.base
         shapes = {name: (m.out_features, m.in_features, m.kernel_size) for name, m in lora.modules.items()}
-        if _known(lora_base):
-            if _known(base) and lora_base != base:
+        if known_base(lora_base):
+            if known_base(base) and lora_base != base:
                 raise ValueError(f"Architecture mismatch: {item} is a {lora_base} LoRA, the others are {base}.")
             base = lora_base
         for name, shape in shapes.items():

@@ -1,0 +1,105 @@
+"""LoRA → weight-space vector along a fixed module layout, and the parallel map that streams many of them.
+
+Kept apart from `space.py` (which needs diffusers) so that worker processes only import torch and the LoRA I/O.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from imagegem_hf.w2w.lora_io import LoRA, load_lora
+from imagegem_hf.w2w.reduce import reduce_rank
+
+ModuleSlot = tuple[str, int, int, tuple[int, ...], int]  # (name, out_features, in_features, kernel, offset)
+
+
+def known_base(base: str | None) -> str | None:
+    return None if base in (None, "unknown") else base
+
+
+@dataclass(frozen=True)
+class Vectorizer:
+    """Reduces a LoRA to `rank` per module and flattens it along `layout` (down factors, then up, per module).
+
+    Picklable, so that `ordered_map` can run it in worker processes.
+
+    Attributes:
+        layout: `(name, out_features, in_features, kernel_size, offset)` per module, in vector order.
+        rank: Singular components kept per module.
+        vector_length: Length of the vectors.
+        base: Base architecture of the space (`None`/`"unknown"`: not checked).
+    """
+
+    layout: tuple[ModuleSlot, ...]
+    rank: int
+    vector_length: int
+    base: str | None
+
+    def vectorize(self, lora: LoRA) -> tuple[np.ndarray, list[str], list[str]]:
+        """`(vector, missing, ignored)`: the float32 vector, the layout modules the LoRA lacks (zero-filled), and
+        the LoRA's modules outside the layout (dropped). Raises `ValueError` on a shape mismatch."""
+        reduced = reduce_rank(lora, self.rank)
+        vector = np.zeros(self.vector_length, dtype=np.float32)
+        missing, rank = [], self.rank
+        for name, n_out, n_in, _, offset in self.layout:
+            module = reduced.modules.get(name)
+            if module is None:
+                missing.append(name)
+                continue
+            if (module.out_features, module.in_features) != (n_out, n_in):
+                raise ValueError(
+                    f"Architecture mismatch: module {name} is {module.out_features}×{module.in_features} in this "
+                    f"LoRA but {n_out}×{n_in} in the weight space ({self.base}). Use LoRAs of the same base."
+                )
+            vector[offset : offset + rank * n_in] = module.down_2d().reshape(-1).float().numpy()
+            vector[offset + rank * n_in : offset + rank * (n_in + n_out)] = module.up_2d().reshape(-1).float().numpy()
+        ignored = sorted(set(reduced.modules) - {slot[0] for slot in self.layout})
+        return vector, missing, ignored
+
+    def __call__(self, item: Any) -> tuple[np.ndarray, list[str], list[str]]:
+        """Vectorize a LoRA file, a `LoRA`, or check a vector already in the layout."""
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            vector = np.asarray(item, dtype=np.float32)
+            if vector.shape != (self.vector_length,):
+                raise ValueError(f"Expected a vector of length {self.vector_length}, got {vector.shape}.")
+            return vector, [], []
+        lora = item if isinstance(item, LoRA) else load_lora(item, base=known_base(self.base))
+        if known_base(self.base) and known_base(lora.base) and lora.base != self.base:
+            raise ValueError(f"Architecture mismatch: a {lora.base} LoRA in a {self.base} weight space.")
+        return self.vectorize(lora)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def ordered_map(function: Callable[[Any], Any], items: Iterable, num_workers: int) -> Iterator:
+    """`map(function, items)` in input order on `num_workers` worker processes (each on one core), with at most
+    2 × num_workers results in flight, so memory stays bounded however many LoRAs stream through.
+
+    Processes, not threads: reading a LoRA and reducing its ~10³ small modules is mostly short Python-level work
+    that threads would serialise on the GIL. Workers start like `torch.utils.data.DataLoader` workers (the
+    platform's default start method) and run single-threaded.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be ≥ 1, got {num_workers}.")
+    if num_workers == 1:
+        yield from map(function, items)
+        return
+    context = multiprocessing.get_context()
+    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_one_thread) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
