@@ -20,6 +20,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +281,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
         if model_ids is not None and len(model_ids) != n:
             raise ValueError(f"Got {len(model_ids)} model_ids for {n} LoRAs.")
         if modules is None:
-            modules, base = _collect_modules(loras, base, show_progress)
+            modules, base = _collect_modules(loras, base, show_progress, num_workers)
         base = base or "unknown"
         names = sorted(modules)
         space = cls(
@@ -381,17 +382,22 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).numpy()
 
 
+def _header_shapes(item: LoRAItem, base: str | None) -> tuple[str | None, dict[str, tuple[int, int, tuple]]]:
+    """`(base, {module: (out, in, kernel)})` of one LoRA, from its file header only."""
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        raise ValueError("Building from vectors needs `modules` (the layout the vectors follow).")
+    lora = item if isinstance(item, LoRA) else load_lora(item, base=base, header_only=True)
+    return lora.base, {name: (m.out_features, m.in_features, m.kernel_size) for name, m in lora.modules.items()}
+
+
 def _collect_modules(
-    loras: Sequence[LoRAItem], base: str | None, show_progress: bool
+    loras: Sequence[LoRAItem], base: str | None, show_progress: bool, num_workers: int = 1
 ) -> tuple[dict[str, tuple[int, int, tuple[int, ...]]], str | None]:
     """Union of the modules of all LoRAs (file headers only), checking that shapes and bases agree."""
     modules: dict[str, tuple[int, int, tuple[int, ...]]] = {}
-    for item in tqdm(loras, desc="Scan LoRA headers", disable=not show_progress):
-        if isinstance(item, (np.ndarray, torch.Tensor)):
-            raise ValueError("Building from vectors needs `modules` (the layout the vectors follow).")
-        lora = item if isinstance(item, LoRA) else load_lora(item, base=known_base(base), header_only=True)
-        lora_base = lora.base
-        shapes = {name: (m.out_features, m.in_features, m.kernel_size) for name, m in lora.modules.items()}
+    headers = ordered_map(partial(_header_shapes, base=known_base(base)), loras, num_workers)
+    scanned = tqdm(headers, total=len(loras), desc="Scan LoRA headers", disable=not show_progress)
+    for item, (lora_base, shapes) in zip(loras, scanned, strict=True):
         if known_base(lora_base):
             if known_base(base) and lora_base != base:
                 raise ValueError(f"Architecture mismatch: {item} is a {lora_base} LoRA, the others are {base}.")
