@@ -129,6 +129,10 @@ class DiffusionDPOModel(nn.Module):
         """Called by `Trainer` when `activation_checkpointing=True`: checkpoint the trained UNet's blocks."""
         self.unet.enable_gradient_checkpointing()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Only the trained UNet has gradients; skip walking the frozen parts' parameters every step."""
+        self.unet.zero_grad(set_to_none=set_to_none)
+
     def train(self, mode: bool = True) -> DiffusionDPOModel:
         """Only the trained UNet switches mode; the frozen parts stay in eval mode."""
         self.training = mode

@@ -205,17 +205,19 @@ class DiffusionDPOTrainer(Trainer):
                 "beta_dpo, or train in fp32/bf16 instead of fp16."
             )
         split = "train" if model.training else "eval"
-        gather = self.accelerator.gather_for_metrics
         beta = self.args.beta_dpo
-        chosen = -0.5 * beta * (outputs.model_mse_w - outputs.ref_mse_w)
-        rejected = -0.5 * beta * (outputs.model_mse_l - outputs.ref_mse_l)
-        metrics = self._metrics[split]
-        metrics["rewards/chosen"].append(gather(chosen).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected).mean().item())
-        metrics["rewards/margins"].append(gather(outputs.inside).mean().item())
-        metrics["rewards/accuracies"].append(gather((outputs.inside > 0).float()).mean().item())
-        metrics["mse/model_chosen"].append(gather(outputs.model_mse_w).mean().item())
-        metrics["mse/model_rejected"].append(gather(outputs.model_mse_l).mean().item())
+        terms = {
+            "rewards/chosen": -0.5 * beta * (outputs.model_mse_w - outputs.ref_mse_w),
+            "rewards/rejected": -0.5 * beta * (outputs.model_mse_l - outputs.ref_mse_l),
+            "rewards/margins": outputs.inside,
+            "rewards/accuracies": (outputs.inside > 0).float(),
+            "mse/model_chosen": outputs.model_mse_w,
+            "mse/model_rejected": outputs.model_mse_l,
+        }
+        # One gather and one host sync per step for all the logged terms.
+        means = self.accelerator.gather_for_metrics(torch.stack(list(terms.values()), dim=-1)).mean(dim=0).tolist()
+        for name, value in zip(terms, means, strict=True):
+            self._metrics[split][name].append(value)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
