@@ -92,3 +92,23 @@ def test_float32_and_rank_deficient_factors(method):
     assert torch.all(rank1_reduce(LoRA({"unet.z.to_v": zero}), method=method).modules["unet.z.to_v"].up == 0)
     with pytest.raises(ValueError, match="Unknown method"):
         top_singular_factors(module.up, module.down, method="svd")
+
+
+def test_top_eigenpair_matches_eigh_and_survives_degenerate_matrices():
+    from imagegem_hf.w2w.reduce import _top_eigenpair
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(20, 16, 16, generator=generator, dtype=torch.float64)
+    gram = a @ a.mT
+    value, vector = _top_eigenpair(gram)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    torch.testing.assert_close(value, eigenvalues[:, -1])
+    torch.testing.assert_close((vector * eigenvectors[:, :, -1]).sum(-1).abs(), torch.ones(20, dtype=torch.float64))
+    special = torch.stack(
+        [torch.zeros(4, 4), torch.diag(torch.tensor([1.0, 2.0, 2.0, 0.5])), 3 * torch.eye(4)]
+    ).double()
+    value, vector = _top_eigenpair(special)
+    assert value.tolist() == [0.0, 2.0, 3.0]
+    torch.testing.assert_close(vector.norm(dim=-1), torch.ones(3, dtype=torch.float64))
+    # Each vector is an eigenvector of its matrix for the top eigenvalue (any one, when it repeats).
+    torch.testing.assert_close((special @ vector[..., None])[..., 0], value[:, None] * vector)
