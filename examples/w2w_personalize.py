@@ -22,14 +22,13 @@ import numpy as np
 from PIL import Image
 
 from imagegem_hf.w2w import (
-    W2WEditPipeline,
-    W2WEditXLPipeline,
     WeightSpace,
     preference_direction,
     preference_labels,
     save_lora,
     style_labels,
 )
+from imagegem_hf.w2w.pipeline_w2w import w2w_pipeline_from_base
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -151,18 +150,7 @@ def main() -> None:
             save_lora(space.edit(args.user_lora, direction, strength), out / f"edited_alpha{strength:g}.safetensors")
         print(f"Edited LoRAs → {out}/edited_alpha*.safetensors")
         if args.base_model:
-            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-            if args.sdxl:
-                base = StableDiffusionXLPipeline.from_pretrained(args.base_model)
-                names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
-                pipe = W2WEditXLPipeline(**{k: base.components[k] for k in names}, weight_space=space)
-            else:
-                base = StableDiffusionPipeline.from_pretrained(
-                    args.base_model, safety_checker=None, requires_safety_checker=False
-                )
-                names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-                pipe = W2WEditPipeline(**{k: base.components[k] for k in names}, weight_space=space)
+            pipe = w2w_pipeline_from_base(args.base_model, space, sdxl=args.sdxl)
             pipe = pipe.to(args.device)
             result = pipe(
                 args.prompt,

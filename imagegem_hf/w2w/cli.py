@@ -169,24 +169,13 @@ def _edit(args: argparse.Namespace) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     from imagegem_hf.w2w.directions import Direction
-    from imagegem_hf.w2w.pipeline_w2w import W2WEditPipeline, W2WEditXLPipeline
+    from imagegem_hf.w2w.pipeline_w2w import w2w_pipeline_from_base
     from imagegem_hf.w2w.space import WeightSpace
 
     strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
     space = WeightSpace.from_pretrained(args.space)
-    if args.sdxl:
-        base = StableDiffusionXLPipeline.from_pretrained(args.base_model)
-        names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
-        pipe = W2WEditXLPipeline(**{k: base.components[k] for k in names}, weight_space=space)
-    else:
-        base = StableDiffusionPipeline.from_pretrained(
-            args.base_model, safety_checker=None, requires_safety_checker=False
-        )
-        names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-        pipe = W2WEditPipeline(**{k: base.components[k] for k in names}, weight_space=space)
+    pipe = w2w_pipeline_from_base(args.base_model, space, sdxl=args.sdxl)
     pipe = pipe.to(args.device)
     result = pipe(
         args.prompt,

@@ -272,6 +272,27 @@ class W2WEditXLPipeline(_W2WEditBase, StableDiffusionXLLoraLoaderMixin):
         return pipe
 
 
+def w2w_pipeline_from_base(
+    base_model: str, weight_space: WeightSpace, sdxl: bool = False
+) -> W2WEditPipeline | W2WEditXLPipeline:
+    """A W2W edit pipeline made of a base Stable Diffusion 1.5 (or, with `sdxl`, SDXL) model's components and a
+    weight space of the same base.
+
+    Example:
+        ```python
+        >>> space = WeightSpace.from_pretrained("me/w2w-sd15")  # doctest: +SKIP
+        >>> pipe = w2w_pipeline_from_base("stable-diffusion-v1-5/stable-diffusion-v1-5", space)  # doctest: +SKIP
+        ```
+    """
+    if sdxl:
+        base = StableDiffusionXLPipeline.from_pretrained(base_model)
+        names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+        return W2WEditXLPipeline(**{k: base.components[k] for k in names}, weight_space=weight_space)
+    base = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
+    names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    return W2WEditPipeline(**{k: base.components[k] for k in names}, weight_space=weight_space)
+
+
 def strengths_grid(low: float, high: float, count: int) -> list[float]:
     """`count` evenly spaced strengths from `low` to `high` (always including 0 when it lies in the range)."""
     values = np.linspace(low, high, count).tolist()
