@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# --scorers name: (class in imagegem_hf.scoring, table column)
 _SCORERS = {"pickscore": ("PickScore", "PickScore"), "hpsv2": ("HPSv2", "HPSv2"), "clip": ("CLIPScore", "CLIP")}
 
 
@@ -18,6 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--subset", default="", help="Name of the prompt set, shown in the table.")
     evaluate.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds per prompt.")
     evaluate.add_argument("--scorers", default="pickscore,hpsv2,clip", help="Comma-separated: pickscore,hpsv2,clip.")
+    for name, (class_name, _) in _SCORERS.items():
+        evaluate.add_argument(
+            f"--{name}-model",
+            default=None,
+            help=f"Path or repo id of the {class_name} model and its processor (default: the paper's).",
+        )
     evaluate.add_argument("--steps", type=int, default=50, help="Inference steps.")
     evaluate.add_argument("--guidance-scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     evaluate.add_argument("--batch-size", type=int, default=4, help="Images per pipeline call.")
@@ -41,10 +48,16 @@ def _eval(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"Unknown scorer(s) {unknown}; choose from {sorted(_SCORERS)}.")
     dtype = getattr(torch, args.dtype)
-    scorers = {
-        _SCORERS[n][1]: getattr(scoring, _SCORERS[n][0]).from_pretrained(device=args.device, dtype=dtype)
-        for n in names
-    }
+    scorers = {}
+    for name in names:
+        class_name, column = _SCORERS[name]
+        scorer_class, path = getattr(scoring, class_name), getattr(args, f"{name}_model")
+        if path is None:
+            scorers[column] = scorer_class.from_pretrained(device=args.device, dtype=dtype)
+        elif name == "hpsv2":
+            scorers[column] = scorer_class.from_pretrained(path, device=args.device, dtype=dtype)
+        else:  # PickScore / CLIP score: the processor sits next to the model
+            scorers[column] = scorer_class.from_pretrained(path, path, device=args.device, dtype=dtype)
     base = DiffusionPipeline.from_pretrained(args.base, dtype=dtype).to(args.device)
     tuned = DiffusionPipeline.from_pretrained(args.base, dtype=dtype).to(args.device)
     load_dpo_weights(tuned, args.checkpoint)

@@ -29,3 +29,51 @@ def test_example_trains_and_saves_a_loadable_lora(tmp_path):
     pipe = tiny_sd_pipeline(seed=0)
     load_dpo_weights(pipe, out)
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+
+
+def test_dpo_eval_cli_prints_table_4_and_saves_the_grid(tmp_path, capsys):
+    from imagegem_hf.cli import main
+    from imagegem_hf.dpo import DiffusionDPOConfig, DiffusionDPOTrainer
+    from imagegem_hf.testing import tiny_clip_model
+
+    tiny_sd_pipeline(seed=0).save_pretrained(tmp_path / "base")
+    args = DiffusionDPOConfig(
+        str(tmp_path / "run"),
+        resolution=32,
+        max_steps=1,
+        lora_rank=2,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        learning_rate=1e-2,
+        disable_tqdm=True,
+    )
+    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args, train_dataset=_pairs(2))
+    trainer.train()
+    trainer.save_model()
+    model, processor = tiny_clip_model(seed=3)
+    model.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    (tmp_path / "prompts.txt").write_text("a dog on a beach\n\na red car\n")
+    command = [
+        "dpo",
+        "eval",
+        str(tmp_path / "base"),
+        str(tmp_path / "run"),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+    ]
+    command += ["--seeds", "0,1", "--steps", "2", "--device", "cpu", "--dtype", "float32", "--subset", "dogs"]
+    command += ["--output-dir", str(tmp_path / "eval")]
+    for name in ("pickscore", "hpsv2", "clip"):
+        command += [f"--{name}-model", str(tmp_path / "clip")]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| Model | Subset | PickScore | HPSv2 | CLIP | PickScore win rate")
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| base", "| base + DPO"]
+    assert all(" | dogs | " in line for line in lines[1:])
+    assert (tmp_path / "eval" / "dpo_eval_grid.png").is_file()
+    scores = (tmp_path / "eval" / "dpo_eval_scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + 2 * 2 * 2  # header + 2 models × 2 prompts × 2 seeds
