@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--n-ref", type=int, default=8, help="Reference pairs per example.")
     train.add_argument("--num-prototypes", type=int, default=10, help="Prototypes added in stage 2.")
     train.add_argument("--seed", type=int, default=0, help="Seed.")
+    train.add_argument(
+        "--push-to-hub", default=None, metavar="REPO_ID", help="Upload the trained model folder (with its card)."
+    )
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="Pairwise / 1-vs-3 accuracy, seen vs unseen, N_ref curve, baselines.")
@@ -102,6 +105,10 @@ def _train(args: argparse.Namespace) -> int:
     )
     path = train_from_dataset(args.model, args.dataset, config)
     print(f"model → {path}")
+    if args.push_to_hub:
+        from imagegem_hf.hub import push_folder
+
+        print(f"pushed → {push_folder(path, args.push_to_hub)}")
     return 0
 
 
