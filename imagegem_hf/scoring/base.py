@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -120,6 +121,33 @@ class CLIPPairScorer:
             with torch.inference_mode():
                 chunks.append(self._combine(image_embeds, text_embeds).float().cpu())
         return torch.cat(chunks)
+
+
+class CLIPProcessorScorer(CLIPPairScorer):
+    """A `CLIPPairScorer` whose images and prompts go through a `CLIPProcessor` (shortest side resized, center
+    crop; prompts truncated to 77 tokens): the shared part of PickScore and CLIP score.
+
+    Args:
+        model: A `transformers.CLIPModel`; moved to `device` and `dtype`.
+        processor: Its `CLIPProcessor`.
+        device: Where the model runs.
+        dtype: Model dtype; scores are returned as float32.
+    """
+
+    def __init__(self, model, processor, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__(model, device=device, dtype=dtype)
+        self.processor = processor
+
+    @classmethod
+    def _load(cls, model_path: str | os.PathLike, processor_path: str | os.PathLike, device, dtype):
+        """A `CLIPModel` from `model_path` and a `CLIPProcessor` from `processor_path` (local dirs or repo ids)."""
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(model_path, dtype=dtype)
+        return cls(model, CLIPProcessor.from_pretrained(processor_path), device=device, dtype=dtype)
+
+    def _inputs(self, images: list[Image.Image], prompts: list[str]):
+        return processor_inputs(self.processor, images, prompts, self.max_length)
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 
 import torch
-from PIL import Image
 
-from imagegem_hf.scoring.base import CLIPPairScorer, processor_inputs
+from imagegem_hf.scoring.base import CLIPProcessorScorer
 
 
-class CLIPScore(CLIPPairScorer):
+class CLIPScore(CLIPProcessorScorer):
     """CLIP score of `(image, prompt)` pairs: `max(100 * cos(image_embeds, text_embeds), 0)`.
 
     Images go through the `CLIPProcessor` (shortest side resized, center crop); prompts are truncated to 77 tokens.
@@ -33,10 +32,6 @@ class CLIPScore(CLIPPairScorer):
         ```
     """
 
-    def __init__(self, model, processor, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        super().__init__(model, device=device, dtype=dtype)
-        self.processor = processor
-
     @classmethod
     def from_pretrained(
         cls,
@@ -54,14 +49,7 @@ class CLIPScore(CLIPPairScorer):
             >>> scorer = CLIPScore.from_pretrained("openai/clip-vit-large-patch14")  # doctest: +SKIP
             ```
         """
-        from transformers import CLIPModel, CLIPProcessor
-
-        model = CLIPModel.from_pretrained(path_or_repo_id, dtype=dtype)
-        processor = CLIPProcessor.from_pretrained(processor_path_or_repo_id or path_or_repo_id)
-        return cls(model, processor, device=device, dtype=dtype)
-
-    def _inputs(self, images: list[Image.Image], prompts: list[str]):
-        return processor_inputs(self.processor, images, prompts, self.max_length)
+        return cls._load(path_or_repo_id, processor_path_or_repo_id or path_or_repo_id, device, dtype)
 
     def _combine(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return (100.0 * (image_embeds * text_embeds).sum(-1)).clamp(min=0.0)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 
 import torch
-from PIL import Image
 
-from imagegem_hf.scoring.base import CLIPPairScorer, processor_inputs
+from imagegem_hf.scoring.base import CLIPProcessorScorer
 
 
-class PickScore(CLIPPairScorer):
+class PickScore(CLIPProcessorScorer):
     """PickScore of `(image, prompt)` pairs: `model.logit_scale.exp() * cos(image_embeds, text_embeds)`.
 
     Images go through the `CLIPProcessor` (shortest side resized, center crop), prompts through its tokenizer
@@ -34,10 +33,6 @@ class PickScore(CLIPPairScorer):
         ```
     """
 
-    def __init__(self, model, processor, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        super().__init__(model, device=device, dtype=dtype)
-        self.processor = processor
-
     @classmethod
     def from_pretrained(
         cls,
@@ -54,13 +49,7 @@ class PickScore(CLIPPairScorer):
             >>> scorer = PickScore.from_pretrained(device="cuda", dtype=torch.float16)  # doctest: +SKIP
             ```
         """
-        from transformers import CLIPModel, CLIPProcessor
-
-        model = CLIPModel.from_pretrained(path_or_repo_id, dtype=dtype)
-        return cls(model, CLIPProcessor.from_pretrained(processor_path_or_repo_id), device=device, dtype=dtype)
-
-    def _inputs(self, images: list[Image.Image], prompts: list[str]):
-        return processor_inputs(self.processor, images, prompts, self.max_length)
+        return cls._load(path_or_repo_id, processor_path_or_repo_id, device, dtype)
 
     def _combine(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return self.model.logit_scale.float().exp() * (image_embeds * text_embeds).sum(-1)
