@@ -237,6 +237,26 @@ def tiny_vlm_tokenizer():
     return tokenizer
 
 
+def tiny_text_config(
+    model_type: str, tokenizer, hidden_size: int, max_position_embeddings: int = 4096, **extra: Any
+) -> dict[str, Any]:
+    """The text config of a tiny VLM language model (2 layers, 2 heads) over `tokenizer`'s vocabulary."""
+    return dict(
+        model_type=model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+
+
 def tiny_vlm(seed: int = 0, image_size: int = 16, text_hidden_size: int = 16):
     """A tiny `LlavaForConditionalGeneration` (CLIP vision tower + Llama LM) and its `LlavaProcessor`.
 
@@ -270,19 +290,7 @@ def tiny_vlm(seed: int = 0, image_size: int = 16, text_hidden_size: int = 16):
             patch_size=8,
             projection_dim=8,
         ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=text_hidden_size,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ),
+        text_config=tiny_text_config("llama", tokenizer, text_hidden_size, max_position_embeddings=2048),
         image_token_index=image_token_id,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from imagegem_hf.testing import tiny_vlm_tokenizer
+from imagegem_hf.testing import tiny_text_config, tiny_vlm_tokenizer
 
 # SmolVLM's published chat template (an answered assistant turn renders "Assistant: +", the generation prompt ends
 # "Assistant:")
@@ -33,23 +33,6 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def _text_config(model_type: str, tokenizer, hidden_size: int, **extra) -> dict:
-    return dict(
-        model_type=model_type,
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **extra,
-    )
 
 
 def tiny_idefics3(seed: int = 0, image_size: int = 16, text_hidden_size: int = 16):
@@ -91,7 +74,7 @@ def tiny_idefics3(seed: int = 0, image_size: int = 16, text_hidden_size: int = 1
             image_size=image_size,
             patch_size=patch_size,
         ),
-        text_config=_text_config("llama", tokenizer, text_hidden_size),
+        text_config=tiny_text_config("llama", tokenizer, text_hidden_size),
         scale_factor=scale_factor,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
@@ -159,7 +142,7 @@ def tiny_idefics2(seed: int = 0, image_size: int = 16, text_hidden_size: int = 1
             resampler_head_dim=4,
             num_key_value_heads=1,
         ),
-        text_config=_text_config("mistral", tokenizer, text_hidden_size),
+        text_config=tiny_text_config("mistral", tokenizer, text_hidden_size),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
@@ -212,7 +195,7 @@ def tiny_qwen2_vl(seed: int = 0, image_size: int = 16, text_hidden_size: int = 1
             temporal_patch_size=2,
             in_channels=3,
         ),
-        text_config=_text_config(
+        text_config=tiny_text_config(
             "qwen2_vl_text",
             tokenizer,
             text_hidden_size,
