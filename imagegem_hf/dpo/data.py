@@ -57,26 +57,27 @@ def _winner_loser_caption(row: dict[str, Any]) -> tuple[Any, Any, Any, float | N
     return row.get("chosen"), row.get("rejected"), row.get("prompt"), 1.0
 
 
-def _problem(row: dict[str, Any]) -> str | None:
+def _checked_pair(row: dict[str, Any]) -> tuple[str | None, str, bytes, bytes]:
+    """`(problem, caption, winner bytes, loser bytes)` of one row; `problem` is None for a trainable pair."""
     winner, loser, caption, label = _winner_loser_caption(row)
     if label is None or label == 0.5:
-        return "tie"
+        return "tie", "", b"", b""
     if not caption or not str(caption).strip():
-        return "empty prompt"
+        return "empty prompt", "", b"", b""
     blobs = []
     for value in (winner, loser):
         data = _image_bytes(value)
         if data is None:
-            return "missing image"
+            return "missing image", "", b"", b""
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.verify()
         except Exception:
-            return "unreadable image"
+            return "unreadable image", "", b"", b""
         blobs.append(data)
     if blobs[0] == blobs[1]:
-        return "identical images"
-    return None
+        return "identical images", "", b"", b""
+    return None, str(caption), blobs[0], blobs[1]
 
 
 def prepare_dpo_dataset(dataset, num_proc: int | None = None):
@@ -116,16 +117,8 @@ def prepare_dpo_dataset(dataset, num_proc: int | None = None):
         )
 
     def normalise(row: dict[str, Any]) -> dict[str, Any]:
-        problem = _problem(row)
-        if problem is not None:
-            return {"caption": "", "image_w": b"", "image_l": b"", "_problem": problem}
-        winner, loser, caption, _ = _winner_loser_caption(row)
-        return {
-            "caption": str(caption),
-            "image_w": _image_bytes(winner),
-            "image_l": _image_bytes(loser),
-            "_problem": "",
-        }
+        problem, caption, winner, loser = _checked_pair(row)
+        return {"caption": caption, "image_w": winner, "image_l": loser, "_problem": problem or ""}
 
     checked = dataset.map(normalise, remove_columns=dataset.column_names, num_proc=num_proc, desc="Checking pairs")
     counts = Counter(checked["_problem"])
