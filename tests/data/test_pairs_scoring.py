@@ -103,3 +103,27 @@ def test_cli_pairs_with_a_reward_model_needs_image_files(tmp_path, capsys):
     pd.DataFrame({"imageId": [1], "prompt": ["x"]}).to_parquet(tmp_path / "images" / "train.parquet")
     assert main(["dataset", "pairs", str(tmp_path)]) == 2
     assert "--image-dir" in capsys.readouterr().err
+
+
+def test_blank_prompts_are_never_paired():
+    table = pd.DataFrame({"imageId": [1, 2, 3, 4], "prompt": ["a dog", "  ", "a dog", ""], "s": [0.1, 9.0, 0.5, 8.0]})
+
+    class OneTopic:
+        def embed_texts(self, texts):
+            assert all(t.strip() for t in texts)  # blank prompts never reach the embedder
+            return np.eye(2, 8, dtype=np.float32)[[0] * len(texts)] + 1e-3 * np.arange(len(texts))[:, None]
+
+    with pytest.raises(ValueError, match="No images with a prompt"):
+        make_preference_pairs(table.iloc[[1, 3]], score="s", embedder=OneTopic(), min_cluster_size=2)
+    two_topics = pd.concat(
+        [table, table.assign(imageId=table.imageId + 10, prompt=table.prompt.str.replace("dog", "car"))]
+    )
+
+    class TwoTopics:
+        def embed_texts(self, texts):
+            assert all(t.strip() for t in texts)
+            topic = np.array(["car" in t for t in texts], dtype=int)
+            return np.eye(2, 8, dtype=np.float32)[topic] + 1e-3 * np.arange(len(texts))[:, None]
+
+    pairs = make_preference_pairs(two_topics, score="s", embedder=TwoTopics(), min_cluster_size=2)
+    assert sorted(pairs[["chosen", "rejected"]].values.tolist()) == [[3, 1], [13, 11]]
