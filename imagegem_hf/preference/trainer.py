@@ -206,8 +206,15 @@ def train_preference_model(
     elif args.stage == 2 and model.prototypes is None:
         raise ValueError("Stage 2 from an in-memory model needs prototypes; pass the stage-1 folder instead.")
     builder = PreferenceSequenceBuilder.from_config(processor, model.config)
+    # The shared-prefix batch reuses a KV cache, which activation checkpointing disables: with checkpointing on,
+    # each target is scored on its full sequence instead (same logits, more compute, far less activation memory).
     collator = PreferenceCollator(
-        builder, load_image, n_ref=args.n_ref, shuffle_references=args.shuffle_references, seed=args.seed
+        builder,
+        load_image,
+        n_ref=args.n_ref,
+        shuffle_references=args.shuffle_references,
+        seed=args.seed,
+        share_prefix=not args.activation_checkpointing,
     )
     trainable = prepare_stage1(model, args) if args.stage == 1 else prepare_stage2(model)
     trainer = PreferencePrototypeTrainer(

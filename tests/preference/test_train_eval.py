@@ -133,3 +133,21 @@ def test_user_similarity_is_cosine_of_centred_profiles():
     expected = centred @ centred.T / np.outer(np.linalg.norm(centred, axis=1), np.linalg.norm(centred, axis=1))
     np.testing.assert_allclose(sim.to_numpy(), expected, atol=1e-12)
     assert sim.loc["a", "b"] == pytest.approx(1.0) and sim.loc["a", "c"] == pytest.approx(-1.0)
+
+
+def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, planted):
+    # with checkpointing the collator scores full sequences (no shared-prefix KV cache); the step must not change
+    splits, images = planted
+    trained = []
+    for checkpointing in (False, True):
+        backbone, processor = tiny_vlm(seed=0)
+        model, _ = PreferencePrototypeModel.from_backbone(backbone, processor, num_prototypes=0, n_ref=N_REF)
+        config = args(tmp_path / str(checkpointing), 1, max_steps=2, activation_checkpointing=checkpointing)
+        trained.append(train_preference_model(model, processor, splits["train"], images.__getitem__, config))
+    untrained, _ = PreferencePrototypeModel.from_backbone(*tiny_vlm(seed=0), num_prototypes=0, n_ref=N_REF)
+    first = dict(trained[0].named_parameters())
+    changed = 0
+    for name, param in trained[1].named_parameters():
+        torch.testing.assert_close(param, first[name], rtol=1e-4, atol=1e-5, msg=name)
+        changed += not torch.equal(param, dict(untrained.named_parameters())[name])
+    assert changed > 0
