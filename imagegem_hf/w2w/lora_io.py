@@ -14,6 +14,7 @@ architecture than the one asked for.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -24,8 +25,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from imagegem_hf.w2w.safetensors_reader import SafetensorsError, SafetensorsFile
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Substrings of keys that identify formats we do not reduce, with the name reported to the user.
@@ -180,32 +182,31 @@ def _check_not_pickle(path: Path) -> None:
 
 
 def _read_safetensors(path: Path, header_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a file, or with `header_only` meta-device placeholders of the right shapes (alphas are read)."""
+    """All tensors of a file as zero-copy views (`SafetensorsFile`), or with `header_only` meta-device placeholders
+    of the right shapes (alphas are read)."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {}
-            for key in handle.keys():
-                if header_only and not key.endswith(".alpha"):
-                    tensors[key] = torch.empty(handle.get_slice(key).get_shape(), device="meta")
-                else:
-                    tensors[key] = handle.get_tensor(key)
-    except Exception as err:  # safetensors raises its own error types for corrupt headers and short files
+        handle = SafetensorsFile(path)
+        if header_only:
+            tensors = {key: torch.empty(entry.shape, device="meta") for key, entry in handle.entries.items()}
+            tensors.update(handle.read([key for key in tensors if key.endswith(".alpha")]))
+        else:
+            tensors = handle.tensors()
+    except SafetensorsError as err:
         raise ValueError(
             f"{path} is not a readable safetensors file (corrupt or truncated: {err}). Re-download or re-export it."
         ) from err
-    return tensors, metadata
+    return tensors, handle.metadata
 
 
 def _reject_unsupported(keys: list[str], path: Path | str) -> None:
+    joined = "\n".join(keys)
     for marker, name in UNSUPPORTED_KEY_MARKERS:
-        if any(marker in key for key in keys):
+        if marker in joined:
             raise ValueError(
                 f"{path} is a {name} file (keys contain {marker!r}); only plain low-rank LoRAs (lora_down/lora_up "
                 "or lora_A/lora_B) are supported. Extract a LoRA from it first (e.g. kohya's extract_lora)."
             )
-    has_lora = any(("lora_down" in k or "lora_A" in k or ".lora.down." in k or "lora_linear_layer" in k) for k in keys)
-    if not has_lora:
+    if not any(marker in joined for marker in ("lora_down", "lora_A", ".lora.down.", "lora_linear_layer")):
         if any(key.startswith(FULL_CHECKPOINT_MARKERS) for key in keys) or any(
             key.endswith(("conv_in.weight", "norm1.weight", "proj_in.weight")) for key in keys
         ):
@@ -248,6 +249,23 @@ def _module_alpha(module_path: str, rank: int, peft_config: dict[str, Any] | Non
 
 
 def _from_kohya(tensors: dict[str, torch.Tensor], unet_config: Any | None) -> tuple[dict[str, LoRAModule], str]:
+    alphas = {k[: -len(".alpha")]: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    signature = tuple(sorted((k, tuple(v.shape)) for k, v in tensors.items() if not k.endswith(".alpha")))
+    layers_per_block = (unet_config or SDXL_SGM_UNET_CONFIG).layers_per_block
+    modules = {}
+    for name, down_key, up_key in _kohya_module_keys(signature, layers_per_block):
+        kohya_name = down_key.split(".", 1)[0]
+        modules[name] = LoRAModule(down=tensors[down_key], up=tensors[up_key], alpha=alphas.get(kohya_name))
+    return modules, "kohya"
+
+
+@functools.lru_cache(maxsize=64)
+def _kohya_module_keys(signature: tuple[tuple[str, tuple[int, ...]], ...], layers_per_block: int) -> tuple:
+    """`(canonical name, down key, up key)` per module of a kohya file whose tensors have these `(key, shape)`s.
+
+    diffusers' converters only rename keys, so they run once per layout on meta placeholders (a collection of
+    LoRAs repeats a handful of layouts) and each module is traced back to its keys by tensor identity.
+    """
     from diffusers.loaders.lora_conversion_utils import (
         _convert_non_diffusers_lora_to_diffusers,
         _maybe_map_sgm_blocks_to_diffusers,
@@ -262,12 +280,10 @@ def _from_kohya(tensors: dict[str, torch.Tensor], unet_config: Any | None) -> tu
     # kohya text-encoder keys come out with attention in the old naming and MLPs in the new one: map both
     text_encoder_mapping = {**DIFFUSERS_OLD_TO_PEFT, **DIFFUSERS_TO_PEFT}
 
-    state_dict = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
-    alphas = {k[: -len(".alpha")]: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
-    # Track each kohya module by the identity of its down tensor: the converters only rename keys.
-    kohya_name_of = {id(v): k.split(".", 1)[0] for k, v in state_dict.items() if k.endswith("lora_down.weight")}
+    state_dict = {key: torch.empty(shape, device="meta") for key, shape in signature}
+    key_of = {id(tensor): key for key, tensor in state_dict.items()}
     if any(p in key for key in state_dict for p in ("input_blocks", "middle_block", "output_blocks")):
-        state_dict = _maybe_map_sgm_blocks_to_diffusers(state_dict, unet_config or SDXL_SGM_UNET_CONFIG)
+        state_dict = _maybe_map_sgm_blocks_to_diffusers(state_dict, SimpleNamespace(layers_per_block=layers_per_block))
     converted, _ = _convert_non_diffusers_lora_to_diffusers(state_dict)
     peft_keys: dict[str, torch.Tensor] = {}
     for component in ("unet", "text_encoder", "text_encoder_2"):
@@ -279,23 +295,18 @@ def _from_kohya(tensors: dict[str, torch.Tensor], unet_config: Any | None) -> tu
         else:
             part = convert_state_dict(part, text_encoder_mapping)
         peft_keys.update({f"{component}.{k}": v for k, v in part.items()})
-    downs = {k[: -len(".lora_A.weight")]: v for k, v in peft_keys.items() if k.endswith(".lora_A.weight")}
-    modules = _modules_from_peft_keys(peft_keys)
-    for name, module in modules.items():
-        module.alpha = alphas.get(kohya_name_of[id(downs[name])])
-    return modules, "kohya"
+    pairs = _peft_pairs(peft_keys)
+    return tuple((name, key_of[id(down)], key_of[id(up)]) for name, (down, up) in sorted(pairs.items()))
 
 
-def _modules_from_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, LoRAModule]:
-    modules: dict[str, LoRAModule] = {}
+def _peft_pairs(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`{module: (lora_A, lora_B)}` from peft-style keys."""
     downs = {k[: -len(".lora_A.weight")]: v for k, v in state_dict.items() if k.endswith(".lora_A.weight")}
     ups = {k[: -len(".lora_B.weight")]: v for k, v in state_dict.items() if k.endswith(".lora_B.weight")}
     if set(downs) != set(ups):
         missing = sorted(set(downs) ^ set(ups))[:3]
         raise ValueError(f"LoRA modules with only one of lora_A/lora_B: {missing}. The file is incomplete.")
-    for name, down in downs.items():
-        modules[name] = LoRAModule(down=down.float(), up=ups[name].float())
-    return modules
+    return {name: (down, ups[name]) for name, down in downs.items()}
 
 
 def _from_diffusers_or_peft(
@@ -310,7 +321,7 @@ def _from_diffusers_or_peft(
     prefix = "base_model.model."
     component = (peft_config or {}).get("component", "unet")
     state = {(f"{component}.{k[len(prefix) :]}" if k.startswith(prefix) else k): v for k, v in state.items()}
-    modules = _modules_from_peft_keys(state)
+    modules = {name: LoRAModule(down=down, up=up) for name, (down, up) in _peft_pairs(state).items()}
     configs: dict[str, dict[str, Any]] = {}
     if peft_config is not None:
         configs[component] = peft_config
@@ -386,8 +397,8 @@ def load_lora(
         raise ValueError(f"{path} mixes kohya keys (lora_unet_…) with other keys; re-export it in one format.")
     else:
         modules, fmt = _from_diffusers_or_peft(tensors, metadata, peft_config)
-    for module in modules.values():
-        module.down, module.up = module.down.to(dtype), module.up.to(dtype)
+    for module in modules.values():  # copies: the read tensors are views into the file's memory map
+        module.down, module.up = module.down.to(dtype, copy=True), module.up.to(dtype, copy=True)
     lora = LoRA(modules=modules, source_format=fmt, metadata=metadata)
     if base is not None and lora.base not in (base, "unknown"):
         raise ValueError(

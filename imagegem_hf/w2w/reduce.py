@@ -24,102 +24,76 @@ LAYER_GROUPS = {
 }
 
 
-def _gram_roots(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For Gram matrices AᵀA (float64): `R` with AᵀA = RᵀR (so A = Q·R, Q orthonormal) and a pseudo-inverse of R.
+def _gram_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For Gram matrices G = B·Bᵀ (float64, `(..., r, r)`): a root `L` with L·Lᵀ = G, and which matrices needed the
+    eigendecomposition (`None` if none did).
 
-    Cholesky (R upper triangular) where AᵀA is positive definite; where it is singular (a rank-deficient
-    factor, e.g. zero-padded ranks) R = Λ^½·Vᵀ from the eigendecomposition, with the null space dropped.
+    `L` is the lower Cholesky factor where G is positive definite; where it is singular (a rank-deficient factor,
+    e.g. zero-padded ranks) L = V·Λ^½ from the eigendecomposition, with the null space zeroed.
     """
     lower, info = torch.linalg.cholesky_ex(gram)
-    r = lower.mT
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype).expand_as(gram)
-    r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
     singular = info != 0
-    if bool(singular.any()):
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-        root = eigenvalues.clamp(min=0.0).sqrt()
-        tolerance = root.amax(dim=-1, keepdim=True) * 1e-7 * gram.shape[-1]
-        inverse = torch.where(root > tolerance, 1.0 / root.clamp(min=1e-300), torch.zeros_like(root))
-        root = torch.where(root > tolerance, root, torch.zeros_like(root))
-        r_eig, r_inv_eig = root[..., :, None] * eigenvectors.mT, eigenvectors * inverse[..., None, :]
-        mask = singular[..., None, None]
-        r, r_inv = torch.where(mask, r_eig, r), torch.where(mask, r_inv_eig, r_inv)
-    return r, r_inv
+    if not bool(singular.any()):
+        return lower, None
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    root = eigenvalues.clamp(min=0.0).sqrt()
+    tolerance = root.amax(dim=-1, keepdim=True) * 1e-7 * gram.shape[-1]
+    root = torch.where(root > tolerance, root, torch.zeros_like(root))
+    return torch.where(singular[..., None, None], eigenvectors * root[..., None, :], lower), singular
 
 
-def top_singular_factors(
-    up: torch.Tensor, down: torch.Tensor, scale: float | torch.Tensor = 1.0, rank: int = 1, method: str = "gram"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-`rank` singular triplets of `scale · up @ down` from the factors, with √s split and a fixed sign.
-
-    Leading batch dimensions are supported (a batch of same-shaped modules is reduced in one call).
-
-    Args:
-        up: `(..., m, r)`.
-        down: `(..., r, n)`.
-        scale: The LoRA scale alpha / r (a float, or a tensor broadcasting over the batch dimensions).
-        rank: Number of components kept; components beyond the LoRA's rank are zero.
-        method: `"gram"` (R factors by Cholesky of the r×r Gram matrices in float64, eigendecomposition where
-            they are singular; top singular pairs of the r×r core from its eigendecomposition) or `"qr"`
-            (Householder QR and an SVD of the core).
-
-    Returns:
-        `(u, v, s)`: `u` `(..., m, rank)` = U·√s, `v` `(..., n, rank)` = V·√s, and the singular values `s`
-        `(..., rank)`, so that `u @ vᵀ` is the best rank-`rank` approximation of ΔW. In each column the
-        largest-magnitude entry of `u` is positive.
-
-    Example:
-        ```python
-        >>> import torch
-        >>> from imagegem_hf.w2w.reduce import top_singular_factors
-        >>> up, down = torch.randn(6, 3), torch.randn(3, 5)
-        >>> u, v, s = top_singular_factors(up, down)
-        >>> torch.allclose(s[0], torch.linalg.svdvals(up @ down)[0], atol=1e-4)
-        True
-        ```
-    """
-    dtype = up.dtype
-    if method == "gram":
-        x_up, x_down, s, positive = _core_top(
-            (up.mT @ up).double(), (down @ down.mT).double(), torch.as_tensor(scale, dtype=torch.float64), rank
-        )
-        u, v = up @ x_up.to(dtype), down.mT @ x_down.to(dtype)
-    elif method == "qr":
-        q_up, r_up = torch.linalg.qr(up)  # (m, k1), (k1, r)
-        q_down, r_down = torch.linalg.qr(down.mT)  # (n, k2), (k2, r)
-        scale = torch.as_tensor(scale, dtype=torch.float64)[..., None, None]
-        core = (r_up @ r_down.mT).double() * scale  # (k1, k2), at most r × r
-        u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
-        keep = min(rank, s.shape[-1])
-        s = s[..., :keep]
-        u = q_up @ u_core[..., :keep].to(dtype)
-        v = q_down @ vh_core[..., :keep, :].mT.to(dtype)
-        positive = s > s[..., :1] * 1e-12
-    else:
-        raise ValueError(f"Unknown method {method!r}; use 'gram' or 'qr'.")
-    return _finish(u, v, s, positive, rank)
+def _solve_root_transposed(root: torch.Tensor, singular: torch.Tensor | None, rhs: torch.Tensor) -> torch.Tensor:
+    """L⁻ᵀ·rhs for the roots of `_gram_root` (the pseudo-inverse where L came from the eigendecomposition)."""
+    if singular is None:
+        return torch.linalg.solve_triangular(root.mT, rhs, upper=True)
+    safe = torch.where(singular[..., None, None], torch.eye(root.shape[-1], dtype=root.dtype), root)
+    solved = torch.linalg.solve_triangular(safe.mT, rhs, upper=True)
+    pinv_t = torch.linalg.pinv(root.mT)  # eigen roots: L = V·Λ^½ → L⁺ᵀ = V·Λ^-½ on the non-null part
+    return torch.where(singular[..., None, None], pinv_t @ rhs, solved)
 
 
 def _core_top(
     gram_up: torch.Tensor, gram_down: torch.Tensor, scale: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From the float64 Gram matrices upᵀ·up and down·downᵀ: `x_up`, `x_down` (r × k) with u = up·x_up and
-    v = downᵀ·x_down the top-k singular vectors (before normalisation), the singular values, and which are > 0."""
-    r_up, r_up_inv = _gram_roots(gram_up)
-    r_down, r_down_inv = _gram_roots(gram_down)
-    core = (r_up @ r_down.mT) * scale[..., None, None]
-    gram = core @ core.mT
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-`rank` singular triplets of ΔW = scale·up·down from the float64 Gram matrices upᵀ·up and
+    down·downᵀ alone.
+
+    With down·downᵀ = L·Lᵀ, Q = downᵀ·L⁻ᵀ has orthonormal columns and ΔWᵀ·ΔW = Q·M·Qᵀ with the r×r
+    M = scale²·Lᵀ·(upᵀ·up)·L. An eigenpair (σ², y) of M gives v = Q·y = downᵀ·(L⁻ᵀ·y) and
+    u = ΔW·v/σ = up·(scale·L·y/σ). Only one r×r root is needed, and `up` may be rank deficient.
+
+    Returns:
+        `(x_up, x_down, s)`: `(..., r, rank)` matrices with up·x_up = U·√s and downᵀ·x_down = V·√s (columns
+        already normalised through the Gram matrices; zero for null or padded components) and the singular values
+        `(..., rank)`.
+    """
+    root, singular = _gram_root(gram_down)
+    scale = torch.as_tensor(scale, dtype=torch.float64)[..., None, None]
+    core = scale**2 * (root.mT @ gram_up @ root)
+    core = (core + core.mT) / 2
     if rank == 1:
-        top_value, top_vector = _top_eigenpair(gram)
-        u_core, s = top_vector[..., None], top_value.clamp(min=0.0).sqrt()[..., None]
+        top_value, top_vector = _top_eigenpair(core)
+        values, vectors = top_value[..., None], top_vector[..., None]
     else:
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+        eigenvalues, eigenvectors = torch.linalg.eigh(core)  # ascending
         keep = min(rank, eigenvalues.shape[-1])
-        u_core = eigenvectors[..., -keep:].flip(-1)
-        s = eigenvalues[..., -keep:].flip(-1).clamp(min=0.0).sqrt()
-    positive = s > s[..., :1] * 1e-12
-    v_core = (core.mT @ u_core) / torch.where(positive, s, torch.ones_like(s))[..., None, :]
-    return r_up_inv @ u_core, r_down_inv @ v_core, s, positive
+        values, vectors = eigenvalues[..., -keep:].flip(-1), eigenvectors[..., -keep:].flip(-1)
+    s = values.clamp(min=0.0).sqrt()
+    positive = s > s[..., :1] * 1e-12  # also False everywhere for a zero ΔW
+    x_down = _solve_root_transposed(root, singular, vectors)
+    x_up = scale * (root @ vectors)
+    # Normalise through the Grams (|up·x|² = xᵀ·upᵀup·x), which also removes the rounding of the implicit Q.
+    norm_up = torch.einsum("...ik,...ij,...jk->...k", x_up, gram_up, x_up).clamp(min=0.0).sqrt()
+    norm_down = torch.einsum("...ik,...ij,...jk->...k", x_down, gram_down, x_down).clamp(min=0.0).sqrt()
+    root_s = torch.where(positive, s.sqrt(), torch.zeros_like(s))
+    x_up = x_up * (root_s / norm_up.clamp(min=1e-300))[..., None, :]
+    x_down = x_down * (root_s / norm_down.clamp(min=1e-300))[..., None, :]
+    s = torch.where(positive, s, torch.zeros_like(s))
+    if s.shape[-1] < rank:  # the LoRA has lower rank than asked: zero components
+        pad = rank - s.shape[-1]
+        x_up, x_down = (torch.cat([x, x.new_zeros(*x.shape[:-1], pad)], dim=-1) for x in (x_up, x_down))
+        s = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], dim=-1)
+    return x_up, x_down, s
 
 
 def _top_eigenpair(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,50 +117,154 @@ def _top_eigenpair(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top, vector
 
 
-def _finish(
-    u: torch.Tensor, v: torch.Tensor, s: torch.Tensor, positive: torch.Tensor, rank: int
+def _fix_signs_(u: torch.Tensor, vt: torch.Tensor) -> None:
+    """In place: flip each component (column of `u` `(..., m, k)`, row of `vt` `(..., k, n)`) so that the
+    largest-magnitude entry of its `u` is positive (zero components stay zero)."""
+    peaks = u.gather(-2, u.abs().argmax(dim=-2, keepdim=True))  # (..., 1, k)
+    negative = peaks < 0
+    if bool(negative.any()):
+        signs = torch.where(negative, -1.0, 1.0).to(u.dtype)
+        u.mul_(signs)
+        vt.mul_(signs.mT)
+
+
+def top_singular_factors(
+    up: torch.Tensor, down: torch.Tensor, scale: float | torch.Tensor = 1.0, rank: int = 1, method: str = "gram"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unit-normalise the singular vectors, zero the null components, fix the sign, split √s, pad to `rank`."""
-    dtype = u.dtype
-    u = u / u.norm(dim=-2, keepdim=True).clamp(min=1e-30)  # undo float rounding of the implicit Q
-    v = v / v.norm(dim=-2, keepdim=True).clamp(min=1e-30)
-    s = torch.where(positive, s, torch.zeros_like(s)).to(dtype)
-    u, v = u.masked_fill(~positive[..., None, :], 0.0), v.masked_fill(~positive[..., None, :], 0.0)
-    signs = torch.sign(u.gather(-2, u.abs().argmax(dim=-2, keepdim=True)))  # (..., 1, keep)
-    signs[signs == 0] = 1.0
-    root = s[..., None, :].sqrt() * signs
-    u, v = u * root, v * root
-    keep = s.shape[-1]
-    if keep < rank:  # the LoRA has lower rank than asked: pad with zero components
-        pad = rank - keep
-        u = torch.cat([u, u.new_zeros(*u.shape[:-1], pad)], dim=-1)
-        v = torch.cat([v, v.new_zeros(*v.shape[:-1], pad)], dim=-1)
-        s = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], dim=-1)
-    return u, v, s
+    """Top-`rank` singular triplets of `scale · up @ down` from the factors, with √s split and a fixed sign.
+
+    Leading batch dimensions are supported (a batch of same-shaped modules is reduced in one call).
+
+    Args:
+        up: `(..., m, r)`.
+        down: `(..., r, n)`.
+        scale: The LoRA scale alpha / r (a float, or a tensor broadcasting over the batch dimensions).
+        rank: Number of components kept; components beyond the LoRA's rank are zero.
+        method: `"gram"` (the r×r Gram matrices in float64, a Cholesky root of down·downᵀ or its
+            eigendecomposition where singular, and the top eigenpairs of an r×r core) or `"qr"` (Householder QR of
+            both factors and an SVD of the core: slower, for ill-conditioned factors).
+
+    Returns:
+        `(u, v, s)`: `u` `(..., m, rank)` = U·√s, `v` `(..., n, rank)` = V·√s, and the singular values `s`
+        `(..., rank)`, so that `u @ vᵀ` is the best rank-`rank` approximation of ΔW. In each column the
+        largest-magnitude entry of `u` is positive.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from imagegem_hf.w2w.reduce import top_singular_factors
+        >>> up, down = torch.randn(6, 3), torch.randn(3, 5)
+        >>> u, v, s = top_singular_factors(up, down)
+        >>> torch.allclose(s[0], torch.linalg.svdvals(up @ down)[0], atol=1e-4)
+        True
+        ```
+    """
+    dtype = up.dtype
+    if method == "gram":
+        x_up, x_down, s = _core_top(
+            (up.mT @ up).double(), (down @ down.mT).double(), torch.as_tensor(scale, dtype=torch.float64), rank
+        )
+        u, vt = up @ x_up.to(dtype), x_down.mT.to(dtype) @ down
+    elif method == "qr":
+        q_up, r_up = torch.linalg.qr(up)  # (m, k1), (k1, r)
+        q_down, r_down = torch.linalg.qr(down.mT)  # (n, k2), (k2, r)
+        scale = torch.as_tensor(scale, dtype=torch.float64)[..., None, None]
+        core = (r_up @ r_down.mT).double() * scale  # (k1, k2), at most r × r
+        u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
+        keep = min(rank, s.shape[-1])
+        s = s[..., :keep]
+        root_s = torch.where(s > s[..., :1] * 1e-12, s.sqrt(), torch.zeros_like(s))
+        u = q_up @ (u_core[..., :keep] * root_s[..., None, :]).to(dtype)
+        vt = (vh_core[..., :keep, :] * root_s[..., :, None]).to(dtype) @ q_down.mT
+        s = root_s**2
+        if keep < rank:
+            pad = rank - keep
+            u = torch.cat([u, u.new_zeros(*u.shape[:-1], pad)], dim=-1)
+            vt = torch.cat([vt, vt.new_zeros(*vt.shape[:-2], pad, vt.shape[-1])], dim=-2)
+            s = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], dim=-1)
+    else:
+        raise ValueError(f"Unknown method {method!r}; use 'gram' or 'qr'.")
+    _fix_signs_(u, vt)
+    return u, vt.mT, s.to(dtype)
 
 
-def _canonical_module(u: torch.Tensor, v: torch.Tensor, like: LoRAModule) -> LoRAModule:
-    """Factors `u` (out, k), `v` (in·kh·kw, k) as a scale-1 module shaped like `like` (conv shapes kept)."""
+def reduced_factors(
+    lora: LoRA,
+    rank: int = 1,
+    method: str = "gram",
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, the best rank-`rank` approximation of ΔW as `(up (out × rank), down (rank × in·kh·kw))`, scale 1.
+
+    With `"gram"`, all modules of one LoRA rank share one batched r×r computation whatever their shapes; only the
+    r×r Gram matrices are stacked, the factors are never copied. Modules missing from `out` are skipped when `out`
+    is given; the results are written into its `(up, down)` tensors (e.g. views into a weight-space vector).
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w import load_lora
+        >>> from imagegem_hf.w2w.reduce import reduced_factors
+        >>> factors = reduced_factors(load_lora("civitai_lora.safetensors"))  # doctest: +SKIP
+        ```
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}.")
+    names = [n for n in lora.modules if out is None or n in out]
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if method == "gram":
+        groups: dict[int, list[str]] = {}
+        for name in names:
+            groups.setdefault(lora.modules[name].rank, []).append(name)
+    else:  # QR needs stacked same-shaped factors
+        groups = {}
+        for name in names:
+            module = lora.modules[name]
+            groups.setdefault((module.out_features, module.in_features, module.rank), []).append(name)
+    for group in groups.values():
+        batch = [lora.modules[n] for n in group]
+        ups, downs = [m.up_2d() for m in batch], [m.down_2d() for m in batch]
+        scales = torch.tensor([m.scale for m in batch], dtype=torch.float64)
+        if method == "gram":
+            gram_up = torch.stack([a.mT @ a for a in ups]).double()
+            gram_down = torch.stack([b @ b.mT for b in downs]).double()
+            x_up, x_down, _ = _core_top(gram_up, gram_down, scales, rank)
+            x_up, x_down_t = x_up.to(ups[0].dtype), x_down.mT.to(ups[0].dtype).contiguous()
+            for i, name in enumerate(group):
+                target = out.get(name) if out is not None else None
+                if target is not None and target[0].dtype == ups[i].dtype:
+                    u = torch.matmul(ups[i], x_up[i], out=target[0])
+                    vt = torch.matmul(x_down_t[i], downs[i], out=target[1])
+                else:
+                    u, vt = ups[i] @ x_up[i], x_down_t[i] @ downs[i]
+                _fix_signs_(u, vt)
+                results[name] = (u, vt)
+        else:
+            u, v, _ = top_singular_factors(torch.stack(ups), torch.stack(downs), scales, rank, method)
+            for i, name in enumerate(group):
+                results[name] = (u[i], v[i].mT)
+    if out is not None:
+        for name, (u, vt) in results.items():
+            if u.data_ptr() != out[name][0].data_ptr():
+                out[name][0].copy_(u)
+                out[name][1].copy_(vt)
+    return results
+
+
+def _canonical_module(u: torch.Tensor, vt: torch.Tensor, like: LoRAModule) -> LoRAModule:
+    """Factors `u` (out, k), `vt` (k, in·kh·kw) as a scale-1 module shaped like `like` (conv shapes kept)."""
     rank = u.shape[-1]
     kernel = like.kernel_size
     if kernel:  # conv: down (k, in, kh, kw), up (out, k, 1, 1)
-        down = v.T.reshape(rank, like.down.shape[1], *kernel)
-        up = u.reshape(u.shape[0], rank, 1, 1)
-    else:
-        down, up = v.T, u
-    return LoRAModule(down=down.contiguous(), up=up.contiguous(), alpha=None)
-
-
-def reduce_module(module: LoRAModule, rank: int = 1, method: str = "gram") -> LoRAModule:
-    """The best rank-`rank` approximation of one module, as canonical factors with scale 1 (conv shapes kept)."""
-    u, v, _ = top_singular_factors(module.up_2d(), module.down_2d(), module.scale, rank, method)
-    return _canonical_module(u, v, module)
+        return LoRAModule(
+            down=vt.reshape(rank, like.down.shape[1], *kernel), up=u.reshape(u.shape[0], rank, 1, 1), alpha=None
+        )
+    return LoRAModule(down=vt.contiguous(), up=u.contiguous(), alpha=None)
 
 
 def reduce_rank(lora: LoRA, rank: int = 1, method: str = "gram") -> LoRA:
     """Replace every module of `lora` by its top-`rank` singular components (computed from the factors).
 
-    Modules with identical factor shapes share one batched r×r factorization.
+    Modules of the same LoRA rank share one batched r×r computation (see `reduced_factors`).
 
     Example:
         ```python
@@ -195,29 +273,8 @@ def reduce_rank(lora: LoRA, rank: int = 1, method: str = "gram") -> LoRA:
         >>> lora4 = reduce_rank(load_lora("civitai_lora.safetensors"), rank=4)  # doctest: +SKIP
         ```
     """
-    if rank < 1:
-        raise ValueError(f"rank must be ≥ 1, got {rank}.")
-    groups: dict[tuple, list[str]] = {}
-    for name, module in lora.modules.items():
-        groups.setdefault((module.out_features, module.in_features, module.rank), []).append(name)
-    modules = {}
-    for names in groups.values():
-        batch = [lora.modules[n] for n in names]
-        scales = torch.tensor([m.scale for m in batch], dtype=torch.float64)
-        if method == "gram":  # only the r×r Gram matrices are stacked; the factors are never copied
-            ups, downs = [m.up_2d() for m in batch], [m.down_2d() for m in batch]
-            gram_up = torch.stack([a.mT @ a for a in ups]).double()
-            gram_down = torch.stack([b @ b.mT for b in downs]).double()
-            x_up, x_down, s, positive = _core_top(gram_up, gram_down, scales, rank)
-            u = torch.stack([a @ x_up[i].to(a.dtype) for i, a in enumerate(ups)])
-            v = torch.stack([b.mT @ x_down[i].to(b.dtype) for i, b in enumerate(downs)])
-            u, v, _ = _finish(u, v, s, positive, rank)
-        else:
-            ups = torch.stack([m.up_2d() for m in batch])
-            downs = torch.stack([m.down_2d() for m in batch])
-            u, v, _ = top_singular_factors(ups, downs, scales, rank, method)
-        for i, name in enumerate(names):
-            modules[name] = _canonical_module(u[i], v[i], batch[i])
+    factors = reduced_factors(lora, rank, method)
+    modules = {name: _canonical_module(u, vt, lora.modules[name]) for name, (u, vt) in factors.items()}
     return LoRA(modules=modules, base=lora.base, source_format=lora.source_format, metadata=dict(lora.metadata))
 
 

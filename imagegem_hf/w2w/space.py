@@ -303,7 +303,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
             ignored = 0
 
             vectorizer = replace(space.vectorizer(), base=base)
-            vectors = ordered_map(vectorizer, loras, num_workers)
+            vectors = ordered_map(vectorizer, loras, num_workers, read_ahead=True)
             results = tqdm(vectors, total=n, desc="Reduce + stream LoRAs", disable=not show_progress)
             for index, (item, (vector, lacking, extra)) in enumerate(zip(loras, results, strict=True)):
                 ids.append(Path(item).stem if isinstance(item, (str, os.PathLike)) else str(index))
@@ -323,7 +323,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
                     f"Only {int((~tiny).sum())} of the {n_components} requested components have non-zero variance "
                     f"(the {n} LoRAs span fewer dimensions); lower n_components."
                 )
-            components = cache.components(mean, std, eigenvectors / np.sqrt(eigenvalues), show_progress)
+            weights = eigenvectors / np.sqrt(eigenvalues)
+            cache.components(mean, std, weights, space.components.numpy(), show_progress)  # written in place
         if ignored:
             logger.warning("Dropped %d module entries outside the weight space layout.", ignored)
         space.register_to_config(
@@ -333,7 +334,6 @@ class WeightSpace(ModelMixin, ConfigMixin):
         )
         space.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
         space.std.copy_(torch.from_numpy(std.astype(np.float32)))
-        space.components.copy_(torch.from_numpy(components))
         space.explained_variance.copy_(torch.from_numpy((eigenvalues / (n - 1)).astype(np.float32)))
         space.coefficients.copy_(torch.from_numpy((eigenvectors * np.sqrt(eigenvalues)).astype(np.float32)))
         return space
@@ -430,31 +430,33 @@ class _BlockCache:
         self.bounds = [(start, min(start + width, dim)) for start in range(0, dim, width)]
         self.sum = np.zeros(dim, dtype=np.float64)
         self.sumsq = np.zeros(dim, dtype=np.float64)
-        self.rows_per_flush = max(1, flush_bytes // (4 * dim))  # float32 rows held before a flush
-        self.pending: list[np.ndarray] = []
+        # One buffer holds the rows awaiting a flush, then each column block read back for the PCA passes:
+        # allocating it once avoids page-faulting hundreds of MB of fresh memory per block.
+        self.rows_per_flush = min(n_rows, max(1, flush_bytes // (dtype.itemsize * dim)))
+        self.buffer = np.empty(self.rows_per_flush * dim, dtype=dtype)
+        self.float_buffer: np.ndarray | None = None  # float32 copy of a float16 block
+        self.n_pending = 0
         self.count = 0
 
     def _path(self, block: int) -> Path:
         return self.folder / f"block_{block:05d}.f32"
 
     def append(self, vector: np.ndarray) -> None:
-        self.pending.append(vector)
+        row = self.buffer[self.n_pending * self.dim : (self.n_pending + 1) * self.dim]
+        row[:] = vector  # rounded to the cache dtype: the statistics are those of exactly what is cached
+        self.sum += row
+        self.sumsq += np.square(row, dtype=np.float64)
+        self.n_pending += 1
         self.count += 1
-        if len(self.pending) >= self.rows_per_flush:
+        if self.n_pending == self.rows_per_flush:
             self._flush()
 
     def _flush(self) -> None:
-        if not self.pending:
-            return
-        rows = np.stack(self.pending)
-        stored = rows.astype(self.dtype, copy=False)
+        rows = self.buffer[: self.n_pending * self.dim].reshape(self.n_pending, self.dim)
         for block, (start, stop) in enumerate(self.bounds):
             with open(self._path(block), "ab") as handle:
-                handle.write(np.ascontiguousarray(stored[:, start:stop]).tobytes())
-            chunk = stored[:, start:stop].astype(np.float64)  # statistics of exactly what is cached
-            self.sum[start:stop] += chunk.sum(axis=0)
-            self.sumsq[start:stop] += np.einsum("ij,ij->j", chunk, chunk)
-        self.pending = []
+                handle.write(np.ascontiguousarray(rows[:, start:stop]).data)
+        self.n_pending = 0
 
     def finish(self) -> None:
         self._flush()
@@ -470,9 +472,25 @@ class _BlockCache:
         return mean, std
 
     def _blocks(self, mean: np.ndarray, std: np.ndarray, desc: str, show_progress: bool):
+        """Yield `(start, stop, z)` per column block, z the standardised `(N, stop − start)` float32 block (a view
+        into a reused buffer, valid until the next block)."""
+        size = self.n_rows * max(stop - start for start, stop in self.bounds)
+        if self.buffer.size < size:
+            self.buffer = np.empty(size, dtype=self.dtype)
+        if self.dtype != np.float32 and self.float_buffer is None:
+            self.float_buffer = np.empty(size, dtype=np.float32)
         for block, (start, stop) in enumerate(tqdm(self.bounds, desc=desc, disable=not show_progress)):
-            data = np.fromfile(self._path(block), dtype=self.dtype).reshape(self.n_rows, stop - start)
-            data = data.astype(np.float32, copy=False)
+            count = self.n_rows * (stop - start)
+            raw = self.buffer[:count]
+            with open(self._path(block), "rb") as handle:
+                if handle.readinto(raw.view(np.uint8)) != raw.nbytes:
+                    raise OSError(f"The weight-space cache file {self._path(block)} is shorter than expected.")
+            if self.float_buffer is not None:
+                data = self.float_buffer[:count]
+                data[:] = raw
+            else:
+                data = raw
+            data = data.reshape(self.n_rows, stop - start)
             data -= mean[start:stop].astype(np.float32)
             data /= std[start:stop].astype(np.float32)
             yield start, stop, data
@@ -483,10 +501,10 @@ class _BlockCache:
             gram += z @ z.T
         return gram
 
-    def components(self, mean: np.ndarray, std: np.ndarray, weights: np.ndarray, show_progress: bool) -> np.ndarray:
-        """V = (U Λ^-½)ᵀ Z, one column block at a time → `(m, d)` float32."""
-        out = np.empty((weights.shape[1], self.dim), dtype=np.float32)
+    def components(
+        self, mean: np.ndarray, std: np.ndarray, weights: np.ndarray, out: np.ndarray, show_progress: bool
+    ) -> None:
+        """V = (U Λ^-½)ᵀ Z, one column block at a time, written into `out` `(m, d)` float32."""
         weights_t = weights.T.astype(np.float32)
         for start, stop, z in self._blocks(mean, std, "Components", show_progress):
-            out[:, start:stop] = weights_t @ z
-        return out
+            np.matmul(weights_t, z, out=out[:, start:stop])
