@@ -397,7 +397,7 @@ def load_lora(
         raise ValueError(f"{path} mixes kohya keys (lora_unet_…) with other keys; re-export it in one format.")
     else:
         modules, fmt = _from_diffusers_or_peft(tensors, metadata, peft_config)
-    for module in modules.values():  # copies: the read tensors are views into the file's memory map
+    for module in modules.values() if not header_only else ():  # copies: the views are into a read-only map
         module.down, module.up = module.down.to(dtype, copy=True), module.up.to(dtype, copy=True)
     lora = LoRA(modules=modules, source_format=fmt, metadata=metadata)
     if base is not None and lora.base not in (base, "unknown"):

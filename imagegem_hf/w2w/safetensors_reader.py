@@ -135,23 +135,22 @@ class SafetensorsFile:
 
 
 def _entry(key: str, info: object, data_start: int, size: int) -> TensorEntry:
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        raise SafetensorsError(f"the entry of {key!r} lacks dtype, shape or data_offsets")
-    dtype = DTYPES.get(info["dtype"])
+    try:
+        name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        valid = type(begin) is int and type(end) is int and 0 <= begin <= end and all(type(d) is int for d in shape)
+    except (TypeError, KeyError, ValueError) as err:
+        raise SafetensorsError(f"the entry of {key!r} is malformed ({err!r}): {info!r}") from err
+    dtype = DTYPES.get(name)
     if dtype is None:
-        raise SafetensorsError(f"tensor {key!r} has an unsupported dtype {info['dtype']!r}")
-    shape, offsets = info["shape"], info["data_offsets"]
-    valid_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-    valid_offsets = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-    if not (valid_shape and valid_offsets) or not 0 <= offsets[0] <= offsets[1]:
-        raise SafetensorsError(f"tensor {key!r} has a malformed shape {shape!r} or data_offsets {offsets!r}")
-    nbytes = offsets[1] - offsets[0]
+        raise SafetensorsError(f"tensor {key!r} has an unsupported dtype {name!r}")
+    if not valid or any(d < 0 for d in shape):
+        raise SafetensorsError(f"tensor {key!r} has a malformed shape {list(shape)} or data_offsets {[begin, end]}")
     expected = math.prod(shape) * dtype.itemsize
-    if nbytes != expected:
-        raise SafetensorsError(f"tensor {key!r} of shape {shape} needs {expected} bytes but spans {nbytes}")
-    if data_start + offsets[1] > size:
+    if end - begin != expected:
+        raise SafetensorsError(f"tensor {key!r} of shape {list(shape)} needs {expected} bytes but spans {end - begin}")
+    if data_start + end > size:
         raise SafetensorsError(f"tensor {key!r} ends past the end of the file (truncated)")
-    return TensorEntry(dtype=dtype, shape=tuple(shape), offset=data_start + offsets[0], nbytes=nbytes)
+    return TensorEntry(dtype=dtype, shape=shape, offset=data_start + begin, nbytes=end - begin)
 
 
 def _view(buffer, entry: TensorEntry) -> torch.Tensor:
