@@ -21,7 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--no-standardize", action="store_true", help="Do not z-score coordinates before PCA.")
     build.add_argument("--cache-dir", default=None, help="Where the temporary N × d disk cache goes.")
     build.add_argument(
-        "--num-workers", type=int, default=os.cpu_count() or 1, help="Processes reading and reducing LoRAs."
+        "--num-workers",
+        type=int,
+        default=(os.cpu_count() or 1) + 1,
+        help="Processes reading and reducing LoRAs (default: one more than the CPUs, so that one can wait on the disk "
+        "while the others compute).",
     )
     build.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Also upload the space to this repo.")
     build.set_defaults(func=_build)

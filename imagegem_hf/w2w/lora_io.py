@@ -376,6 +376,27 @@ def load_lora(
         ['unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k']
         ```
     """
+    lora = map_lora(path, base=base, unet_config=unet_config, header_only=header_only)
+    if not header_only:  # copy out of the read-only memory map
+        for module in lora.modules.values():
+            module.down, module.up = module.down.to(dtype, copy=True), module.up.to(dtype, copy=True)
+    return lora
+
+
+def map_lora(
+    path: str | os.PathLike, base: str | None = None, unet_config: Any | None = None, header_only: bool = False
+) -> LoRA:
+    """`load_lora` without the copy: the factors are read-only views into a memory map of the file, in the file's
+    dtype (fp16/bf16 as stored). For streaming reductions that read each factor once or twice (`rank1_reduce`
+    upcasts module by module); copy a factor before modifying it.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w.lora_io import map_lora
+        >>> from imagegem_hf.w2w.reduce import reduced_factors
+        >>> factors = reduced_factors(map_lora("my_civitai_lora.safetensors"))  # doctest: +SKIP
+        ```
+    """
     path = Path(path)
     peft_config = None
     if path.is_dir():
@@ -397,8 +418,6 @@ def load_lora(
         raise ValueError(f"{path} mixes kohya keys (lora_unet_…) with other keys; re-export it in one format.")
     else:
         modules, fmt = _from_diffusers_or_peft(tensors, metadata, peft_config)
-    for module in modules.values() if not header_only else ():  # copies: the views are into a read-only map
-        module.down, module.up = module.down.to(dtype, copy=True), module.up.to(dtype, copy=True)
     lora = LoRA(modules=modules, source_format=fmt, metadata=metadata)
     if base is not None and lora.base not in (base, "unknown"):
         raise ValueError(

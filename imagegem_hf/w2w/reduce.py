@@ -13,6 +13,7 @@ positive), so equal LoRAs always give equal vectors. `select_layers` is the pape
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule
@@ -97,24 +98,22 @@ def _core_top(
 
 
 def _top_eigenpair(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest eigenvalue and a unit eigenvector of a batch of symmetric PSD matrices `(..., r, r)` (float64).
+    """Largest eigenvalue and a unit eigenvector of a batch of symmetric matrices `(..., r, r)` (float64).
 
-    The eigenvalues alone (`eigvalsh`) cost a third of a full `eigh`; the top eigenvector then follows from two
-    steps of inverse iteration shifted just above the top eigenvalue, which converge at once (the shifted matrix
-    is nearly singular exactly along that eigenvector).
+    LAPACK's `dsyevr` asked for the top eigenpair only (`range="I"`: bisection and inverse iteration on the
+    tridiagonal form) costs about half of the eigenvalues-only `eigvalsh` of the whole batch.
     """
-    top = torch.linalg.eigvalsh(gram)[..., -1]
-    scale = top.abs().clamp(min=torch.finfo(gram.dtype).tiny)
-    shifted = gram - (top + 1e-12 * scale)[..., None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype)
-    vector = torch.ones(gram.shape[:-1], dtype=gram.dtype)
-    for _ in range(2):
-        vector = torch.linalg.solve(shifted, vector)
-        vector = vector / vector.abs().amax(dim=-1, keepdim=True)  # rescale first: the solve's result is huge
-        vector = vector / vector.norm(dim=-1, keepdim=True)
-    unresolved = ~torch.isfinite(vector).all(dim=-1)  # a zero matrix: every unit vector is an eigenvector
-    if bool(unresolved.any()):
-        vector[unresolved] = torch.nn.functional.one_hot(torch.tensor(0), gram.shape[-1]).to(gram.dtype)
-    return top, vector
+    from scipy.linalg import lapack
+
+    n = gram.shape[-1]
+    flat = gram.reshape(-1, n, n).numpy()
+    values, vectors = np.empty(len(flat)), np.empty((len(flat), n))
+    for i, matrix in enumerate(flat):
+        value, vector, _, _, info = lapack.dsyevr(matrix, compute_v=1, range="I", il=n, iu=n)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dsyevr failed (info={info}) on an r×r core matrix")
+        values[i], vectors[i] = value[0], vector[:, 0]
+    return torch.from_numpy(values).reshape(gram.shape[:-2]), torch.from_numpy(vectors).reshape(gram.shape[:-1])
 
 
 def _fix_signs_(u: torch.Tensor, vt: torch.Tensor) -> None:
@@ -197,8 +196,10 @@ def reduced_factors(
     """Per module, the best rank-`rank` approximation of ΔW as `(up (out × rank), down (rank × in·kh·kw))`, scale 1.
 
     With `"gram"`, all modules of one LoRA rank share one batched r×r computation whatever their shapes; only the
-    r×r Gram matrices are stacked, the factors are never copied. Modules missing from `out` are skipped when `out`
-    is given; the results are written into its `(up, down)` tensors (e.g. views into a weight-space vector).
+    r×r Gram matrices are stacked, the factors are never copied. fp16/bf16 factors (e.g. from `map_lora`) are
+    upcast to float32 one module at a time into a small reused buffer, read once for the Gram matrices and once
+    to apply the singular vectors. Modules missing from `out` are skipped when `out` is given; the results are
+    written into its `(up, down)` tensors (e.g. views into a weight-space vector).
 
     Example:
         ```python
@@ -220,26 +221,46 @@ def reduced_factors(
         for name in names:
             module = lora.modules[name]
             groups.setdefault((module.out_features, module.in_features, module.rank), []).append(name)
+    low_precision = [m for m in lora.modules.values() if m.up.dtype not in (torch.float32, torch.float64)]
+    largest = max((max(m.up.numel(), m.down.numel()) for m in low_precision), default=0)
+    scratch = torch.empty(2, largest, dtype=torch.float32)  # fp16/bf16 factors are upcast here, module by module
+    views: dict[tuple, torch.Tensor] = {}  # (slot, shape) → view of the scratch (a dozen shapes per LoRA)
+
+    def upcast(factor: torch.Tensor, slot: int) -> torch.Tensor:
+        if factor.dtype in (torch.float32, torch.float64):
+            return factor
+        view = views.get((slot, factor.shape))
+        if view is None:
+            view = views[slot, factor.shape] = scratch[slot, : factor.numel()].view(factor.shape)
+        return view.copy_(factor)
+
     for group in groups.values():
         batch = [lora.modules[n] for n in group]
         ups, downs = [m.up_2d() for m in batch], [m.down_2d() for m in batch]
         scales = torch.tensor([m.scale for m in batch], dtype=torch.float64)
         if method == "gram":
-            gram_up = torch.stack([a.mT @ a for a in ups]).double()
-            gram_down = torch.stack([b @ b.mT for b in downs]).double()
-            x_up, x_down, _ = _core_top(gram_up, gram_down, scales, rank)
-            x_up, x_down_t = x_up.to(ups[0].dtype), x_down.mT.to(ups[0].dtype).contiguous()
+            work = torch.float64 if ups[0].dtype == torch.float64 else torch.float32
+            r = batch[0].rank
+            gram_up, gram_down = torch.empty(len(batch), r, r, dtype=work), torch.empty(len(batch), r, r, dtype=work)
+            for i, (a, b) in enumerate(zip(ups, downs, strict=True)):
+                a, b = upcast(a, 0), upcast(b, 1)
+                torch.matmul(a.mT, a, out=gram_up[i])
+                torch.matmul(b, b.mT, out=gram_down[i])
+            x_up, x_down, _ = _core_top(gram_up.double(), gram_down.double(), scales, rank)
+            x_up, x_down_t = x_up.to(work), x_down.mT.to(work).contiguous()
             for i, name in enumerate(group):
+                a, b = upcast(ups[i], 0), upcast(downs[i], 1)
                 target = out.get(name) if out is not None else None
-                if target is not None and target[0].dtype == ups[i].dtype:
-                    u = torch.matmul(ups[i], x_up[i], out=target[0])
-                    vt = torch.matmul(x_down_t[i], downs[i], out=target[1])
+                if target is not None and target[0].dtype == work:
+                    u, vt = torch.matmul(a, x_up[i], out=target[0]), torch.matmul(x_down_t[i], b, out=target[1])
                 else:
-                    u, vt = ups[i] @ x_up[i], x_down_t[i] @ downs[i]
+                    u, vt = a @ x_up[i], x_down_t[i] @ b
                 _fix_signs_(u, vt)
                 results[name] = (u, vt)
         else:
-            u, v, _ = top_singular_factors(torch.stack(ups), torch.stack(downs), scales, rank, method)
+            work = torch.float64 if ups[0].dtype == torch.float64 else torch.float32
+            stacked_up, stacked_down = torch.stack(ups).to(work), torch.stack(downs).to(work)
+            u, v, _ = top_singular_factors(stacked_up, stacked_down, scales, rank, method)
             for i, name in enumerate(group):
                 results[name] = (u[i], v[i].mT)
     if out is not None:

@@ -303,7 +303,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
             ignored = 0
 
             vectorizer = replace(space.vectorizer(), base=base)
-            vectors = ordered_map(vectorizer, loras, num_workers, read_ahead=True)
+            vectors = ordered_map(vectorizer, loras, num_workers)
             results = tqdm(vectors, total=n, desc="Reduce + stream LoRAs", disable=not show_progress)
             for index, (item, (vector, lacking, extra)) in enumerate(zip(loras, results, strict=True)):
                 ids.append(Path(item).stem if isinstance(item, (str, os.PathLike)) else str(index))
@@ -411,8 +411,12 @@ def _collect_modules(
 
 
 class _BlockCache:
-    """N vectors of length d on disk, split into column blocks (one file each) so that a block of all N rows
-    is one sequential read; per-coordinate sums are kept in float64 for the mean and standard deviation."""
+    """N vectors of length d, split into column blocks so that a block of all N rows is one sequential read;
+    per-coordinate sums are kept in float64 for the mean and standard deviation.
+
+    When the whole N × d matrix fits in one block (`block_bytes`) it simply stays in memory. Otherwise rows are
+    buffered (`flush_bytes`) and appended to one file per column block.
+    """
 
     def __init__(
         self,
@@ -421,7 +425,7 @@ class _BlockCache:
         dim: int,
         block_bytes: int,
         dtype: np.dtype,
-        flush_bytes: int = 128 * 2**20,
+        flush_bytes: int = 32 * 2**20,
     ):
         if dtype not in (np.float32, np.float16):
             raise ValueError(f"cache_dtype must be float32 or float16, got {dtype}.")
@@ -430,11 +434,14 @@ class _BlockCache:
         self.bounds = [(start, min(start + width, dim)) for start in range(0, dim, width)]
         self.sum = np.zeros(dim, dtype=np.float64)
         self.sumsq = np.zeros(dim, dtype=np.float64)
+        self.square = np.empty(dim, dtype=np.float64)  # scratch: no fresh 8·d bytes per appended row
+        self.in_memory = n_rows * dim * 4 <= block_bytes
         # One buffer holds the rows awaiting a flush, then each column block read back for the PCA passes:
         # allocating it once avoids page-faulting hundreds of MB of fresh memory per block.
-        self.rows_per_flush = min(n_rows, max(1, flush_bytes // (dtype.itemsize * dim)))
+        self.rows_per_flush = n_rows if self.in_memory else min(n_rows, max(1, flush_bytes // (dtype.itemsize * dim)))
         self.buffer = np.empty(self.rows_per_flush * dim, dtype=dtype)
         self.float_buffer: np.ndarray | None = None  # float32 copy of a float16 block
+        self.standardized: np.ndarray | None = None  # the in-memory matrix, standardised once for both passes
         self.n_pending = 0
         self.count = 0
 
@@ -444,11 +451,12 @@ class _BlockCache:
     def append(self, vector: np.ndarray) -> None:
         row = self.buffer[self.n_pending * self.dim : (self.n_pending + 1) * self.dim]
         row[:] = vector  # rounded to the cache dtype: the statistics are those of exactly what is cached
-        self.sum += row
-        self.sumsq += np.square(row, dtype=np.float64)
+        np.add(self.sum, row, out=self.sum)
+        np.multiply(row, row, out=self.square, dtype=np.float64)
+        np.add(self.sumsq, self.square, out=self.sumsq)
         self.n_pending += 1
         self.count += 1
-        if self.n_pending == self.rows_per_flush:
+        if self.n_pending == self.rows_per_flush and not self.in_memory:
             self._flush()
 
     def _flush(self) -> None:
@@ -459,9 +467,10 @@ class _BlockCache:
         self.n_pending = 0
 
     def finish(self) -> None:
-        self._flush()
         if self.count != self.n_rows:
             raise ValueError(f"Expected {self.n_rows} LoRAs but the sequence yielded {self.count}.")
+        if not self.in_memory:
+            self._flush()
 
     def mean_std(self, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
         mean = self.sum / self.n_rows
@@ -474,6 +483,15 @@ class _BlockCache:
     def _blocks(self, mean: np.ndarray, std: np.ndarray, desc: str, show_progress: bool):
         """Yield `(start, stop, z)` per column block, z the standardised `(N, stop − start)` float32 block (a view
         into a reused buffer, valid until the next block)."""
+        if self.in_memory:
+            if self.standardized is None:  # standardise in place (float32) once: both passes read the same Z
+                matrix = self.buffer.reshape(self.n_rows, self.dim).astype(np.float32, copy=False)
+                matrix -= mean.astype(np.float32)
+                matrix /= std.astype(np.float32)
+                self.standardized = matrix
+            for start, stop in tqdm(self.bounds, desc=desc, disable=not show_progress):
+                yield start, stop, self.standardized[:, start:stop]
+            return
         size = self.n_rows * max(stop - start for start, stop in self.bounds)
         if self.buffer.size < size:
             self.buffer = np.empty(size, dtype=self.dtype)

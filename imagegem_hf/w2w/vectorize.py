@@ -5,21 +5,17 @@ Kept apart from `space.py` (which needs diffusers) so that worker processes only
 
 from __future__ import annotations
 
-import errno
 import multiprocessing
-import os
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from imagegem_hf.w2w.lora_io import LoRA, load_lora
+from imagegem_hf.w2w.lora_io import LoRA, map_lora
 from imagegem_hf.w2w.reduce import reduced_factors
 
 ModuleSlot = tuple[str, int, int, tuple[int, ...], int]  # (name, out_features, in_features, kernel, offset)
@@ -76,7 +72,7 @@ class Vectorizer:
             if vector.shape != (self.vector_length,):
                 raise ValueError(f"Expected a vector of length {self.vector_length}, got {vector.shape}.")
             return vector, [], []
-        lora = item if isinstance(item, LoRA) else load_lora(item, base=known_base(self.base))
+        lora = item if isinstance(item, LoRA) else map_lora(item, base=known_base(self.base))
         if known_base(self.base) and known_base(lora.base) and lora.base != self.base:
             raise ValueError(f"Architecture mismatch: a {lora.base} LoRA in a {self.base} weight space.")
         return self.vectorize(lora)
@@ -86,33 +82,16 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def ordered_map(
-    function: Callable[[Any], Any], items: Iterable, num_workers: int, read_ahead: bool = False
-) -> Iterator:
+def ordered_map(function: Callable[[Any], Any], items: Iterable, num_workers: int) -> Iterator:
     """`map(function, items)` in input order on `num_workers` worker processes (each on one core), with at most
     2 × num_workers results in flight, so memory stays bounded however many LoRAs stream through.
 
     Processes, not threads: reading a LoRA and reducing its ~10³ small modules is mostly short Python-level work
     that threads would serialise on the GIL. Workers start like `torch.utils.data.DataLoader` workers (the
-    platform's default start method) and run single-threaded. With `read_ahead`, the files among `items` are read
-    into the page cache by a background thread a few items ahead of the workers (`ReadAhead`), so that reading
-    from disk overlaps with computing.
+    platform's default start method) and run single-threaded.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be ≥ 1, got {num_workers}.")
-    items = list(items)
-    prefetcher = ReadAhead(items, depth=3 * num_workers) if read_ahead else None
-    try:
-        for result in _ordered_map(function, items, num_workers):
-            if prefetcher is not None:
-                prefetcher.advance()
-            yield result
-    finally:
-        if prefetcher is not None:
-            prefetcher.close()
-
-
-def _ordered_map(function: Callable[[Any], Any], items: list, num_workers: int) -> Iterator:
     if num_workers == 1:
         yield from map(function, items)
         return
@@ -125,71 +104,3 @@ def _ordered_map(function: Callable[[Any], Any], items: list, num_workers: int) 
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-class ReadAhead:
-    """Reads the files among `items` into the OS page cache on a background thread, in order, at most `depth`
-    items ahead of the consumer (`advance()` once per item consumed).
-
-    A large LoRA collection is read from disk, not from cache; without read-ahead the workers sit idle while
-    each file is read. The thread copies each file to `/dev/null` with `sendfile` (the kernel reads the pages
-    into its cache without copying them to user space, and the GIL is released while it waits on the disk), so it
-    costs almost no CPU. Read errors are ignored here: the real read reports them. A no-op where `sendfile` to
-    `/dev/null` is not available.
-    """
-
-    def __init__(self, items: list, depth: int):
-        self.paths = [_safetensors_path(item) for item in items]
-        self.slots = threading.Semaphore(depth)
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="w2w-read-ahead", daemon=True)
-        if hasattr(os, "sendfile"):
-            self.thread.start()
-
-    def _run(self) -> None:
-        sink = os.open(os.devnull, os.O_WRONLY)
-        try:
-            for path in self.paths:
-                self.slots.acquire()
-                if self.closed.is_set():
-                    return
-                if path is not None and not _send_to(sink, path):
-                    return  # sendfile cannot write to /dev/null on this platform
-        finally:
-            os.close(sink)
-
-    def advance(self) -> None:
-        self.slots.release()
-
-    def close(self) -> None:
-        self.closed.set()
-        self.slots.release()
-        if self.thread.is_alive():
-            self.thread.join()
-
-
-def _send_to(sink: int, path: Path) -> bool:
-    """Read `path` through the page cache into `sink`; False if the platform refuses sendfile to it."""
-    try:
-        source = os.open(path, os.O_RDONLY)
-    except OSError:
-        return True
-    try:
-        size, offset = os.fstat(source).st_size, 0
-        while offset < size:
-            sent = os.sendfile(sink, source, offset, size - offset)
-            if sent == 0:
-                break
-            offset += sent
-    except OSError as err:
-        return err.errno not in (errno.EINVAL, errno.ENOTSOCK, errno.ENOSYS)
-    finally:
-        os.close(source)
-    return True
-
-
-def _safetensors_path(item: Any) -> Path | None:
-    if not isinstance(item, (str, os.PathLike)):
-        return None
-    path = Path(item)
-    return path / "adapter_model.safetensors" if path.is_dir() else path

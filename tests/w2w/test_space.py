@@ -169,3 +169,35 @@ def test_parallel_reduction_keeps_the_input_order(lora_files, tmp_path):
         WeightSpace.build([*lora_files, broken], n_components=3, num_workers=2, show_progress=False)
     with pytest.raises(ValueError, match="num_workers"):
         WeightSpace.build(lora_files, n_components=3, num_workers=0, show_progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(
+    ("block_bytes", "flush_bytes", "in_memory"),
+    [(2**20, 2**20, True), (400, 2**20, False), (400, 250, False)],  # in memory; on disk; on disk in several flushes
+)
+def test_block_cache_statistics_gram_and_components_match_dense(tmp_path, dtype, block_bytes, flush_bytes, in_memory):
+    from imagegem_hf.w2w.space import _BlockCache
+
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((7, 23)) * rng.uniform(0.5, 3, 23) + rng.standard_normal(23)).astype(np.float32)
+    cache = _BlockCache(tmp_path, 7, 23, block_bytes, np.dtype(dtype), flush_bytes=flush_bytes)
+    assert cache.in_memory == in_memory and (len(cache.bounds) > 1) != in_memory
+    for row in rows:
+        cache.append(row)
+    cache.finish()
+    stored = rows.astype(dtype).astype(np.float64)  # statistics are those of what is cached
+    mean, std = cache.mean_std(standardize=True)
+    np.testing.assert_allclose(mean, stored.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(std, stored.std(0), rtol=1e-9)
+    z = (stored - mean) / std
+    np.testing.assert_allclose(cache.gram(mean, std, show_progress=False), z @ z.T, rtol=1e-5, atol=1e-4)
+    weights = rng.standard_normal((7, 3))
+    out = np.zeros((3, 23), dtype=np.float32)
+    cache.components(mean, std, weights, out, show_progress=False)
+    np.testing.assert_allclose(out, weights.T @ z, rtol=1e-5, atol=1e-4)
+    assert (not in_memory) == any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="Expected 8 LoRAs"):
+        short = _BlockCache(tmp_path / "short", 8, 23, block_bytes, np.dtype(dtype), flush_bytes=flush_bytes)
+        short.append(rows[0])
+        short.finish()
