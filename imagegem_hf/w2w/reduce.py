@@ -119,6 +119,12 @@ def _top_eigenpair(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _fix_signs_(u: torch.Tensor, vt: torch.Tensor) -> None:
     """In place: flip each component (column of `u` `(..., m, k)`, row of `vt` `(..., k, n)`) so that the
     largest-magnitude entry of its `u` is positive (zero components stay zero)."""
+    if u.dim() == 2 and u.shape[1] == 1 and u.device.type == "cpu" and not u.requires_grad:  # numpy: 5× cheaper
+        values = u.numpy().reshape(-1)
+        if values[np.abs(values).argmax()] < 0:
+            u.neg_()
+            vt.neg_()
+        return
     peaks = u.gather(-2, u.abs().argmax(dim=-2, keepdim=True))  # (..., 1, k)
     negative = peaks < 0
     if bool(negative.any()):

@@ -15,6 +15,7 @@ of SDXL LoRAs (d in the millions) fit on one machine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 
 from imagegem_hf.hub import atomic_directory, push_folder, render_card, resolve
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora
-from imagegem_hf.w2w.vectorize import Vectorizer, known_base, ordered_map
+from imagegem_hf.w2w.vectorize import Vectorizer, WorkerPool, known_base
 
 logger = logging.getLogger(__name__)
 
@@ -280,30 +281,32 @@ class WeightSpace(ModelMixin, ConfigMixin):
             raise ValueError(f"n_components must be in [1, N − 1] = [1, {n - 1}] for N = {n} LoRAs.")
         if model_ids is not None and len(model_ids) != n:
             raise ValueError(f"Got {len(model_ids)} model_ids for {n} LoRAs.")
-        if modules is None:
-            modules, base = _collect_modules(loras, base, show_progress, num_workers)
-        base = base or "unknown"
-        names = sorted(modules)
-        space = cls(
-            module_names=names,
-            module_shapes=[[int(modules[k][0]), int(modules[k][1])] for k in names],
-            kernel_sizes=[[int(x) for x in modules[k][2]] for k in names],
-            rank=rank,
-            n_components=n_components,
-            n_models=n,
-            standardize=standardize,
-            base=base,
-            model_ids=list(model_ids) if model_ids is not None else None,
-        )
-        ids: list[str] = []
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix="w2w-cache-") as tmp:
+        with contextlib.ExitStack() as resources:
+            pool = resources.enter_context(WorkerPool(num_workers))  # one set of workers for both passes
+            if modules is None:
+                modules, base = _collect_modules(loras, base, show_progress, pool)
+            base = base or "unknown"
+            names = sorted(modules)
+            space = cls(
+                module_names=names,
+                module_shapes=[[int(modules[k][0]), int(modules[k][1])] for k in names],
+                kernel_sizes=[[int(x) for x in modules[k][2]] for k in names],
+                rank=rank,
+                n_components=n_components,
+                n_models=n,
+                standardize=standardize,
+                base=base,
+                model_ids=list(model_ids) if model_ids is not None else None,
+            )
+            ids: list[str] = []
+            tmp = resources.enter_context(tempfile.TemporaryDirectory(dir=cache_dir, prefix="w2w-cache-"))
             cache = _BlockCache(Path(tmp), n, space.vector_length, block_bytes, np.dtype(cache_dtype))
             missing = np.zeros(len(names), dtype=np.int64)
             index_of = {name: i for i, name in enumerate(names)}
             ignored = 0
 
             vectorizer = replace(space.vectorizer(), base=base)
-            vectors = ordered_map(vectorizer, loras, num_workers)
+            vectors = pool.map(vectorizer, loras)
             results = tqdm(vectors, total=n, desc="Reduce + stream LoRAs", disable=not show_progress)
             for index, (item, (vector, lacking, extra)) in enumerate(zip(loras, results, strict=True)):
                 ids.append(Path(item).stem if isinstance(item, (str, os.PathLike)) else str(index))
@@ -311,6 +314,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
                 ignored += len(extra)
                 cache.append(vector)
             cache.finish()
+            pool.close()
             mean, std = cache.mean_std(standardize)
             gram = cache.gram(mean, std, show_progress)
             eigenvalues, eigenvectors = scipy.linalg.eigh(gram, subset_by_index=[n - n_components, n - 1])
@@ -391,11 +395,11 @@ def _header_shapes(item: LoRAItem, base: str | None) -> tuple[str | None, dict[s
 
 
 def _collect_modules(
-    loras: Sequence[LoRAItem], base: str | None, show_progress: bool, num_workers: int = 1
+    loras: Sequence[LoRAItem], base: str | None, show_progress: bool, pool: WorkerPool
 ) -> tuple[dict[str, tuple[int, int, tuple[int, ...]]], str | None]:
     """Union of the modules of all LoRAs (file headers only), checking that shapes and bases agree."""
     modules: dict[str, tuple[int, int, tuple[int, ...]]] = {}
-    headers = ordered_map(partial(_header_shapes, base=known_base(base)), loras, num_workers)
+    headers = pool.map(partial(_header_shapes, base=known_base(base)), loras)
     scanned = tqdm(headers, total=len(loras), desc="Scan LoRA headers", disable=not show_progress)
     for item, (lora_base, shapes) in zip(loras, scanned, strict=True):
         if known_base(lora_base):

@@ -29,7 +29,7 @@ def known_base(base: str | None) -> str | None:
 class Vectorizer:
     """Reduces a LoRA to `rank` per module and flattens it along `layout` (down factors, then up, per module).
 
-    Picklable, so that `ordered_map` can run it in worker processes.
+    Picklable, so that a `WorkerPool` can run it in worker processes.
 
     Attributes:
         layout: `(name, out_features, in_features, kernel_size, offset)` per module, in vector order.
@@ -82,25 +82,58 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def ordered_map(function: Callable[[Any], Any], items: Iterable, num_workers: int) -> Iterator:
-    """`map(function, items)` in input order on `num_workers` worker processes (each on one core), with at most
-    2 × num_workers results in flight, so memory stays bounded however many LoRAs stream through.
+class WorkerPool:
+    """Worker processes that map functions over items in input order, with at most 2 × num_workers results in
+    flight, so memory stays bounded however many LoRAs stream through. With one worker everything runs in this
+    process. One pool serves several passes (the header scan, then the reduction), so workers start once.
 
     Processes, not threads: reading a LoRA and reducing its ~10³ small modules is mostly short Python-level work
     that threads would serialise on the GIL. Workers start like `torch.utils.data.DataLoader` workers (the
     platform's default start method) and run single-threaded.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w.vectorize import WorkerPool
+        >>> with WorkerPool(2) as pool:
+        ...     list(pool.map(abs, [-1, -2, 3]))
+        [1, 2, 3]
+        ```
     """
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be ≥ 1, got {num_workers}.")
-    if num_workers == 1:
-        yield from map(function, items)
-        return
-    context = multiprocessing.get_context()
-    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_one_thread) as pool:
+
+    def __init__(self, num_workers: int):
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be ≥ 1, got {num_workers}.")
+        self.num_workers = num_workers
+        self.executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> WorkerPool:
+        if self.num_workers > 1:
+            context = multiprocessing.get_context()
+            self.executor = ProcessPoolExecutor(self.num_workers, mp_context=context, initializer=_one_thread)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers (pending work is cancelled)."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+    def map(self, function: Callable[[Any], Any], items: Iterable) -> Iterator:
+        """`map(function, items)`, in order, on the workers."""
+        if self.executor is None:
+            yield from map(function, items)
+            return
         pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) >= 2 * num_workers:
+        try:
+            for item in items:
+                pending.append(self.executor.submit(function, item))
+                if len(pending) >= 2 * self.num_workers:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
