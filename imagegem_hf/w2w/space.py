@@ -336,8 +336,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
             n_ignored_modules=int(ignored),
             model_ids=list(model_ids) if model_ids is not None else ids,
         )
-        space.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
-        space.std.copy_(torch.from_numpy(std.astype(np.float32)))
+        space.mean.copy_(torch.from_numpy(mean))
+        space.std.copy_(torch.from_numpy(std))
         space.explained_variance.copy_(torch.from_numpy((eigenvalues / (n - 1)).astype(np.float32)))
         space.coefficients.copy_(torch.from_numpy((eigenvectors * np.sqrt(eigenvalues)).astype(np.float32)))
         return space
@@ -414,6 +414,25 @@ def _collect_modules(
     return modules, base
 
 
+_TORCH_DTYPES = {np.dtype(d): getattr(torch, d) for d in ("float16", "float32", "float64")}
+
+
+def _empty(size: int, dtype) -> np.ndarray:
+    """An uninitialised 1-D numpy array allocated through torch.
+
+    numpy asks the kernel for transparent huge pages on arrays of 4 MB and more; where the kernel compacts memory
+    to honour that (THP defrag "madvise", common on VMs) the first touch of a fresh array runs about 10× slower.
+    The caches and statistics below are hundreds of MB touched once, so they use normal pages.
+    """
+    return torch.empty(size, dtype=_TORCH_DTYPES[np.dtype(dtype)]).numpy()
+
+
+def _as_float32(values: np.ndarray) -> np.ndarray:
+    converted = _empty(values.size, np.float32)
+    converted[:] = values
+    return converted
+
+
 class _BlockCache:
     """N vectors of length d, split into column blocks so that a block of all N rows is one sequential read;
     per-coordinate sums are kept in float64 for the mean and standard deviation.
@@ -436,14 +455,14 @@ class _BlockCache:
         self.folder, self.n_rows, self.dim, self.dtype = folder, n_rows, dim, dtype
         width = max(1, block_bytes // (4 * n_rows), -(-dim // 256))  # at most 256 block files
         self.bounds = [(start, min(start + width, dim)) for start in range(0, dim, width)]
-        self.sum = np.zeros(dim, dtype=np.float64)
-        self.sumsq = np.zeros(dim, dtype=np.float64)
-        self.square = np.empty(dim, dtype=np.float64)  # scratch: no fresh 8·d bytes per appended row
+        self.sum, self.sumsq = _empty(dim, np.float64), _empty(dim, np.float64)
+        self.sum[:], self.sumsq[:] = 0.0, 0.0
+        self.square = _empty(dim, np.float64)  # scratch: no fresh 8·d bytes per appended row
         self.in_memory = n_rows * dim * 4 <= block_bytes
         # One buffer holds the rows awaiting a flush, then each column block read back for the PCA passes:
         # allocating it once avoids page-faulting hundreds of MB of fresh memory per block.
         self.rows_per_flush = n_rows if self.in_memory else min(n_rows, max(1, flush_bytes // (dtype.itemsize * dim)))
-        self.buffer = np.empty(self.rows_per_flush * dim, dtype=dtype)
+        self.buffer = _empty(self.rows_per_flush * dim, dtype)
         self.float_buffer: np.ndarray | None = None  # float32 copy of a float16 block
         self.standardized: np.ndarray | None = None  # the in-memory matrix, standardised once for both passes
         self.n_pending = 0
@@ -477,11 +496,17 @@ class _BlockCache:
             self._flush()
 
     def mean_std(self, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
-        mean = self.sum / self.n_rows
+        """Per-coordinate mean and standard deviation (ones without `standardize`); the sums are used up."""
+        mean = np.divide(self.sum, self.n_rows, out=self.sum)
         if not standardize:
-            return mean, np.ones(self.dim)
-        std = np.sqrt(np.maximum(self.sumsq / self.n_rows - mean**2, 0.0))
-        std[std <= 1e-12 * np.maximum(np.abs(mean), 1.0)] = 1.0  # constant coordinates stay at 0 after centring
+            std = _empty(self.dim, np.float64)
+            std[:] = 1.0
+            return mean, std
+        variance = np.divide(self.sumsq, self.n_rows, out=self.sumsq)
+        variance -= np.multiply(mean, mean, out=self.square)
+        std = np.sqrt(np.maximum(variance, 0.0, out=variance), out=variance)
+        floor = np.maximum(np.abs(mean, out=self.square), 1.0, out=self.square)
+        std[std <= 1e-12 * floor] = 1.0  # constant coordinates stay at 0 after centring
         return mean, std
 
     def _blocks(self, mean: np.ndarray, std: np.ndarray, desc: str, show_progress: bool):
@@ -489,18 +514,21 @@ class _BlockCache:
         into a reused buffer, valid until the next block)."""
         if self.in_memory:
             if self.standardized is None:  # standardise in place (float32) once: both passes read the same Z
-                matrix = self.buffer.reshape(self.n_rows, self.dim).astype(np.float32, copy=False)
-                matrix -= mean.astype(np.float32)
-                matrix /= std.astype(np.float32)
+                matrix = self.buffer.reshape(self.n_rows, self.dim)
+                if matrix.dtype != np.float32:
+                    matrix = _empty(matrix.size, np.float32).reshape(matrix.shape)
+                    matrix[:] = self.buffer.reshape(matrix.shape)
+                matrix -= _as_float32(mean)
+                matrix /= _as_float32(std)
                 self.standardized = matrix
             for start, stop in tqdm(self.bounds, desc=desc, disable=not show_progress):
                 yield start, stop, self.standardized[:, start:stop]
             return
         size = self.n_rows * max(stop - start for start, stop in self.bounds)
         if self.buffer.size < size:
-            self.buffer = np.empty(size, dtype=self.dtype)
+            self.buffer = _empty(size, self.dtype)
         if self.dtype != np.float32 and self.float_buffer is None:
-            self.float_buffer = np.empty(size, dtype=np.float32)
+            self.float_buffer = _empty(size, np.float32)
         for block, (start, stop) in enumerate(tqdm(self.bounds, desc=desc, disable=not show_progress)):
             count = self.n_rows * (stop - start)
             raw = self.buffer[:count]
@@ -513,8 +541,8 @@ class _BlockCache:
             else:
                 data = raw
             data = data.reshape(self.n_rows, stop - start)
-            data -= mean[start:stop].astype(np.float32)
-            data /= std[start:stop].astype(np.float32)
+            data -= _as_float32(mean[start:stop])
+            data /= _as_float32(std[start:stop])
             yield start, stop, data
 
     def gram(self, mean: np.ndarray, std: np.ndarray, show_progress: bool) -> np.ndarray:
