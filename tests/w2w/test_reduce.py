@@ -112,3 +112,17 @@ def test_top_eigenpair_matches_eigh_and_survives_degenerate_matrices():
     torch.testing.assert_close(vector.norm(dim=-1), torch.ones(3, dtype=torch.float64))
     # Each vector is an eigenvector of its matrix for the top eigenvalue (any one, when it repeats).
     torch.testing.assert_close((special @ vector[..., None])[..., 0], value[:, None] * vector)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_factors_that_require_grad_or_are_half_reduce_like_float64(dtype):
+    module = _random_module(40, 24, 6, seed=11)
+    reference = rank1_reduce(LoRA({"unet.x.to_q": module})).modules["unet.x.to_q"]
+    down, up = module.down.to(dtype), module.up.to(dtype)
+    if dtype == torch.float32:
+        down, up = down.requires_grad_(), up.requires_grad_()  # e.g. a LoRA being trained
+    reduced = rank1_reduce(LoRA({"unet.x.to_q": LoRAModule(down=down, up=up, alpha=module.alpha)}))
+    ours = reduced.modules["unet.x.to_q"]
+    assert ours.up.dtype == torch.float32 and not ours.up.requires_grad
+    tolerance = 2e-2 if dtype == torch.float16 else 1e-5  # fp16 rounds the factors themselves
+    torch.testing.assert_close(ours.delta_weight().double(), reference.delta_weight(), rtol=tolerance, atol=tolerance)
