@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -157,11 +158,15 @@ class LoRA:
 
 def detect_base(modules: dict[str, LoRAModule]) -> str:
     """Guess the base architecture from the cross-attention context width and the text encoders present."""
-    if any(name.startswith("text_encoder_2.") for name in modules):
+    return _base_from_shapes({name: (0, module.in_features, ()) for name, module in modules.items()})
+
+
+def _base_from_shapes(shapes: dict[str, tuple[int, int, tuple[int, ...]]]) -> str:
+    if any(name.startswith("text_encoder_2.") for name in shapes):
         return "sdxl"
-    for name, module in modules.items():
+    for name, (_, in_features, _) in shapes.items():
         if name.startswith("unet.") and name.endswith("attn2.to_k"):
-            return CONTEXT_DIM_TO_BASE.get(module.in_features, "unknown")
+            return CONTEXT_DIM_TO_BASE.get(in_features, "unknown")
     return "unknown"
 
 
@@ -184,18 +189,29 @@ def _check_not_pickle(path: Path) -> None:
 def _read_safetensors(path: Path, header_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a file as zero-copy views (`SafetensorsFile`), or with `header_only` meta-device placeholders
     of the right shapes (alphas are read)."""
+    handle = _open_safetensors(path)
     try:
-        handle = SafetensorsFile(path)
         if header_only:
             tensors = {key: torch.empty(entry.shape, device="meta") for key, entry in handle.entries.items()}
             tensors.update(handle.read([key for key in tensors if key.endswith(".alpha")]))
         else:
             tensors = handle.tensors()
     except SafetensorsError as err:
-        raise ValueError(
-            f"{path} is not a readable safetensors file (corrupt or truncated: {err}). Re-download or re-export it."
-        ) from err
+        raise _unreadable(path, err) from err
     return tensors, handle.metadata
+
+
+def _open_safetensors(path: Path) -> SafetensorsFile:
+    try:
+        return SafetensorsFile(path)
+    except SafetensorsError as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(
+        f"{path} is not a readable safetensors file (corrupt or truncated: {err}). Re-download or re-export it."
+    )
 
 
 def _reject_unsupported(keys: list[str], path: Path | str) -> None:
@@ -397,18 +413,7 @@ def map_lora(
         >>> factors = reduced_factors(map_lora("my_civitai_lora.safetensors"))  # doctest: +SKIP
         ```
     """
-    path = Path(path)
-    peft_config = None
-    if path.is_dir():
-        config_path = path / "adapter_config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{path} is a folder without adapter_config.json; pass the .safetensors file.")
-        config = json.loads(config_path.read_text())
-        peft_config = _alphas_from_peft_config("unet", config)
-        path = path / "adapter_model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist.")
-    _check_not_pickle(path)
+    path, peft_config = _resolve(path)
     tensors, metadata = _read_safetensors(path, header_only=header_only)
     keys = sorted(tensors)
     _reject_unsupported(keys, path)
@@ -419,12 +424,31 @@ def map_lora(
     else:
         modules, fmt = _from_diffusers_or_peft(tensors, metadata, peft_config)
     lora = LoRA(modules=modules, source_format=fmt, metadata=metadata)
-    if base is not None and lora.base not in (base, "unknown"):
-        raise ValueError(
-            f"{path} is a {lora.base} LoRA, but a {base} one was expected (architecture mismatch). Use LoRAs trained "
-            f"on the same base model as the weight space."
-        )
+    _check_base(path, lora.base, base)
     return lora
+
+
+def _resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
+    """The safetensors file behind `path` (a file or a peft adapter folder), and the folder's peft scales."""
+    path, peft_config = Path(path), None
+    if path.is_dir():
+        config_path = path / "adapter_config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{path} is a folder without adapter_config.json; pass the .safetensors file.")
+        peft_config = _alphas_from_peft_config("unet", json.loads(config_path.read_text()))
+        path = path / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist.")
+    _check_not_pickle(path)
+    return path, peft_config
+
+
+def _check_base(path: Path, detected: str, expected: str | None) -> None:
+    if expected is not None and detected not in (expected, "unknown"):
+        raise ValueError(
+            f"{path} is a {detected} LoRA, but a {expected} one was expected (architecture mismatch). Use LoRAs "
+            f"trained on the same base model as the weight space."
+        )
 
 
 def save_lora(lora: LoRA, path: str | os.PathLike, format: str = "diffusers", dtype=torch.float32) -> Path:
@@ -472,8 +496,39 @@ def read_lora_shapes(path: str | os.PathLike, base: str | None = None) -> dict[s
         {'unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q': (1280, 1280, ())}
         ```
     """
-    lora = load_lora(path, base=base, header_only=True)
-    return {name: (m.out_features, m.in_features, m.kernel_size) for name, m in lora.modules.items()}
+    return read_lora_header(path, base)[1]
+
+
+def read_lora_header(
+    path: str | os.PathLike, base: str | None = None
+) -> tuple[str, dict[str, tuple[int, int, tuple[int, ...]]]]:
+    """`(detected base, {canonical module: (out_features, in_features, kernel_size)})` from the header alone.
+
+    kohya files (the bulk of Civitai) are resolved from the tensor entries and the memoised key mapping, without
+    creating a tensor; other layouts go through `map_lora(header_only=True)`. The same checks as `load_lora` apply.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w.lora_io import read_lora_header
+        >>> base, shapes = read_lora_header("my_lora.safetensors")  # doctest: +SKIP
+        ```
+    """
+    file, _ = _resolve(path)
+    handle = _open_safetensors(file)
+    keys = sorted(handle.entries)
+    _reject_unsupported(keys, file)
+    if Path(path).is_dir() or not all(key.startswith(KOHYA_PREFIXES) for key in keys):
+        lora = map_lora(path, base=base, header_only=True)
+        return lora.base, {name: (m.out_features, m.in_features, m.kernel_size) for name, m in lora.modules.items()}
+    entries = handle.entries
+    signature = tuple(sorted((key, entry.shape) for key, entry in entries.items() if not key.endswith(".alpha")))
+    shapes = {}
+    for name, down_key, up_key in _kohya_module_keys(signature, SDXL_SGM_UNET_CONFIG.layers_per_block):
+        down = entries[down_key].shape
+        shapes[name] = (entries[up_key].shape[0], math.prod(down[1:]), tuple(down[2:]))
+    detected = _base_from_shapes(shapes)
+    _check_base(file, detected, base)
+    return detected, dict(sorted(shapes.items()))
 
 
 def lora_target_shapes(

@@ -33,7 +33,7 @@ from diffusers.configuration_utils import register_to_config
 from tqdm.auto import tqdm
 
 from imagegem_hf.hub import atomic_directory, push_folder, render_card, resolve
-from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora
+from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, read_lora_header
 from imagegem_hf.w2w.vectorize import Vectorizer, WorkerPool, known_base
 
 logger = logging.getLogger(__name__)
@@ -390,8 +390,9 @@ def _header_shapes(item: LoRAItem, base: str | None) -> tuple[str | None, dict[s
     """`(base, {module: (out, in, kernel)})` of one LoRA, from its file header only."""
     if isinstance(item, (np.ndarray, torch.Tensor)):
         raise ValueError("Building from vectors needs `modules` (the layout the vectors follow).")
-    lora = item if isinstance(item, LoRA) else load_lora(item, base=base, header_only=True)
-    return lora.base, {name: (m.out_features, m.in_features, m.kernel_size) for name, m in lora.modules.items()}
+    if isinstance(item, LoRA):
+        return item.base, {name: (m.out_features, m.in_features, m.kernel_size) for name, m in item.modules.items()}
+    return read_lora_header(item, base=base)
 
 
 def _collect_modules(

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from imagegem_hf.testing import tiny_sd_components
 from imagegem_hf.w2w import LoRA, LoRAModule, load_lora, save_lora
-from imagegem_hf.w2w.lora_io import read_lora_shapes
+from imagegem_hf.w2w.lora_io import read_lora_header, read_lora_shapes
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"]
 RANK, ALPHA = 4, 8.0
@@ -242,3 +242,10 @@ def test_kohya_sdxl_sgm_names_and_text_encoders_map_to_diffusers_names(tmp_path)
         torch.testing.assert_close(module.down, tensors[f"lora_unet_{kohya}.lora_down.weight"])
     with pytest.raises(ValueError, match="architecture mismatch"):
         load_lora(tmp_path / "sdxl.safetensors", base="sd15")
+    # the header-only path (no tensor created) agrees, and checks the base the same way
+    base, shapes = read_lora_header(tmp_path / "sdxl.safetensors")
+    assert base == "sdxl" and shapes == {
+        n: (m.out_features, m.in_features, m.kernel_size) for n, m in lora.modules.items()
+    }
+    with pytest.raises(ValueError, match="architecture mismatch"):
+        read_lora_header(tmp_path / "sdxl.safetensors", base="sd15")
