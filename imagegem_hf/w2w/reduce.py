@@ -1,14 +1,13 @@
 """Reduce LoRAs of any rank to a fixed-size canonical form (ImageGem §4.3).
 
 Civitai LoRAs differ in rank and in which layers they touch. ImageGem keeps, per layer, only the top singular
-component of ΔW = (α/r)·up·down. `rank1_reduce` computes it from the factors alone: factor `up` (m×r) and
-`downᵀ` (n×r) as Q·R with orthonormal Q, take the SVD of the r×r product R_up·R_downᵀ, and map the singular
-vectors back through Q, so ΔW (m×n) is never formed. Two ways to get the R factors: `"gram"` (default) from the
-r×r Gram matrices upᵀ·up = Rᵀ·R (one matrix product per factor, then an r×r Cholesky in float64; Q is
-never formed, only applied to the top vectors) and `"qr"` (Householder QR, slower, for ill-conditioned
-factors). The singular value is split as √s on each side and the sign is fixed (largest-magnitude entry of `u`
-positive), so equal LoRAs always give equal vectors. `select_layers` is the paper's alternative: keep only the
-`attn_v` and/or feed-forward layers at a fixed rank.
+component of ΔW = (α/r)·up·down. `rank1_reduce` computes it from the factors alone, so ΔW (m×n) is never formed.
+With `"gram"` (default): the r×r Gram matrices upᵀ·up and down·downᵀ (one matrix product per factor, at BLAS
+peak), a Cholesky root L·Lᵀ = down·downᵀ in float64, and the top eigenpair of the r×r core Lᵀ·(upᵀ·up)·L give
+the singular vectors as up·x_up and downᵀ·x_down; `"qr"` (Householder QR of both factors and an r×r SVD) is
+slower, for ill-conditioned factors. The singular value is split as √s on each side and the sign is fixed
+(largest-magnitude entry of `u` positive), so equal LoRAs always give equal vectors. `select_layers` is the
+paper's alternative: keep only the `attn_v` and/or feed-forward layers at a fixed rank.
 """
 
 from __future__ import annotations

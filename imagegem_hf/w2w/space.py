@@ -7,10 +7,11 @@ zero-filled (and counted). Coordinates are z-scored across models, then PCA give
     project(θ)   = ((θ − μ) / σ) · Vᵀ
     unproject(p) = p · V · σ + μ
 
-The build streams the LoRAs once and never holds the N × d data matrix: the reduced vectors go to a disk cache
-split into column blocks, the N × N Gram matrix is accumulated block by block (dual PCA), its top eigenvectors
-give the components in a second pass over the blocks. Memory is O(N² + m·d + one block), so tens of thousands
-of SDXL LoRAs (d in the millions) fit on one machine.
+The build streams the LoRAs once (read, reduced and vectorized on worker processes) and only holds the N × d
+data matrix when it fits in one block: otherwise the reduced vectors go to a disk cache split into column
+blocks, the N × N Gram matrix is accumulated block by block (dual PCA), and its top eigenvectors give the
+components in a second pass over the blocks. Memory is O(N² + m·d + one block), so tens of thousands of SDXL
+LoRAs (d in the millions) fit on one machine.
 """
 
 from __future__ import annotations
@@ -256,7 +257,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
             base: Required base architecture; by default the first LoRA's, and all must agree.
             model_ids: Names of the LoRAs (default: file stems or indices).
             cache_dir: Where the temporary column-block cache (N × d float32 on disk) goes; default a temp dir.
-            block_bytes: Target size of one column block in memory.
+            block_bytes: Target size of one column block in memory; a data matrix (N × d float32) up to this size
+                stays in memory and nothing is written to `cache_dir`.
             cache_dtype: `"float32"` or `"float16"` (halves the disk cache; PCA is still computed in float32).
             num_workers: Processes that read and reduce LoRAs in parallel (vectors are appended in input order);
                 worth it for large collections, where the workers' start-up is amortised.
