@@ -17,6 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--output", required=True, help="Folder to save the space to (save_pretrained layout).")
     build.add_argument("--components", type=int, default=64, help="Principal components m (≤ number of LoRAs − 1).")
     build.add_argument("--rank", type=int, default=1, help="Singular components kept per layer (1 = ImageGem).")
+    build.add_argument(
+        "--layers",
+        choices=["attn_v", "ff", "both"],
+        default=None,
+        help="Keep only these UNet layers (the paper's alternative to rank-1 reduction, e.g. with --rank 16).",
+    )
     build.add_argument("--base", default=None, help="Required base architecture: sd15, sd2 or sdxl.")
     build.add_argument("--no-standardize", action="store_true", help="Do not z-score coordinates before PCA.")
     build.add_argument("--cache-dir", default=None, help="Where the temporary N × d disk cache goes.")
@@ -105,6 +111,7 @@ def _build(args: argparse.Namespace) -> int:
         base=args.base,
         cache_dir=args.cache_dir,
         num_workers=args.num_workers,
+        layers=args.layers,
     )
     space.save_pretrained(args.output)
     zero_filled = sum(space.config.missing_counts or [])

@@ -12,6 +12,8 @@ paper's alternative: keep only the `attn_v` and/or feed-forward layers at a fixe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -351,10 +353,8 @@ def select_layers(lora: LoRA, layers: str = "both", rank: int | None = None) -> 
         >>> ff_only = select_layers(load_lora("rank16.safetensors"), "ff", rank=16)  # doctest: +SKIP
         ```
     """
-    if layers not in LAYER_GROUPS:
-        raise ValueError(f"Unknown layer group {layers!r}; choose from {sorted(LAYER_GROUPS)}.")
-    suffixes = LAYER_GROUPS[layers]
-    modules = {name: m for name, m in lora.modules.items() if name.startswith("unet.") and name.endswith(suffixes)}
+    selected = layer_filter(layers)
+    modules = {name: m for name, m in lora.modules.items() if selected(name)}
     if not modules:
         raise ValueError(f"The LoRA has no {layers} layers; it cannot be used with select_layers({layers!r}).")
     if rank is not None:
@@ -365,3 +365,11 @@ def select_layers(lora: LoRA, layers: str = "both", rank: int | None = None) -> 
                 "rank1_reduce (any rank) or reduce_rank(lora, rank) first."
             )
     return LoRA(modules=modules, base=lora.base, source_format=lora.source_format, metadata=dict(lora.metadata))
+
+
+def layer_filter(layers: str) -> Callable[[str], bool]:
+    """Whether a canonical module name is one of the UNet's `"attn_v"`, `"ff"` or `"both"` layers."""
+    if layers not in LAYER_GROUPS:
+        raise ValueError(f"Unknown layer group {layers!r}; choose from {sorted(LAYER_GROUPS)}.")
+    suffixes = LAYER_GROUPS[layers]
+    return lambda name: name.startswith("unet.") and name.endswith(suffixes)

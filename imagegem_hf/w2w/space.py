@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from imagegem_hf.hub import atomic_directory, push_folder, render_card, resolve
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, read_lora_header
+from imagegem_hf.w2w.reduce import layer_filter
 from imagegem_hf.w2w.vectorize import Vectorizer, WorkerPool, known_base
 
 logger = logging.getLogger(__name__)
@@ -244,6 +245,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
         cache_dtype: str = "float32",
         num_workers: int = 1,
         show_progress: bool = True,
+        layers: str | None = None,
     ) -> WeightSpace:
         """Build the space from N LoRAs in one streaming pass (dual PCA over the N × N Gram matrix).
 
@@ -263,6 +265,9 @@ class WeightSpace(ModelMixin, ConfigMixin):
             num_workers: Processes that read and reduce LoRAs in parallel (vectors are appended in input order);
                 worth it for large collections, where the workers' start-up is amortised.
             show_progress: tqdm bars.
+            layers: Keep only the UNet's `"attn_v"` (attention value projections), `"ff"` (feed-forward) or
+                `"both"` layers: the paper's alternative to rank-1 reduction (with `rank` = the LoRAs' rank, e.g.
+                16). By default every layer of the layout is kept.
 
         Returns:
             The fitted `WeightSpace` (with the training coefficients in `coefficients`).
@@ -287,6 +292,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
             pool = resources.enter_context(WorkerPool(num_workers))  # one set of workers for both passes
             if modules is None:
                 modules, base = _collect_modules(loras, base, show_progress, pool)
+            if layers is not None:
+                modules = _select_layers(modules, layers)
             base = base or "unknown"
             names = sorted(modules)
             space = cls(
@@ -331,8 +338,9 @@ class WeightSpace(ModelMixin, ConfigMixin):
                 )
             weights = eigenvectors / np.sqrt(eigenvalues)
             cache.components(mean, std, weights, space.components.numpy(), show_progress)  # written in place
-        if ignored:
-            logger.warning("Dropped %d module entries outside the weight space layout.", ignored)
+        if ignored:  # expected when layers are selected
+            log = logger.info if layers is not None else logger.warning
+            log("Dropped %d module entries outside the weight space layout.", ignored)
         space.register_to_config(
             missing_counts=missing.tolist(),
             n_ignored_modules=int(ignored),
@@ -395,6 +403,14 @@ def _header_shapes(item: LoRAItem, base: str | None) -> tuple[str | None, dict[s
     if isinstance(item, LoRA):
         return item.base, {name: (m.out_features, m.in_features, m.kernel_size) for name, m in item.modules.items()}
     return read_lora_header(item, base=base)
+
+
+def _select_layers(modules: dict[str, Any], layers: str) -> dict[str, Any]:
+    selected = layer_filter(layers)
+    kept = {name: shape for name, shape in modules.items() if selected(name)}
+    if not kept:
+        raise ValueError(f"None of the {len(modules)} modules of the LoRAs is a {layers} layer.")
+    return kept
 
 
 def _collect_modules(

@@ -38,6 +38,12 @@ def test_build_direction_edit_grid(tmp_path):
     assert _run(["w2w", "build", str(folder), "--output", str(tmp_path / "space"), "--components", "8"]) == 0
     space = WeightSpace.from_pretrained(tmp_path / "space")
     assert space.n_components == 8 and space.config.model_ids[0] == "m00"
+    # the paper's alternative: value projections only, at the LoRAs' own rank
+    values = ["w2w", "build", str(folder), "--output", str(tmp_path / "v"), "--components", "4", "--layers", "attn_v"]
+    assert _run([*values, "--rank", "2"]) == 0
+    attn_v = WeightSpace.from_pretrained(tmp_path / "v")
+    assert attn_v.config.module_names == [n for n in space.config.module_names if n.endswith(".to_v")]
+    assert attn_v.config.rank == 2 and attn_v.config.n_ignored_modules > 0
 
     args = ["w2w", "direction", str(tmp_path / "space"), "--labels", str(tmp_path / "labels.csv")]
     assert _run([*args, "--test-fraction", "0.25", "--output", str(tmp_path / "d.safetensors")]) == 0

@@ -201,3 +201,14 @@ def test_block_cache_statistics_gram_and_components_match_dense(tmp_path, dtype,
         short = _BlockCache(tmp_path / "short", 8, 23, block_bytes, np.dtype(dtype), flush_bytes=flush_bytes)
         short.append(rows[0])
         short.finish()
+
+
+def test_layer_selection_keeps_only_the_chosen_layers(lora_files):
+    ff = WeightSpace.build(lora_files, n_components=3, layers="ff", show_progress=False)
+    assert ff.config.module_names == ["unet.a.ff.net.2"]
+    both = WeightSpace.build(lora_files, n_components=3, layers="both", rank=2, show_progress=False)
+    assert both.config.module_names == ["unet.a.attn2.to_v", "unet.a.ff.net.2"] and both.config.rank == 2
+    with pytest.raises(ValueError, match="Unknown layer group"):
+        WeightSpace.build(lora_files, n_components=3, layers="attn_k", show_progress=False)
+    with pytest.raises(ValueError, match="None of the 1 modules of the LoRAs is a ff layer"):
+        WeightSpace.build(lora_files, n_components=3, modules={"unet.a.attn1.to_q": (12, 10, ())}, layers="ff")
