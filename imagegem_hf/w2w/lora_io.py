@@ -186,19 +186,17 @@ def _check_not_pickle(path: Path) -> None:
         )
 
 
-def _read_safetensors(path: Path, header_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a file as zero-copy views (`SafetensorsFile`), or with `header_only` meta-device placeholders
-    of the right shapes (alphas are read)."""
-    handle = _open_safetensors(path)
+def _read_tensors(path: Path, handle: SafetensorsFile, header_only: bool) -> dict[str, torch.Tensor]:
+    """All tensors of a file as zero-copy views, or with `header_only` meta-device placeholders of the right shapes
+    (alphas are read)."""
     try:
-        if header_only:
-            tensors = {key: torch.empty(entry.shape, device="meta") for key, entry in handle.entries.items()}
-            tensors.update(handle.read([key for key in tensors if key.endswith(".alpha")]))
-        else:
-            tensors = handle.tensors()
+        if not header_only:
+            return handle.tensors()
+        tensors = {key: torch.empty(entry.shape, device="meta") for key, entry in handle.entries.items()}
+        tensors.update(handle.read([key for key in tensors if key.endswith(".alpha")]))
+        return tensors
     except SafetensorsError as err:
         raise _unreadable(path, err) from err
-    return tensors, handle.metadata
 
 
 def _open_safetensors(path: Path) -> SafetensorsFile:
@@ -414,7 +412,19 @@ def map_lora(
         ```
     """
     path, peft_config = _resolve(path)
-    tensors, metadata = _read_safetensors(path, header_only=header_only)
+    handle = _open_safetensors(path)
+    tensors = _read_tensors(path, handle, header_only)
+    return _lora_from_tensors(path, tensors, handle.metadata, peft_config, unet_config, base)
+
+
+def _lora_from_tensors(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    peft_config: dict[str, Any] | None,
+    unet_config: Any | None,
+    base: str | None,
+) -> LoRA:
     keys = sorted(tensors)
     _reject_unsupported(keys, path)
     if all(key.startswith(KOHYA_PREFIXES) for key in keys):
@@ -505,7 +515,8 @@ def read_lora_header(
     """`(detected base, {canonical module: (out_features, in_features, kernel_size)})` from the header alone.
 
     kohya files (the bulk of Civitai) are resolved from the tensor entries and the memoised key mapping, without
-    creating a tensor; other layouts go through `map_lora(header_only=True)`. The same checks as `load_lora` apply.
+    creating a tensor; other layouts get meta-tensor placeholders, as `map_lora(header_only=True)`. The same checks
+    as `load_lora` apply.
 
     Example:
         ```python
@@ -513,13 +524,14 @@ def read_lora_header(
         >>> base, shapes = read_lora_header("my_lora.safetensors")  # doctest: +SKIP
         ```
     """
-    file, _ = _resolve(path)
+    file, peft_config = _resolve(path)
     handle = _open_safetensors(file)
     keys = sorted(handle.entries)
-    _reject_unsupported(keys, file)
-    if Path(path).is_dir() or not all(key.startswith(KOHYA_PREFIXES) for key in keys):
-        lora = map_lora(path, base=base, header_only=True)
+    if peft_config is not None or not all(key.startswith(KOHYA_PREFIXES) for key in keys):
+        tensors = _read_tensors(file, handle, header_only=True)
+        lora = _lora_from_tensors(file, tensors, handle.metadata, peft_config, None, base)
         return lora.base, {name: (m.out_features, m.in_features, m.kernel_size) for name, m in lora.modules.items()}
+    _reject_unsupported(keys, file)
     entries = handle.entries
     signature = tuple(sorted((key, entry.shape) for key, entry in entries.items() if not key.endswith(".alpha")))
     shapes = {}
