@@ -99,15 +99,7 @@ def tiny_clip_model(seed: int = 0, image_size: int = 32, projection_dim: int = 8
     tokenizer = tiny_clip_tokenizer()
     config = CLIPConfig(
         text_config=tiny_clip_text_config(len(tokenizer), projection_dim=projection_dim),
-        vision_config=dict(
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=8,
-            projection_dim=projection_dim,
-        ),
+        vision_config=tiny_vision_config(image_size, patch_size=8, projection_dim=projection_dim),
         projection_dim=projection_dim,
     )
     torch.manual_seed(seed)
@@ -237,6 +229,19 @@ def tiny_vlm_tokenizer():
     return tokenizer
 
 
+def tiny_vision_config(image_size: int, patch_size: int, **extra: Any) -> dict[str, Any]:
+    """The vision config of a tiny tower (8 wide, 2 layers, 2 heads) for `image_size`² images."""
+    return dict(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        **extra,
+    )
+
+
 def tiny_text_config(
     model_type: str, tokenizer, hidden_size: int, max_position_embeddings: int = 4096, **extra: Any
 ) -> dict[str, Any]:
@@ -280,16 +285,7 @@ def tiny_vlm(seed: int = 0, image_size: int = 16, text_hidden_size: int = 16):
     tokenizer = tiny_vlm_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=8,
-            projection_dim=8,
-        ),
+        vision_config=tiny_vision_config(image_size, patch_size=8, model_type="clip_vision_model", projection_dim=8),
         text_config=tiny_text_config("llama", tokenizer, text_hidden_size, max_position_embeddings=2048),
         image_token_index=image_token_id,
         vision_feature_select_strategy="default",

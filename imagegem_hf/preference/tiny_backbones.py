@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from imagegem_hf.testing import tiny_text_config, tiny_vlm_tokenizer
+from imagegem_hf.testing import tiny_text_config, tiny_vision_config, tiny_vlm_tokenizer
 
 # SmolVLM's published chat template (an answered assistant turn renders "Assistant: +", the generation prompt ends
 # "Assistant:")
@@ -66,14 +66,7 @@ def tiny_idefics3(seed: int = 0, image_size: int = 16, text_hidden_size: int = 1
     tokenizer.chat_template = SMOLVLM_CHAT_TEMPLATE
     patch_size, scale_factor = 4, 2
     config = Idefics3Config(
-        vision_config=dict(
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
+        vision_config=tiny_vision_config(image_size, patch_size),
         text_config=tiny_text_config("llama", tokenizer, text_hidden_size),
         scale_factor=scale_factor,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -126,14 +119,7 @@ def tiny_idefics2(seed: int = 0, image_size: int = 16, text_hidden_size: int = 1
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *specials]})
     tokenizer.chat_template = template
     config = Idefics2Config(
-        vision_config=dict(
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=4,
-        ),
+        vision_config=tiny_vision_config(image_size, patch_size=4),
         perceiver_config=dict(
             hidden_size=text_hidden_size,
             resampler_n_latents=image_tokens,
