@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from imagegem_hf.w2w.safetensors_reader import SafetensorsError, SafetensorsFile
+from imagegem_hf.w2w.safetensors_reader import ReadBuffer, SafetensorsError, SafetensorsFile
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Substrings of keys that identify formats we do not reduce, with the name reported to the user.
@@ -186,12 +186,14 @@ def _check_not_pickle(path: Path) -> None:
         )
 
 
-def _read_tensors(path: Path, handle: SafetensorsFile, header_only: bool) -> dict[str, torch.Tensor]:
-    """All tensors of a file as zero-copy views, or with `header_only` meta-device placeholders of the right shapes
-    (alphas are read)."""
+def _read_tensors(
+    path: Path, handle: SafetensorsFile, header_only: bool, buffer: ReadBuffer | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of a file as zero-copy views (into `buffer` if given), or with `header_only` meta-device
+    placeholders of the right shapes (alphas are read)."""
     try:
         if not header_only:
-            return handle.tensors()
+            return handle.tensors(buffer=buffer)
         tensors = {key: torch.empty(entry.shape, device="meta") for key, entry in handle.entries.items()}
         tensors.update(handle.read([key for key in tensors if key.endswith(".alpha")]))
         return tensors
@@ -398,11 +400,18 @@ def load_lora(
 
 
 def map_lora(
-    path: str | os.PathLike, base: str | None = None, unet_config: Any | None = None, header_only: bool = False
+    path: str | os.PathLike,
+    base: str | None = None,
+    unet_config: Any | None = None,
+    header_only: bool = False,
+    buffer: ReadBuffer | None = None,
 ) -> LoRA:
-    """`load_lora` without the copy: the factors are read-only views into a memory map of the file, in the file's
-    dtype (fp16/bf16 as stored). For streaming reductions that read each factor once or twice (`rank1_reduce`
-    upcasts module by module); copy a factor before modifying it.
+    """`load_lora` without the copy: the factors are zero-copy views in the file's dtype (fp16/bf16 as stored). For
+    streaming reductions that read each factor once or twice (`rank1_reduce` upcasts module by module).
+
+    By default the views are read-only, into a memory map of the file: copy a factor before modifying it. With a
+    `ReadBuffer` the file is read into the buffer (past the page cache where the platform allows, for collections
+    read once) and the LoRA is valid only until the buffer's next read.
 
     Example:
         ```python
@@ -413,7 +422,7 @@ def map_lora(
     """
     path, peft_config = _resolve(path)
     handle = _open_safetensors(path)
-    tensors = _read_tensors(path, handle, header_only)
+    tensors = _read_tensors(path, handle, header_only, buffer)
     return _lora_from_tensors(path, tensors, handle.metadata, peft_config, unet_config, base)
 
 

@@ -8,10 +8,14 @@ the platform allows) and returns zero-copy views into the mapping. Nothing is ev
 
 Views stay valid as long as they are referenced (they keep the mapping alive). They are read-only, as with
 `safe_open`'s own mapping: copy a tensor before modifying it.
+
+For streaming thousands of files once, `ReadBuffer` reads each whole file into one reused buffer instead, past the
+page cache where the platform allows.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 MAX_HEADER_BYTES = 100 * 2**20  # the limit the safetensors library enforces
+DIRECT_IO_ALIGNMENT = 4096  # buffer address and read sizes for O_DIRECT (a multiple of every usual block size)
 DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -80,7 +85,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        size = self.path.stat().st_size
+        self.size = size = self.path.stat().st_size
         with open(self.path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
@@ -106,12 +111,17 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def tensors(self, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Tensors as read-only views into one memory map of the file (all keys by default).
+    def tensors(self, keys: list[str] | None = None, buffer: ReadBuffer | None = None) -> dict[str, torch.Tensor]:
+        """Tensors as zero-copy views (all keys by default).
 
-        Copy a tensor (`.clone()`, `.to(dtype, copy=True)`) before modifying it: the mapping is read-only.
+        They view one read-only memory map of the file: copy a tensor (`.clone()`, `.to(dtype, copy=True)`) before
+        modifying it. With `buffer`, a file that is not in the page cache is read into the buffer instead (past
+        the page cache, see `ReadBuffer`) and the views are valid only until the buffer's next read.
         """
         keys = self.keys() if keys is None else keys
+        if buffer is not None and not _in_page_cache(self.path, self.size):
+            data = buffer.read(self.path, self.size)
+            return {key: _view(data, self.entries[key]) for key in keys}
         with open(self.path, "rb") as handle:  # not empty: the header was read from it
             if hasattr(mmap, "MAP_POPULATE"):  # Linux: read the whole file ahead in one go
                 mapping = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
@@ -132,6 +142,89 @@ class SafetensorsFile:
                     raise SafetensorsError(f"tensor {key!r} is cut short by the end of the file")
                 tensors[key] = _view(bytearray(data), TensorEntry(entry.dtype, entry.shape, 0, entry.nbytes))
         return tensors
+
+
+class ReadBuffer:
+    """A reusable, page-aligned buffer that whole files are read into, one file at a time.
+
+    On Linux the read bypasses the page cache (`O_DIRECT`): a LoRA collection streamed once is far larger than
+    memory, so caching it only evicts other data, and filling the page cache costs CPU (much more on virtual
+    machines, where fresh page-cache pages fault in the hypervisor). Filesystems without direct I/O (tmpfs, some
+    network filesystems) and other platforms get an ordinary read. The buffer grows to the largest file and is
+    private to the process (a forked worker writes into its own copy).
+
+    The memory returned by `read` is overwritten by the next `read`: use one buffer per thread, and do not keep
+    tensors viewing it.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w.safetensors_reader import ReadBuffer, SafetensorsFile
+        >>> buffer = ReadBuffer()
+        >>> for path in paths:  # doctest: +SKIP
+        ...     handle = SafetensorsFile(path)
+        ...     tensors = handle.tensors(buffer=buffer)  # views, valid until the next file is read
+        ```
+    """
+
+    def __init__(self) -> None:
+        self._memory: mmap.mmap | bytearray | None = None
+
+    def read(self, path: str | os.PathLike, size: int) -> memoryview:
+        """The first `size` bytes of `path`.
+
+        Raises:
+            SafetensorsError: The file is shorter than `size` (it was truncated after its header was read).
+        """
+        padded = max(1, -(-size // DIRECT_IO_ALIGNMENT)) * DIRECT_IO_ALIGNMENT
+        if self._memory is None or len(self._memory) < padded:
+            # A new allocation, not a resize: tensors may still view the old one (it lives as long as they do).
+            self._memory = mmap.mmap(-1, padded, flags=mmap.MAP_PRIVATE) if os.name == "posix" else bytearray(padded)
+        view = memoryview(self._memory)[:padded]
+        done = _read_direct(path, view, size) if hasattr(os, "O_DIRECT") else 0
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(done)
+            while done < size and (count := handle.readinto(view[done:size])):
+                done += count
+        if done < size:
+            raise SafetensorsError(f"the file ends after {done} of its {size} bytes (truncated while being read)")
+        return view[:size]
+
+
+def _in_page_cache(path: str | os.PathLike, size: int) -> bool:
+    """Whether the last page of the file is in the page cache (a file is usually cached whole or not at all; its
+    first page is, once its header was read). `True` where the platform cannot tell (no `RWF_NOWAIT`)."""
+    if size == 0 or not hasattr(os, "RWF_NOWAIT"):
+        return True
+    with open(path, "rb", buffering=0) as handle:
+        try:
+            return os.preadv(handle.fileno(), [bytearray(1)], size - 1, os.RWF_NOWAIT) == 1
+        except OSError as err:
+            if err.errno == errno.EAGAIN:  # not cached
+                return False
+            if err.errno == errno.EOPNOTSUPP:  # this filesystem cannot tell
+                return True
+            raise
+
+
+def _read_direct(path: str | os.PathLike, view: memoryview, size: int) -> int:
+    """Read `path` into `view` with O_DIRECT; returns how far the file is read (0 if the filesystem refuses direct
+    I/O), so that an ordinary read can take over."""
+    done = 0
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as err:
+        if err.errno == errno.EINVAL:  # no direct I/O on this filesystem
+            return 0
+        raise
+    try:
+        while done < size and (count := os.preadv(descriptor, [view[done:]], done)):
+            done += count
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # EINVAL: an alignment this filesystem does not accept
+            raise
+    finally:
+        os.close(descriptor)
+    return min(done, size)
 
 
 def _entry(key: str, info: object, data_start: int, size: int) -> TensorEntry:

@@ -324,8 +324,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
                 cache.append(vector)
             cache.finish()
             pool.close()
-            mean, std = cache.mean_std(standardize)
-            gram = cache.gram(mean, std, show_progress)
+            gram = cache.gram(standardize, show_progress)
             eigenvalues, eigenvectors = scipy.linalg.eigh(gram, subset_by_index=[n - n_components, n - 1])
             order = np.argsort(eigenvalues)[::-1]
             eigenvalues = np.clip(eigenvalues[order], 0.0, None)
@@ -337,7 +336,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
                     f"(the {n} LoRAs span fewer dimensions); lower n_components."
                 )
             weights = eigenvectors / np.sqrt(eigenvalues)
-            cache.components(mean, std, weights, space.components.numpy(), show_progress)  # written in place
+            cache.components(weights, space.components.numpy(), show_progress)  # written in place
         if ignored:  # expected when layers are selected
             log = logger.info if layers is not None else logger.warning
             log("Dropped %d module entries outside the weight space layout.", ignored)
@@ -346,8 +345,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
             n_ignored_modules=int(ignored),
             model_ids=list(model_ids) if model_ids is not None else ids,
         )
-        space.mean.copy_(torch.from_numpy(mean))
-        space.std.copy_(torch.from_numpy(std))
+        space.mean.copy_(torch.from_numpy(cache.mean))
+        space.std.copy_(torch.from_numpy(cache.std))
         space.explained_variance.copy_(torch.from_numpy((eigenvalues / (n - 1)).astype(np.float32)))
         space.coefficients.copy_(torch.from_numpy((eigenvectors * np.sqrt(eigenvalues)).astype(np.float32)))
         return space
@@ -453,11 +452,13 @@ def _as_float32(values: np.ndarray) -> np.ndarray:
 
 
 class _BlockCache:
-    """N vectors of length d, split into column blocks so that a block of all N rows is one sequential read;
-    per-coordinate sums are kept in float64 for the mean and standard deviation.
+    """N vectors of length d, split into column blocks so that a block of all N rows is one sequential read.
 
     When the whole N × d matrix fits in one block (`block_bytes`) it simply stays in memory. Otherwise rows are
-    buffered (`flush_bytes`) and appended to one file per column block.
+    buffered (`flush_bytes`) and appended to one file per column block. Since a block holds every row of its
+    coordinates, the per-coordinate mean and standard deviation are computed block by block in the Gram pass, in
+    two passes over the block (centre, then sum the squares) with float64 accumulation: unlike running sums of x
+    and x², this loses no digits on coordinates whose mean dwarfs their spread. Appending a row is only a copy.
     """
 
     def __init__(
@@ -474,9 +475,7 @@ class _BlockCache:
         self.folder, self.n_rows, self.dim, self.dtype = folder, n_rows, dim, dtype
         width = max(1, block_bytes // (4 * n_rows), -(-dim // 256))  # at most 256 block files
         self.bounds = [(start, min(start + width, dim)) for start in range(0, dim, width)]
-        self.sum, self.sumsq = _empty(dim, np.float64), _empty(dim, np.float64)
-        self.sum[:], self.sumsq[:] = 0.0, 0.0
-        self.square = _empty(dim, np.float64)  # scratch: no fresh 8·d bytes per appended row
+        self.mean, self.std = _empty(dim, np.float64), _empty(dim, np.float64)  # filled by `gram`
         self.in_memory = n_rows * dim * 4 <= block_bytes
         # One buffer holds the rows awaiting a flush, then each column block read back for the PCA passes:
         # allocating it once avoids page-faulting hundreds of MB of fresh memory per block.
@@ -491,11 +490,7 @@ class _BlockCache:
         return self.folder / f"block_{block:05d}.f32"
 
     def append(self, vector: np.ndarray) -> None:
-        row = self.buffer[self.n_pending * self.dim : (self.n_pending + 1) * self.dim]
-        row[:] = vector  # rounded to the cache dtype: the statistics are those of exactly what is cached
-        np.add(self.sum, row, out=self.sum)
-        np.multiply(row, row, out=self.square, dtype=np.float64)
-        np.add(self.sumsq, self.square, out=self.sumsq)
+        self.buffer[self.n_pending * self.dim : (self.n_pending + 1) * self.dim] = vector  # in the cache dtype
         self.n_pending += 1
         self.count += 1
         if self.n_pending == self.rows_per_flush and not self.in_memory:
@@ -514,34 +509,45 @@ class _BlockCache:
         if not self.in_memory:
             self._flush()
 
-    def mean_std(self, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Per-coordinate mean and standard deviation (ones without `standardize`); the sums are used up."""
-        mean = np.divide(self.sum, self.n_rows, out=self.sum)
-        if not standardize:
-            std = _empty(self.dim, np.float64)
+    def _standardize_(self, data: np.ndarray, start: int, stop: int, standardize: bool | None) -> None:
+        """In place, z-score the float32 block `data` `(N, stop − start)` of coordinates `start:stop`; with
+        `standardize` not `None`, first compute their mean and standard deviation (ones without `standardize`)
+        from the block, which holds what is cached (the statistics of exactly the cached values)."""
+        mean, std = self.mean[start:stop], self.std[start:stop]
+        if standardize is not None:
+            np.add.reduce(data, axis=0, dtype=np.float64, out=mean)
+            mean /= self.n_rows
+        mean32 = _as_float32(mean)
+        data -= mean32
+        if standardize is None:
+            data /= _as_float32(std)
+        elif not standardize:
             std[:] = 1.0
-            return mean, std
-        variance = np.divide(self.sumsq, self.n_rows, out=self.sumsq)
-        variance -= np.multiply(mean, mean, out=self.square)
-        std = np.sqrt(np.maximum(variance, 0.0, out=variance), out=variance)
-        floor = np.maximum(np.abs(mean, out=self.square), 1.0, out=self.square)
-        std[std <= 1e-12 * floor] = 1.0  # constant coordinates stay at 0 after centring
-        return mean, std
+        else:
+            np.einsum("ij,ij->j", data, data, dtype=np.float64, out=std)  # squares summed in float64
+            std /= self.n_rows
+            std -= np.square(mean - mean32)  # the centred block's own mean is the float32 rounding of the mean
+            np.sqrt(np.maximum(std, 0.0, out=std), out=std)
+            std[std <= 1e-12 * np.maximum(np.abs(mean), 1.0)] = 1.0  # constant coordinates stay at 0 after centring
+            data /= _as_float32(std)
 
-    def _blocks(self, mean: np.ndarray, std: np.ndarray, desc: str, show_progress: bool):
+    def _blocks(self, desc: str, show_progress: bool, standardize: bool | None = None):
         """Yield `(start, stop, z)` per column block, z the standardised `(N, stop − start)` float32 block (a view
-        into a reused buffer, valid until the next block)."""
+        into a reused buffer, valid until the next block); with `standardize` not `None` (the first pass) the
+        statistics are computed on the way."""
         if self.in_memory:
-            if self.standardized is None:  # standardise in place (float32) once: both passes read the same Z
+            first = self.standardized is None
+            if first:  # standardise in place (float32) once: both passes read the same Z
                 matrix = self.buffer.reshape(self.n_rows, self.dim)
                 if matrix.dtype != np.float32:
                     matrix = _empty(matrix.size, np.float32).reshape(matrix.shape)
                     matrix[:] = self.buffer.reshape(matrix.shape)
-                matrix -= _as_float32(mean)
-                matrix /= _as_float32(std)
                 self.standardized = matrix
             for start, stop in tqdm(self.bounds, desc=desc, disable=not show_progress):
-                yield start, stop, self.standardized[:, start:stop]
+                z = self.standardized[:, start:stop]
+                if first:
+                    self._standardize_(z, start, stop, standardize)
+                yield start, stop, z
             return
         size = self.n_rows * max(stop - start for start, stop in self.bounds)
         if self.buffer.size < size:
@@ -560,20 +566,18 @@ class _BlockCache:
             else:
                 data = raw
             data = data.reshape(self.n_rows, stop - start)
-            data -= _as_float32(mean[start:stop])
-            data /= _as_float32(std[start:stop])
+            self._standardize_(data, start, stop, standardize)
             yield start, stop, data
 
-    def gram(self, mean: np.ndarray, std: np.ndarray, show_progress: bool) -> np.ndarray:
+    def gram(self, standardize: bool, show_progress: bool) -> np.ndarray:
+        """The N × N Gram matrix Z·Zᵀ of the standardised rows; computes `mean` and `std` on the way."""
         gram = np.zeros((self.n_rows, self.n_rows), dtype=np.float64)
-        for _, _, z in self._blocks(mean, std, "Gram (dual PCA)", show_progress):
+        for _, _, z in self._blocks("Gram (dual PCA)", show_progress, standardize):
             gram += z @ z.T
         return gram
 
-    def components(
-        self, mean: np.ndarray, std: np.ndarray, weights: np.ndarray, out: np.ndarray, show_progress: bool
-    ) -> None:
-        """V = (U Λ^-½)ᵀ Z, one column block at a time, written into `out` `(m, d)` float32."""
+    def components(self, weights: np.ndarray, out: np.ndarray, show_progress: bool) -> None:
+        """V = (U Λ^-½)ᵀ Z, one column block at a time, written into `out` `(m, d)` float32 (after `gram`)."""
         weights_t = weights.T.astype(np.float32)
-        for start, stop, z in self._blocks(mean, std, "Components", show_progress):
+        for start, stop, z in self._blocks("Components", show_progress):
             np.matmul(weights_t, z, out=out[:, start:stop])

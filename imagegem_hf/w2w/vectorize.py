@@ -6,6 +6,7 @@ Kept apart from `space.py` (which needs diffusers) so that worker processes only
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -17,12 +18,23 @@ import torch
 
 from imagegem_hf.w2w.lora_io import LoRA, map_lora
 from imagegem_hf.w2w.reduce import reduced_factors
+from imagegem_hf.w2w.safetensors_reader import ReadBuffer
 
 ModuleSlot = tuple[str, int, int, tuple[int, ...], int]  # (name, out_features, in_features, kernel, offset)
 
 
 def known_base(base: str | None) -> str | None:
     return None if base in (None, "unknown") else base
+
+
+_thread_state = threading.local()
+
+
+def _read_buffer() -> ReadBuffer:
+    """This thread's buffer for LoRA files: each file is read, reduced and dropped before the next one."""
+    if not hasattr(_thread_state, "buffer"):
+        _thread_state.buffer = ReadBuffer()
+    return _thread_state.buffer
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class Vectorizer:
             if vector.shape != (self.vector_length,):
                 raise ValueError(f"Expected a vector of length {self.vector_length}, got {vector.shape}.")
             return vector, [], []
-        lora = item if isinstance(item, LoRA) else map_lora(item, base=known_base(self.base))
+        lora = item if isinstance(item, LoRA) else map_lora(item, base=known_base(self.base), buffer=_read_buffer())
         if known_base(self.base) and known_base(lora.base) and lora.base != self.base:
             raise ValueError(f"Architecture mismatch: a {lora.base} LoRA in a {self.base} weight space.")
         return self.vectorize(lora)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 
 import pytest
@@ -12,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from imagegem_hf.w2w import LoRA, LoRAModule, load_lora, save_lora
 from imagegem_hf.w2w.lora_io import map_lora
 from imagegem_hf.w2w.reduce import reduced_factors
-from imagegem_hf.w2w.safetensors_reader import SafetensorsError, SafetensorsFile
+from imagegem_hf.w2w.safetensors_reader import ReadBuffer, SafetensorsError, SafetensorsFile
 
 
 def test_tensors_and_metadata_match_the_safetensors_library(tmp_path):
@@ -98,3 +100,69 @@ def test_map_lora_gives_file_dtype_views_that_reduce_like_the_copies(tmp_path):
     from_views, from_copies = reduced_factors(mapped), reduced_factors(loaded)
     for name, (u, vt) in from_copies.items():
         assert torch.equal(from_views[name][0], u) and torch.equal(from_views[name][1], vt)
+
+
+def _evict(path) -> None:
+    """Drop `path` from the page cache (a tmpfs file stays: it lives there)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
+def test_read_buffer_reads_whole_files_into_one_reused_buffer(tmp_path):
+    sizes = {"a": 10_000, "b": 3, "c": 3 * 4096 + 17}
+    paths = {}
+    for name, size in sizes.items():
+        paths[name] = tmp_path / name
+        paths[name].write_bytes(bytes((7 * i + len(name)) % 251 for i in range(size)))
+    buffer = ReadBuffer()
+    first = buffer.read(paths["a"], sizes["a"])
+    assert bytes(first) == paths["a"].read_bytes()
+    address = torch.frombuffer(first, dtype=torch.uint8).data_ptr()
+    second = buffer.read(paths["b"], sizes["b"])  # smaller: the same memory, the first file is overwritten
+    assert (
+        bytes(second) == paths["b"].read_bytes() and torch.frombuffer(second, dtype=torch.uint8).data_ptr() == address
+    )
+    kept = torch.frombuffer(second, dtype=torch.uint8)
+    third = buffer.read(paths["c"], sizes["c"])  # larger: a new allocation, views of the old one stay valid
+    assert bytes(third) == paths["c"].read_bytes() and bytes(kept.tolist()) == paths["b"].read_bytes()
+    with pytest.raises(SafetensorsError, match="ends after 3 of its 8 bytes"):
+        buffer.read(paths["b"], 8)
+
+
+def test_read_buffer_falls_back_to_an_ordinary_read_without_direct_io(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(9000))
+    real_open = os.open
+
+    def no_direct_io(file, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "direct I/O not supported")
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct_io)
+    assert bytes(ReadBuffer().read(path, 9000)) == path.read_bytes()
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)  # a platform without it
+    assert bytes(ReadBuffer().read(path, 9000)) == path.read_bytes()
+
+
+def test_uncached_files_are_read_into_the_buffer_and_cached_ones_mapped(tmp_path):
+    generator = torch.Generator().manual_seed(2)
+    tensors = {"x": torch.randn(300, 7, generator=generator).half(), "y": torch.randn(2**21, generator=generator)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path)
+    buffer = ReadBuffer()
+    handle = SafetensorsFile(path)
+    mapped = handle.tensors(buffer=buffer)  # just written: in the page cache, so mapped
+    assert buffer._memory is None and all(torch.equal(mapped[k], v) for k, v in tensors.items())
+    del mapped  # mapped pages cannot be evicted; 8 MB: reading the header does not read ahead to the end
+    _evict(path)
+    read = SafetensorsFile(path).tensors(buffer=buffer)
+    if buffer._memory is None:
+        pytest.skip("this filesystem keeps files in memory (tmpfs)")
+    address = torch.frombuffer(buffer._memory, dtype=torch.uint8).data_ptr()
+    assert all(torch.equal(read[k], v) for k, v in tensors.items())
+    assert address <= read["y"].data_ptr() < address + len(buffer._memory)

@@ -187,20 +187,36 @@ def test_block_cache_statistics_gram_and_components_match_dense(tmp_path, dtype,
         cache.append(row)
     cache.finish()
     stored = rows.astype(dtype).astype(np.float64)  # statistics are those of what is cached
-    mean, std = cache.mean_std(standardize=True)
-    np.testing.assert_allclose(mean, stored.mean(0), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(std, stored.std(0), rtol=1e-9)
-    z = (stored - mean) / std
-    np.testing.assert_allclose(cache.gram(mean, std, show_progress=False), z @ z.T, rtol=1e-5, atol=1e-4)
+    gram = cache.gram(standardize=True, show_progress=False)
+    np.testing.assert_allclose(cache.mean, stored.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cache.std, stored.std(0), rtol=1e-6)
+    z = (stored - stored.mean(0)) / stored.std(0)
+    np.testing.assert_allclose(gram, z @ z.T, rtol=1e-5, atol=1e-4)
     weights = rng.standard_normal((7, 3))
     out = np.zeros((3, 23), dtype=np.float32)
-    cache.components(mean, std, weights, out, show_progress=False)
+    cache.components(weights, out, show_progress=False)
     np.testing.assert_allclose(out, weights.T @ z, rtol=1e-5, atol=1e-4)
     assert (not in_memory) == any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="Expected 8 LoRAs"):
         short = _BlockCache(tmp_path / "short", 8, 23, block_bytes, np.dtype(dtype), flush_bytes=flush_bytes)
         short.append(rows[0])
         short.finish()
+
+
+@pytest.mark.parametrize("block_bytes", [2**20, 64])  # in memory; one coordinate per block on disk
+def test_block_cache_standard_deviation_keeps_its_digits_when_the_mean_dwarfs_the_spread(tmp_path, block_bytes):
+    from imagegem_hf.w2w.space import _BlockCache
+
+    rows = (1e4 + 1e-2 * np.arange(-4, 5)[:, None] * np.array([1.0, 2.0])).astype(np.float32)  # 9 rows, 2 columns
+    cache = _BlockCache(tmp_path, 9, 2, block_bytes, np.dtype("float32"))
+    for row in rows:
+        cache.append(row)
+    cache.finish()
+    cache.gram(standardize=True, show_progress=False)
+    stored = rows.astype(np.float64)
+    np.testing.assert_allclose(cache.std, stored.std(0), rtol=1e-9)
+    one_pass = np.sqrt((stored**2).mean(0) - stored.mean(0) ** 2)  # running sums of x and x² lose these digits
+    assert np.abs(one_pass / stored.std(0) - 1).max() > 1e-6
 
 
 def test_layer_selection_keeps_only_the_chosen_layers(lora_files):

@@ -1,10 +1,13 @@
-"""WorkerPool: ordered results on worker processes, errors surface, one worker means this process."""
+"""WorkerPool: ordered results on worker processes, errors surface, one worker means this process; vectorizing
+uncached files on workers."""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
+import torch
 
 from imagegem_hf.w2w.vectorize import WorkerPool
 
@@ -34,3 +37,32 @@ def test_worker_errors_propagate_and_one_worker_runs_here():
         assert list(pool.map(lambda x: (x, os.getpid()), [5])) == [(5, os.getpid())]
     with pytest.raises(ValueError, match="num_workers"):
         WorkerPool(0)
+
+
+def test_uncached_files_vectorize_on_workers_through_private_read_buffers(tmp_path):
+    from imagegem_hf.w2w import LoRA, LoRAModule, WeightSpace, load_lora, save_lora
+    from imagegem_hf.w2w.vectorize import _read_buffer
+
+    generator = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(4):  # 4 MB each: more than the kernel reads ahead with the header
+        module = LoRAModule(
+            down=torch.randn(64, 8192, generator=generator), up=torch.randn(8192, 64, generator=generator), alpha=8.0
+        )
+        paths.append(save_lora(LoRA({"unet.a.attn1.to_q": module}), tmp_path / f"l{i}.safetensors"))
+    space = WeightSpace(
+        module_names=["unet.a.attn1.to_q"], module_shapes=[[8192, 8192]], n_components=1, n_models=2, base="unknown"
+    )
+    vectorizer = space.vectorizer()
+    expected = [vectorizer(load_lora(path))[0] for path in paths]
+    parent = _read_buffer().read(paths[0], paths[0].stat().st_size)  # the workers fork with this buffer
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        os.fsync(descriptor)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(descriptor)
+    with WorkerPool(2) as pool:
+        vectors = [vector for vector, _, _ in pool.map(vectorizer, paths[::-1])]
+    for vector, reference in zip(vectors, expected[::-1], strict=True):
+        np.testing.assert_allclose(vector, reference, rtol=1e-5, atol=1e-6)  # BLAS rounding differs with alignment
+    assert bytes(parent) == paths[0].read_bytes()  # the workers' reads went to their own copies
