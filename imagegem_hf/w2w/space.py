@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from imagegem_hf.hub import atomic_directory, push_folder, render_card, resolve
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, read_lora_header
 from imagegem_hf.w2w.reduce import layer_filter
-from imagegem_hf.w2w.vectorize import Vectorizer, WorkerPool, known_base
+from imagegem_hf.w2w.vectorize import SharedRows, Vectorizer, WorkerPool, known_base, vectorize_into
 
 logger = logging.getLogger(__name__)
 
@@ -315,13 +315,15 @@ class WeightSpace(ModelMixin, ConfigMixin):
             ignored = 0
 
             vectorizer = replace(space.vectorizer(), base=base)
-            vectors = pool.map(vectorizer, loras)
-            results = tqdm(vectors, total=n, desc="Reduce + stream LoRAs", disable=not show_progress)
-            for index, (item, (vector, lacking, extra)) in enumerate(zip(loras, results, strict=True)):
+            rows = SharedRows(Path(tmp) / "rows.f32", pool.in_flight + 1, space.vector_length)  # workers write here
+            resources.callback(rows.close)  # before the folder is removed (Windows cannot remove a mapped file)
+            reduced = pool.map(partial(vectorize_into, vectorizer, rows), enumerate(loras))
+            results = tqdm(reduced, total=n, desc="Reduce + stream LoRAs", disable=not show_progress)
+            for index, (item, (lacking, extra)) in enumerate(zip(loras, results, strict=True)):
                 ids.append(Path(item).stem if isinstance(item, (str, os.PathLike)) else str(index))
                 missing[[index_of[k] for k in lacking]] += 1
                 ignored += len(extra)
-                cache.append(vector)
+                cache.append(rows.row(index))
             cache.finish()
             pool.close()
             gram = cache.gram(standardize, show_progress)

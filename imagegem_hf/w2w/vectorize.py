@@ -5,12 +5,15 @@ Kept apart from `space.py` (which needs diffusers) so that worker processes only
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,10 +58,15 @@ class Vectorizer:
     vector_length: int
     base: str | None
 
-    def vectorize(self, lora: LoRA) -> tuple[np.ndarray, list[str], list[str]]:
-        """`(vector, missing, ignored)`: the float32 vector, the layout modules the LoRA lacks (zero-filled), and
-        the LoRA's modules outside the layout (dropped). Raises `ValueError` on a shape mismatch."""
-        vector = np.zeros(self.vector_length, dtype=np.float32)
+    def vectorize(self, lora: LoRA, out: np.ndarray | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+        """`(vector, missing, ignored)`: the float32 vector (written into `out` if given), the layout modules the
+        LoRA lacks (zero-filled), and the LoRA's modules outside the layout (dropped). Raises `ValueError` on a
+        shape mismatch."""
+        if out is None:
+            vector = np.zeros(self.vector_length, dtype=np.float32)
+        else:
+            vector = out
+            vector[:] = 0.0
         flat, rank = torch.from_numpy(vector), self.rank
         missing, destinations = [], {}
         for name, n_out, n_in, _, offset in self.layout:
@@ -77,17 +85,66 @@ class Vectorizer:
         ignored = sorted(set(lora.modules) - {slot[0] for slot in self.layout})
         return vector, missing, ignored
 
-    def __call__(self, item: Any) -> tuple[np.ndarray, list[str], list[str]]:
-        """Vectorize a LoRA file, a `LoRA`, or check a vector already in the layout."""
+    def __call__(self, item: Any, out: np.ndarray | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+        """Vectorize a LoRA file, a `LoRA`, or check a vector already in the layout (into `out` if given)."""
         if isinstance(item, (np.ndarray, torch.Tensor)):
             vector = np.asarray(item, dtype=np.float32)
             if vector.shape != (self.vector_length,):
                 raise ValueError(f"Expected a vector of length {self.vector_length}, got {vector.shape}.")
+            if out is not None:
+                out[:] = vector
+                vector = out
             return vector, [], []
         lora = item if isinstance(item, LoRA) else map_lora(item, base=known_base(self.base), buffer=_read_buffer())
         if known_base(self.base) and known_base(lora.base) and lora.base != self.base:
             raise ValueError(f"Architecture mismatch: a {lora.base} LoRA in a {self.base} weight space.")
-        return self.vectorize(lora)
+        return self.vectorize(lora, out)
+
+
+class SharedRows:
+    """A ring of `n_slots` float32 rows of length `dim` in a memory-mapped file that every process maps: workers
+    write result vectors straight into it and return only small metadata. Pickling a multi-megabyte vector through a
+    pipe costs the worker and the parent more CPU than reducing a tenth of the LoRA.
+
+    Item `index` uses slot `index % n_slots`, so `n_slots` must exceed the items in flight (`WorkerPool.in_flight`)
+    and a row must be used before the item `n_slots` later is submitted. Picklable: a process maps the file the
+    first time it needs a row.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w.vectorize import SharedRows
+        >>> rows = SharedRows("/tmp/rows.f32", n_slots=3, dim=4)  # doctest: +SKIP
+        >>> rows.row(4)[:] = 1.0  # slot 1  # doctest: +SKIP
+        ```
+    """
+
+    def __init__(self, path: str | os.PathLike, n_slots: int, dim: int):
+        self.path, self.n_slots, self.dim = Path(path), n_slots, dim
+        with open(self.path, "wb") as handle:
+            handle.truncate(n_slots * dim * 4)
+        self._rows: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "n_slots": self.n_slots, "dim": self.dim, "_rows": None}
+
+    def close(self) -> None:
+        """Unmap the file in this process (rows handed out keep it mapped as long as they live)."""
+        self._rows = None
+
+    def row(self, index: int) -> np.ndarray:
+        """The slot of item `index`."""
+        if self._rows is None:
+            with open(self.path, "r+b") as handle:
+                mapping = mmap.mmap(handle.fileno(), 0)
+            self._rows = np.frombuffer(mapping, dtype=np.float32).reshape(self.n_slots, self.dim)
+        return self._rows[index % self.n_slots]
+
+
+def vectorize_into(vectorizer: Vectorizer, rows: SharedRows, indexed_item: tuple[int, Any]) -> tuple[list, list]:
+    """Vectorize item `index` into its slot of `rows`; returns `(missing, ignored)` (see `Vectorizer.vectorize`)."""
+    index, item = indexed_item
+    _, missing, ignored = vectorizer(item, out=rows.row(index))
+    return missing, ignored
 
 
 def _one_thread() -> None:
@@ -118,6 +175,11 @@ class WorkerPool:
         self.num_workers = num_workers
         self.executor: ProcessPoolExecutor | None = None
 
+    @property
+    def in_flight(self) -> int:
+        """The most items of one `map` submitted but not yet consumed."""
+        return 2 * self.num_workers if self.num_workers > 1 else 1
+
     def __enter__(self) -> WorkerPool:
         if self.num_workers > 1:
             context = multiprocessing.get_context()
@@ -142,7 +204,7 @@ class WorkerPool:
         try:
             for item in items:
                 pending.append(self.executor.submit(function, item))
-                if len(pending) >= 2 * self.num_workers:
+                if len(pending) >= self.in_flight:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

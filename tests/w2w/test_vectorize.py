@@ -66,3 +66,25 @@ def test_uncached_files_vectorize_on_workers_through_private_read_buffers(tmp_pa
     for vector, reference in zip(vectors, expected[::-1], strict=True):
         np.testing.assert_allclose(vector, reference, rtol=1e-5, atol=1e-6)  # BLAS rounding differs with alignment
     assert bytes(parent) == paths[0].read_bytes()  # the workers' reads went to their own copies
+
+
+def _fill_row(rows, index: int) -> int:
+    rows.row(index)[:] = index + 0.5
+    return os.getpid()
+
+
+def test_shared_rows_written_by_workers_are_read_here_and_slots_wrap(tmp_path):
+    import pickle
+    from functools import partial
+
+    from imagegem_hf.w2w.vectorize import SharedRows
+
+    with WorkerPool(2) as pool:
+        rows = SharedRows(tmp_path / "rows.f32", n_slots=pool.in_flight + 1, dim=5)  # 5 slots
+        rows.row(0)[:] = -1.0  # mapped here before pickling: the copy carries only the file's name
+        assert pickle.loads(pickle.dumps(rows))._rows is None
+        for index, pid in enumerate(pool.map(partial(_fill_row, rows), range(12))):
+            assert pid != os.getpid()
+            np.testing.assert_array_equal(rows.row(index), np.full(5, index + 0.5, dtype=np.float32))
+    assert rows.row(1)[0] == rows.row(6)[0] == 11.5  # item 11 reused slot 1 (as item 6 did)
+    assert (tmp_path / "rows.f32").stat().st_size == 5 * 5 * 4
