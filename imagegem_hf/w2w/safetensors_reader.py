@@ -28,6 +28,8 @@ import torch
 
 MAX_HEADER_BYTES = 100 * 2**20  # the limit the safetensors library enforces
 DIRECT_IO_ALIGNMENT = 4096  # buffer address and read sizes for O_DIRECT (a multiple of every usual block size)
+# Larger files are memory-mapped even with a ReadBuffer: a worker keeps its buffer, so this bounds what it holds.
+MAX_BUFFERED_BYTES = 512 * 2**20
 DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -115,11 +117,12 @@ class SafetensorsFile:
         """Tensors as zero-copy views (all keys by default).
 
         They view one read-only memory map of the file: copy a tensor (`.clone()`, `.to(dtype, copy=True)`) before
-        modifying it. With `buffer`, a file that is not in the page cache is read into the buffer instead (past
-        the page cache, see `ReadBuffer`) and the views are valid only until the buffer's next read.
+        modifying it. With `buffer`, a file of at most `MAX_BUFFERED_BYTES` that is not in the page cache is read
+        into the buffer instead (past the page cache, see `ReadBuffer`) and the views are valid only until the
+        buffer's next read.
         """
         keys = self.keys() if keys is None else keys
-        if buffer is not None and not _in_page_cache(self.path, self.size):
+        if buffer is not None and self.size <= MAX_BUFFERED_BYTES and not _in_page_cache(self.path, self.size):
             data = buffer.read(self.path, self.size)
             return {key: _view(data, self.entries[key]) for key in keys}
         with open(self.path, "rb") as handle:  # not empty: the header was read from it
@@ -150,8 +153,9 @@ class ReadBuffer:
     On Linux the read bypasses the page cache (`O_DIRECT`): a LoRA collection streamed once is far larger than
     memory, so caching it only evicts other data, and filling the page cache costs CPU (much more on virtual
     machines, where fresh page-cache pages fault in the hypervisor). Filesystems without direct I/O (tmpfs, some
-    network filesystems) and other platforms get an ordinary read. The buffer grows to the largest file and is
-    private to the process (a forked worker writes into its own copy).
+    network filesystems) and other platforms get an ordinary read. The buffer grows to the largest file read into
+    it (`SafetensorsFile.tensors` maps files over `MAX_BUFFERED_BYTES` instead) and is private to the process (a
+    forked worker writes into its own copy).
 
     The memory returned by `read` is overwritten by the next `read`: use one buffer per thread, and do not keep
     tensors viewing it.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from imagegem_hf.w2w import LoRA, LoRAModule, load_lora, save_lora
+from imagegem_hf.w2w import LoRA, LoRAModule, load_lora, safetensors_reader, save_lora
 from imagegem_hf.w2w.lora_io import map_lora
 from imagegem_hf.w2w.reduce import reduced_factors
 from imagegem_hf.w2w.safetensors_reader import ReadBuffer, SafetensorsError, SafetensorsFile
@@ -149,7 +149,7 @@ def test_read_buffer_falls_back_to_an_ordinary_read_without_direct_io(tmp_path, 
     assert bytes(ReadBuffer().read(path, 9000)) == path.read_bytes()
 
 
-def test_uncached_files_are_read_into_the_buffer_and_cached_ones_mapped(tmp_path):
+def test_uncached_files_are_read_into_the_buffer_and_cached_ones_mapped(tmp_path, monkeypatch):
     generator = torch.Generator().manual_seed(2)
     tensors = {"x": torch.randn(300, 7, generator=generator).half(), "y": torch.randn(2**21, generator=generator)}
     path = tmp_path / "t.safetensors"
@@ -166,3 +166,9 @@ def test_uncached_files_are_read_into_the_buffer_and_cached_ones_mapped(tmp_path
     address = torch.frombuffer(buffer._memory, dtype=torch.uint8).data_ptr()
     assert all(torch.equal(read[k], v) for k, v in tensors.items())
     assert address <= read["y"].data_ptr() < address + len(buffer._memory)
+    del read
+    monkeypatch.setattr(safetensors_reader, "MAX_BUFFERED_BYTES", 2**20)  # a larger file is mapped
+    _evict(path)
+    large = ReadBuffer()
+    mapped = SafetensorsFile(path).tensors(buffer=large)
+    assert large._memory is None and all(torch.equal(mapped[k], v) for k, v in tensors.items())
