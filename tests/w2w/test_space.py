@@ -120,6 +120,49 @@ def test_save_and_load_round_trip(lora_files, tmp_path):
     np.testing.assert_allclose(loaded.project(lora_files[0]), space.project(lora_files[0]), rtol=1e-6)
 
 
+def test_push_to_hub_uploads_a_folder_that_loads_back(lora_files, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    from imagegem_hf.hub import HubUnavailableError
+
+    calls = []
+
+    class FakeHub:  # records the calls; "uploads" by copying the folder
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, repo_type, private, exist_ok):
+            calls.append(("create", repo_id, repo_type, private, exist_ok, self.token))
+
+        def upload_folder(self, folder_path, repo_id, repo_type, commit_message):
+            shutil.copytree(folder_path, tmp_path / "hub" / repo_id)
+            return huggingface_hub.CommitInfo(
+                commit_url=f"https://huggingface.co/{repo_id}/commit/1",
+                commit_message=commit_message,
+                commit_description="",
+                oid="1",
+            )
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    space = WeightSpace.build(lora_files, n_components=3, show_progress=False)
+    url = space.push_to_hub("me/space", private=True, token="t")
+    assert url == "https://huggingface.co/me/space/commit/1"
+    assert calls == [("create", "me/space", "model", True, True, "t")]
+    loaded = WeightSpace.from_pretrained(tmp_path / "hub" / "me/space")
+    torch.testing.assert_close(loaded.components, space.components)
+    assert "W2W LoRA weight space" in (tmp_path / "hub" / "me/space" / "README.md").read_text()
+
+    def unreachable(self, **_):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(FakeHub, "upload_folder", unreachable)
+    with pytest.raises(HubUnavailableError, match="unreachable"):
+        space.push_to_hub("me/space")
+
+
 def test_build_from_vectors_and_explicit_layout():
     rng = np.random.default_rng(0)
     space0 = WeightSpace.build([_random_lora(i) for i in range(4)], n_components=2, show_progress=False)
