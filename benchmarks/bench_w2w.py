@@ -8,7 +8,7 @@
    `WeightSpace` build, header scan and PCA included) vs only reading the same files with safetensors (every
    tensor loaded), both with CPUs + 1 worker processes (the CLI default) and from disk (the files are dropped
    from the page cache first: a corpus of thousands of SDXL LoRAs is terabytes and is never cached), over 48
-   rank-32 files (3.8 GB). The two run back to back in 4 repeats, order alternated; the median of the per-repeat
+   rank-32 files (3.8 GB). The two run back to back in 6 repeats, order alternated; the median of the per-repeat
    ratios is reported. Target: within 2× of the read floor. The 1-process and page-cache-warm figures are
    printed too.
 3. Peak memory (RSS of a child process) of building a space over ≥ 2,000 SDXL-shaped rank-1 vectors of the full
@@ -147,7 +147,7 @@ def write_loras(n_files: int, folder: Path, rank: int) -> None:
         save_file(tensors, str(folder / f"sdxl_lora_{seed:03d}.safetensors"))
 
 
-def bench_throughput(n_files: int, folder: Path, rank: int = 32, repeats: int = 4) -> str:
+def bench_throughput(n_files: int, folder: Path, rank: int = 32, repeats: int = 6) -> str:
     workers = (os.cpu_count() or 1) + 1  # the CLI's default: one more than the CPUs, one waits on the disk
     layout = sdxl_layout(SDXL_TRANSFORMERS[:5])  # down_blocks.1, down_blocks.2, mid_block: 386 layers
     # The files are generated in a child process: gigabytes of generator garbage in this process would slow down
