@@ -117,8 +117,9 @@ def _build(args: argparse.Namespace) -> int:
     zero_filled = sum(space.config.missing_counts or [])
     print(
         f"Weight space: {len(files)} LoRAs, {len(space.config.module_names)} modules, vector length "
-        f"{space.vector_length}, {space.n_components} components, {zero_filled} zero-filled module entries "
-        f"→ {args.output}"
+        f"{space.vector_length}, {space.n_components} components explaining "
+        f"{100 * space.explained_variance_ratio().sum():.1f}% of the variance, {zero_filled} zero-filled module "
+        f"entries → {args.output} (scree plot: explained_variance.png)"
     )
     if args.push_to_hub:
         print(f"Pushed → {space.push_to_hub(args.push_to_hub)}")

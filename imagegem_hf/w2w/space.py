@@ -61,6 +61,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
         missing_counts: Per module, how many of the LoRAs lacked it (zero-filled).
         n_ignored_modules: Modules of the input LoRAs outside `module_names` (dropped), summed over LoRAs.
         model_ids: Identifiers of the LoRAs, in the order of the stored `coefficients`.
+        total_variance: Total variance of the (standardised) data, the trace of its covariance, so that
+            `explained_variance / total_variance` are fractions of all of it (set by `build`).
 
     Example:
         ```python
@@ -88,6 +90,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
         missing_counts: list[int] | None = None,
         n_ignored_modules: int = 0,
         model_ids: list[str] | None = None,
+        total_variance: float | None = None,
     ) -> None:
         super().__init__()
         if len(module_names) != len(module_shapes):
@@ -327,6 +330,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
             cache.finish()
             pool.close()
             gram = cache.gram(standardize, show_progress)
+            total_variance = float(np.trace(gram)) / (n - 1)
             eigenvalues, eigenvectors = scipy.linalg.eigh(gram, subset_by_index=[n - n_components, n - 1])
             order = np.argsort(eigenvalues)[::-1]
             eigenvalues = np.clip(eigenvalues[order], 0.0, None)
@@ -346,6 +350,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
             missing_counts=missing.tolist(),
             n_ignored_modules=int(ignored),
             model_ids=list(model_ids) if model_ids is not None else ids,
+            total_variance=total_variance,
         )
         space.mean.copy_(torch.from_numpy(cache.mean))
         space.std.copy_(torch.from_numpy(cache.std))
@@ -355,10 +360,12 @@ class WeightSpace(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ hub
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = True, **kwargs: Any) -> None:
-        """Write `config.json`, `diffusion_pytorch_model.safetensors` and a model card `README.md` atomically."""
+        """Write `config.json`, `diffusion_pytorch_model.safetensors`, a model card `README.md` and its figure
+        `explained_variance.png` atomically."""
         kwargs.pop("safe_serialization", None)
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
             super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            self.plot_explained_variance(tmp / "explained_variance.png")
             (tmp / "README.md").write_text(self.model_card(), encoding="utf-8")
 
     @classmethod
@@ -374,9 +381,46 @@ class WeightSpace(ModelMixin, ConfigMixin):
             self.save_pretrained(Path(tmp) / "space")
             return push_folder(Path(tmp) / "space", repo_id, private=private, token=token)
 
+    def explained_variance_ratio(self) -> np.ndarray:
+        """Fraction of the data's total variance along each component (of the kept components' variance when the
+        total was not recorded)."""
+        variance = _numpy(self.explained_variance).astype(np.float64)
+        total = self.config.total_variance or float(variance.sum())
+        return variance / total if total > 0 else np.zeros_like(variance)
+
+    def plot_explained_variance(self, path: str | os.PathLike) -> Path:
+        """Save a scree plot of the space: the variance fraction of each component (bars) and the cumulative
+        fraction (line), as a PNG at `path`.
+
+        Example:
+            ```python
+            >>> space.plot_explained_variance("scree.png")  # doctest: +SKIP
+            ```
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ratio = self.explained_variance_ratio()
+        components = np.arange(1, len(ratio) + 1)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(components, ratio, color="tab:blue", label="per component")
+        ax.plot(components, np.cumsum(ratio), color="tab:orange", marker=".", label="cumulative")
+        ax.set_xlabel("principal component")
+        ax.set_ylabel("fraction of the variance")
+        ax.set_ylim(0, 1.02)
+        base = known_base(self.config.base) or "unknown base"
+        ax.set_title(f"W2W space over {self.config.n_models} LoRAs ({base}), {len(ratio)} components")
+        ax.legend(loc="center right")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     def model_card(self) -> str:
-        variance = _numpy(self.explained_variance)
-        total = float(variance.sum()) or 1.0
+        ratio = self.explained_variance_ratio()
         return render_card(
             "w2w_space_card.md",
             base=self.config.base,
@@ -388,7 +432,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
             standardize=self.config.standardize,
             zero_filled=int(sum(self.config.missing_counts or [])),
             n_ignored_modules=self.config.n_ignored_modules,
-            top_variance=[round(float(v) / total, 4) for v in variance[:10]],
+            top_variance=[round(float(v), 4) for v in ratio[:10]],
+            explained=round(100 * float(ratio.sum()), 1),
         )
 
 

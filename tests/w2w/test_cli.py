@@ -23,7 +23,7 @@ def _run(argv: list[str]) -> int:
     return args.func(args)
 
 
-def test_build_direction_edit_grid(tmp_path):
+def test_build_direction_edit_grid(tmp_path, capsys):
     sd = tiny_sd_pipeline(seed=0)
     sd.save_pretrained(tmp_path / "base")
     loras, labels, planted = synthetic_loras(lora_target_shapes(sd.unet, ATTENTION_TARGETS), n=20, seed=5)
@@ -37,6 +37,8 @@ def test_build_direction_edit_grid(tmp_path):
 
     assert _run(["w2w", "build", str(folder), "--output", str(tmp_path / "space"), "--components", "8"]) == 0
     space = WeightSpace.from_pretrained(tmp_path / "space")
+    explained = 100 * space.explained_variance_ratio().sum()
+    assert f"8 components explaining {explained:.1f}% of the variance" in capsys.readouterr().out
     assert space.n_components == 8 and space.config.model_ids[0] == "m00"
     # the paper's alternative: value projections only, at the LoRAs' own rank
     values = ["w2w", "build", str(folder), "--output", str(tmp_path / "v"), "--components", "4", "--layers", "attn_v"]

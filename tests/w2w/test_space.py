@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imagegem_hf.w2w import LoRA, LoRAModule, WeightSpace, rank1_reduce, save_lora
 
@@ -72,6 +73,8 @@ def test_streaming_dual_pca_matches_dense_pca(lora_files, tmp_path):
     z = (x - mean) / std
     _, s, vt = np.linalg.svd(z, full_matrices=False)
     np.testing.assert_allclose(space.explained_variance.numpy(), s[: n - 1] ** 2 / (n - 1), rtol=1e-3)
+    np.testing.assert_allclose(space.config.total_variance, (z**2).sum() / (n - 1), rtol=1e-5)
+    np.testing.assert_allclose(space.explained_variance_ratio().sum(), 1.0, rtol=1e-4)  # m = N − 1: all of it
     for k in range(n - 1):
         cosine = abs(float(space.components[k].numpy() @ vt[k]))
         assert cosine > 0.999
@@ -110,8 +113,14 @@ def test_save_and_load_round_trip(lora_files, tmp_path):
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "README.md",
+        "explained_variance.png",
     }
-    assert "W2W LoRA weight space" in (tmp_path / "space" / "README.md").read_text()
+    card = (tmp_path / "space" / "README.md").read_text()
+    explained = 100 * space.explained_variance_ratio().sum()
+    assert "W2W LoRA weight space" in card and f"3 components: {explained:.1f}% of the total" in card
+    assert 0 < explained < 100  # 3 of the 7 components of 8 LoRAs
+    with Image.open(tmp_path / "space" / "explained_variance.png") as figure:
+        assert figure.size == (720, 420)
     loaded = WeightSpace.from_pretrained(tmp_path / "space")
     assert loaded.config.module_names == space.config.module_names
     assert loaded.config.model_ids == [f"lora_{i}" for i in range(8)]
