@@ -185,10 +185,11 @@ class ReadBuffer:
             self._memory = mmap.mmap(-1, padded, flags=mmap.MAP_PRIVATE) if os.name == "posix" else bytearray(padded)
         view = memoryview(self._memory)[:padded]
         done = _read_direct(path, view, size) if hasattr(os, "O_DIRECT") else 0
-        with open(path, "rb", buffering=0) as handle:
-            handle.seek(done)
-            while done < size and (count := handle.readinto(view[done:size])):
-                done += count
+        if done < size:  # no direct I/O here: an ordinary read finishes the file
+            with open(path, "rb", buffering=0) as handle:
+                handle.seek(done)
+                while done < size and (count := handle.readinto(view[done:size])):
+                    done += count
         if done < size:
             raise SafetensorsError(f"the file ends after {done} of its {size} bytes (truncated while being read)")
         return view[:size]
