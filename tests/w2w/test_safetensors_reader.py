@@ -102,16 +102,6 @@ def test_map_lora_gives_file_dtype_views_that_reduce_like_the_copies(tmp_path):
         assert torch.equal(from_views[name][0], u) and torch.equal(from_views[name][1], vt)
 
 
-def _evict(path) -> None:
-    """Drop `path` from the page cache (a tmpfs file stays: it lives there)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(descriptor)
-
-
 def test_read_buffer_reads_whole_files_into_one_reused_buffer(tmp_path):
     sizes = {"a": 10_000, "b": 3, "c": 3 * 4096 + 17}
     paths = {}
@@ -149,7 +139,7 @@ def test_read_buffer_falls_back_to_an_ordinary_read_without_direct_io(tmp_path, 
     assert bytes(ReadBuffer().read(path, 9000)) == path.read_bytes()
 
 
-def test_uncached_files_are_read_into_the_buffer_and_cached_ones_mapped(tmp_path, monkeypatch):
+def test_uncached_files_are_read_into_the_buffer_and_cached_ones_mapped(tmp_path, monkeypatch, evict):
     generator = torch.Generator().manual_seed(2)
     tensors = {"x": torch.randn(300, 7, generator=generator).half(), "y": torch.randn(2**21, generator=generator)}
     path = tmp_path / "t.safetensors"
@@ -159,7 +149,7 @@ def test_uncached_files_are_read_into_the_buffer_and_cached_ones_mapped(tmp_path
     mapped = handle.tensors(buffer=buffer)  # just written: in the page cache, so mapped
     assert buffer._memory is None and all(torch.equal(mapped[k], v) for k, v in tensors.items())
     del mapped  # mapped pages cannot be evicted; 8 MB: reading the header does not read ahead to the end
-    _evict(path)
+    evict(path)
     read = SafetensorsFile(path).tensors(buffer=buffer)
     if buffer._memory is None:
         pytest.skip("this filesystem keeps files in memory (tmpfs)")
@@ -168,7 +158,7 @@ def test_uncached_files_are_read_into_the_buffer_and_cached_ones_mapped(tmp_path
     assert address <= read["y"].data_ptr() < address + len(buffer._memory)
     del read
     monkeypatch.setattr(safetensors_reader, "MAX_BUFFERED_BYTES", 2**20)  # a larger file is mapped
-    _evict(path)
+    evict(path)
     large = ReadBuffer()
     mapped = SafetensorsFile(path).tensors(buffer=large)
     assert large._memory is None and all(torch.equal(mapped[k], v) for k, v in tensors.items())

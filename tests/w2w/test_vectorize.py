@@ -39,7 +39,7 @@ def test_worker_errors_propagate_and_one_worker_runs_here():
         WorkerPool(0)
 
 
-def test_uncached_files_vectorize_on_workers_through_private_read_buffers(tmp_path):
+def test_uncached_files_vectorize_on_workers_through_private_read_buffers(tmp_path, evict):
     from imagegem_hf.w2w import LoRA, LoRAModule, WeightSpace, load_lora, save_lora
     from imagegem_hf.w2w.vectorize import _read_buffer
 
@@ -57,10 +57,7 @@ def test_uncached_files_vectorize_on_workers_through_private_read_buffers(tmp_pa
     expected = [vectorizer(load_lora(path))[0] for path in paths]
     parent = _read_buffer().read(paths[0], paths[0].stat().st_size)  # the workers fork with this buffer
     for path in paths:
-        descriptor = os.open(path, os.O_RDONLY)
-        os.fsync(descriptor)
-        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(descriptor)
+        evict(path)
     with WorkerPool(2) as pool:
         vectors = [vector for vector, _, _ in pool.map(vectorizer, paths[::-1])]
     for vector, reference in zip(vectors, expected[::-1], strict=True):
