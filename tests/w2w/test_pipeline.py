@@ -26,6 +26,21 @@ def setup():
     return sd, space, loras, direction
 
 
+def _plain_image(pipe, lora, prompt: str, seed: int, steps: int):
+    """One 32×32 image of a plain diffusers pipeline with `lora` loaded through `load_lora_weights` (then unloaded)."""
+    pipe.load_lora_weights(lora.to_diffusers_state_dict())
+    image = pipe(
+        prompt,
+        generator=torch.Generator().manual_seed(seed),
+        num_inference_steps=steps,
+        height=32,
+        width=32,
+        guidance_scale=5.0,
+    ).images[0]
+    pipe.unload_lora_weights()
+    return image
+
+
 def _unet_output(unet) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(1, 4, 16, 16, generator=generator)
@@ -70,16 +85,7 @@ def test_pipeline_one_image_per_strength_same_seed(setup):
     assert np.abs(arrays[0] - arrays[1]).mean() > 0 and np.abs(arrays[2] - arrays[1]).mean() > 0
 
     # α = 0 equals plain Stable Diffusion with the reduced LoRA loaded by diffusers, same seed
-    sd.load_lora_weights(space.edit(loras[1], direction, 0.0).to_diffusers_state_dict())
-    reference = sd(
-        "a portrait",
-        generator=torch.Generator().manual_seed(3),
-        num_inference_steps=3,
-        height=32,
-        width=32,
-        guidance_scale=5.0,
-    ).images[0]
-    sd.unload_lora_weights()
+    reference = _plain_image(sd, space.edit(loras[1], direction, 0.0), "a portrait", seed=3, steps=3)
     np.testing.assert_array_equal(np.asarray(reference), np.asarray(out.images[1]))
 
     # delayed injection: a threshold above every timestep edits throughout, 0 never injects the edit
@@ -133,14 +139,5 @@ def test_sdxl_pipeline_matches_plain_sdxl_at_zero_strength():
     )
     assert len(out.images) == 2 and out.images[0].size == (32, 32)
     assert np.abs(np.asarray(out.images[0], np.float32) - np.asarray(out.images[1], np.float32)).mean() > 0
-    xl.load_lora_weights(space.edit(loras[0], direction, 0.0).to_diffusers_state_dict())
-    reference = xl(
-        "a cat",
-        generator=torch.Generator().manual_seed(1),
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        guidance_scale=5.0,
-    ).images[0]
-    xl.unload_lora_weights()
+    reference = _plain_image(xl, space.edit(loras[0], direction, 0.0), "a cat", seed=1, steps=2)
     np.testing.assert_array_equal(np.asarray(reference), np.asarray(out.images[0]))
