@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from imagegem_hf.hub import atomic_directory, render_card, write_json
 RAW_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 LORA_MODEL_TYPES = frozenset({"LORA", "LoCon", "DoRA"})
 SHARD_NAME = "train-00000-of-00001.parquet"
+# The counts of ImageGem Table 1, raw and filtered; a build writes all of them, 0 included.
+TABLE1_KEYS = ("images", "unique_prompts", "loras", "tags", "users", "uploaders")
 
 
 class RawInputError(ValueError):
@@ -143,8 +146,8 @@ def iter_raw_items(path: Path) -> Iterator[tuple[int, Any]]:
                     continue
                 for item in _page_items(document):
                     yield number, item
-    except (OSError, EOFError) as err:  # truncated gzip, unreadable file
-        raise RawInputError(f"{path}: cannot be read ({err}).") from err
+    except (OSError, EOFError, zlib.error) as err:  # unreadable file, truncated or corrupted gzip
+        raise RawInputError(f"{path}: cannot be read ({type(err).__name__}: {err}).") from err
 
 
 def _page_items(document: Any) -> list[Any]:
@@ -242,10 +245,12 @@ def build_dataset(
             context = _BuildContext(raw_dir, tmp, salt, reject, chunk_size, show_progress)
             _build_loras(context, model_files)
             _build_images(context, image_files, toxicity_scorer, max_browsing_level)
-            raw, filtered, dropped = context.raw, context.filtered, context.dropped
+            raw = {key: context.raw[key] for key in TABLE1_KEYS}
+            filtered = {key: context.filtered[key] for key in TABLE1_KEYS}
+            dropped = context.dropped
         empty = _ParquetSink(tmp / "preference_pairs" / SHARD_NAME, "preference_pairs")
         empty.close()
-        report = BuildReport(output_dir, dict(raw), dict(filtered), dict(rejected), dict(dropped))
+        report = BuildReport(output_dir, raw, filtered, dict(rejected), dict(dropped))
         write_json(
             tmp / "build_stats.json",
             {"raw": report.raw, "filtered": report.filtered, "rejected": report.rejected, "dropped": report.dropped},
