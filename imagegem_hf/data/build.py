@@ -10,6 +10,8 @@ images/train-00000-of-00001.parquet        loras/train-00000-of-00001.parquet
 interactions/train-00000-of-00001.parquet  preference_pairs/train-00000-of-00001.parquet (empty)
 README.md (card: configs YAML + Table 1)    build_stats.json    rejected.jsonl (quarantined records)
 ```
+The card lists `preference_pairs` once `write_preference_pairs` has filled it (`datasets` cannot load a split
+with no rows).
 Problems with a whole file (undecodable bytes, an invalid `.json` document, no records at all) stop the build with
 the file and line named; problems with one record (malformed JSONL line, missing or mistyped field, unknown enum,
 duplicate id) quarantine it with a reason. The output is written to a temporary folder and renamed at the end.
@@ -258,7 +260,7 @@ def build_dataset(
         (tmp / "README.md").write_text(
             render_card(
                 "dataset_card.md",
-                configs=CONFIG_NAMES,
+                configs=[name for name in CONFIG_NAMES if name != "preference_pairs"],  # listed once filled
                 shard_pattern="train-*.parquet",
                 report=report,
                 salted=bool(salt),

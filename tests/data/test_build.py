@@ -31,10 +31,10 @@ def test_build_writes_hub_layout_and_loads_all_configs(raw_dir, tmp_path):
     interactions = pd.read_parquet(out / "interactions")
     assert sorted(interactions.itemType.value_counts().items()) == [("image", 12), ("model", 12)]
     assert set(interactions[interactions.itemType == "model"].source) == {"generated"}
-    # The card's YAML lists all four configs with their data files.
+    # The card's YAML lists the configs with rows (preference_pairs once filled) with their data files.
     front = (out / "README.md").read_text().split("---")[1]
     configs = yaml.safe_load(front)["configs"]
-    assert [c["config_name"] for c in configs] == list(CONFIG_NAMES)
+    assert [c["config_name"] for c in configs] == [c for c in CONFIG_NAMES if c != "preference_pairs"]
     assert configs[0]["data_files"] == [{"split": "train", "path": "images/train-*.parquet"}]
 
 
