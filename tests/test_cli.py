@@ -15,3 +15,28 @@ def test_dataset_cli_end_to_end(tmp_path, capsys):
     # A second build into the same folder is refused with one clear line.
     assert main(["dataset", "build", str(raw), str(ds)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_build_overwrite_never_deletes_inputs_or_foreign_folders(tmp_path, capsys):
+    project, raw = tmp_path / "proj", tmp_path / "proj" / "raw"
+    assert main(["dataset", "synth", str(raw), "--users", "5", "--seed", "1"]) == 0
+    (project / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in project.rglob("*"))
+    # The output contains the input, equals it, or lies inside it: refused, whatever --overwrite says.
+    for output in (project, raw, raw / "ds"):
+        assert main(["dataset", "build", str(raw), str(output), "--overwrite"]) == 2
+        assert "input" in capsys.readouterr().err
+    # A non-empty folder that no build wrote: refused, naming the flag.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    assert main(["dataset", "build", str(raw), str(other)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["dataset", "build", str(raw), str(other), "--overwrite"]) == 2
+    assert "not written by imagegem_hf" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in project.rglob("*")) == before
+    assert (project / "notes.txt").read_text() == "mine" and [p.name for p in other.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "proj"]  # no temporary folder left
+    # A folder an earlier build wrote is replaced.
+    assert main(["dataset", "build", str(raw), str(tmp_path / "ds")]) == 0
+    assert main(["dataset", "build", str(raw), str(tmp_path / "ds"), "--overwrite"]) == 0

@@ -212,7 +212,8 @@ def build_dataset(
         toxicity_scorer: Prompt toxicity scorer (e.g. `DetoxifyScorer()`); images whose prompt has any unsafe
             probability > 0.2 are dropped. `None` skips the toxicity filter.
         max_browsing_level: Drop images above this Civitai browsing level (1 None, 2 Soft, 4 Mature, 8 X).
-        overwrite: Replace an existing `output_dir`.
+        overwrite: Replace an existing `output_dir` written by an earlier build (any other non-empty folder is
+            refused; see `imagegem_hf.hub.atomic_directory`).
         chunk_size: Records per parquet row group (bounds memory).
         show_progress: Show a progress bar per raw file kind.
 
@@ -221,7 +222,8 @@ def build_dataset(
 
     Raises:
         RawInputError: A raw file cannot be decoded, or there are no image records at all.
-        FileExistsError: `output_dir` exists and `overwrite` is False.
+        FileExistsError: `output_dir` is not empty and `overwrite` is False, or it was not written by a build.
+        ValueError: `output_dir` is, contains or lies inside `raw_dir`.
 
     Example:
         ```python
@@ -235,7 +237,7 @@ def build_dataset(
     if not image_files:
         raise RawInputError(f"No raw image pages under {raw_dir / 'images'} (expected {', '.join(RAW_SUFFIXES)}).")
     rejected: Counter[str] = Counter()
-    with atomic_directory(output_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(output_dir, overwrite=overwrite, inputs=[raw_dir]) as tmp:
         with open(tmp / "rejected.jsonl", "wb") as quarantine:
 
             def reject(kind: str, path: Path, line: int, reason: str, item: Any) -> None:
