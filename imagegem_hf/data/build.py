@@ -19,15 +19,23 @@ duplicate id) quarantine it with a reason. The output is written to a temporary 
 
 from __future__ import annotations
 
+import errno
 import gzip
+import hashlib
+import io
+import json
+import logging
 import os
+import stat
 import zlib
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ijson
 import numpy as np
 import orjson
 import pyarrow as pa
@@ -40,8 +48,10 @@ from imagegem_hf.data.schema import CONFIG_NAMES, features_for
 from imagegem_hf.hub import atomic_directory, render_card, write_json
 
 RAW_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+STREAM_BYTES = 16 * 2**20  # a page or JSONL line larger than this is parsed item by item
 LORA_MODEL_TYPES = frozenset({"LORA", "LoCon", "DoRA"})
 SHARD_NAME = "train-00000-of-00001.parquet"
+logger = logging.getLogger(__name__)
 # The counts of ImageGem Table 1, raw and filtered; a build writes all of them, 0 included.
 TABLE1_KEYS = ("images", "unique_prompts", "loras", "tags", "users", "uploaders")
 
@@ -114,42 +124,74 @@ def iter_raw_items(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield `(line_number, item)` for each API item in one raw file.
 
     A malformed JSONL line is yielded as `(line, RecordError)` so the caller can quarantine it; a file that
-    cannot be decoded at all raises `RawInputError` naming the file and line.
+    cannot be decoded at all, or holds no record, raises `RawInputError` naming the file (and the line and
+    column of a JSON error). A `.json` page or JSONL line larger than `STREAM_BYTES` is parsed item by item
+    (ijson), so memory is bounded by the largest item rather than by the page.
     """
     opener = gzip.open if path.suffix == ".gz" else open
     is_jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+    count = 0
     try:
         with opener(path, "rb") as handle:
-            if not is_jsonl:
-                data = handle.read()
-                try:
-                    data.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    line = data[: err.start].count(b"\n") + 1
-                    raise RawInputError(f"{path}: line {line}: bytes that are not UTF-8 ({err.reason}).") from None
-                try:
-                    document = orjson.loads(data)
-                except orjson.JSONDecodeError as err:
-                    raise RawInputError(f"{path}: line {err.lineno}: invalid JSON ({err.msg}).") from None
-                for item in _page_items(document):
-                    yield 1, item
-                return
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise RawInputError(f"{path}: line {number}: bytes that are not UTF-8 ({err.reason}).") from None
-                try:
-                    document = orjson.loads(line)
-                except orjson.JSONDecodeError as err:
-                    yield number, RecordError(f"malformed JSON line ({err.msg})")
-                    continue
-                for item in _page_items(document):
+            lines = ((1, handle),) if not is_jsonl else enumerate(handle, start=1)
+            for number, line in lines:
+                for item in _line_items(path, number, line, is_jsonl):
+                    count += 1
                     yield number, item
     except (OSError, EOFError, zlib.error) as err:  # unreadable file, truncated or corrupted gzip
         raise RawInputError(f"{path}: cannot be read ({type(err).__name__}: {err}).") from err
+    if count == 0:
+        raise RawInputError(f"{path}: no records (an empty file or page); remove it from the input or fill it.")
+
+
+def _line_items(path: Path, number: int, source: Any, is_jsonl: bool) -> Iterator[Any]:
+    """The items of one `.json` document (`source` is its open file) or one JSONL line (`source` is its bytes)."""
+    if is_jsonl and not source.strip():
+        return
+    if (len(source) if is_jsonl else _uncompressed_size(path)) > STREAM_BYTES:
+        try:
+            yield from _stream_page_items(io.BytesIO(source) if is_jsonl else source)
+        except ijson.JSONError as err:
+            if not is_jsonl:
+                raise RawInputError(f"{path}: invalid JSON ({err}).") from None
+            yield RecordError(f"malformed JSON line, the items after the error are lost ({err})")
+        return
+    data = source if is_jsonl else source.read()
+    if not data.strip():
+        return
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line, column = _line_and_column(data, err.start, number)
+        raise RawInputError(f"{path}: line {line}, column {column}: bytes that are not UTF-8 ({err.reason})") from None
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as err:
+        if is_jsonl:
+            yield RecordError(f"malformed JSON line (column {err.colno}: {err.msg})")
+            return
+        raise RawInputError(f"{path}: line {err.lineno}, column {err.colno}: invalid JSON ({err.msg}).") from None
+    yield from _page_items(document)
+
+
+def _line_and_column(data: bytes, offset: int, first_line: int) -> tuple[int, int]:
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    return first_line + data.count(b"\n", 0, offset), offset - line_start + 1
+
+
+def _uncompressed_size(path: Path) -> int:
+    """Size of a raw file once decompressed (a gzip file's ISIZE trailer: exact below 4 GiB, one member)."""
+    if path.suffix != ".gz":
+        return path.stat().st_size
+    with open(path, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        return int.from_bytes(handle.read(4), "little")
+
+
+def _stream_page_items(handle: Any) -> Iterator[Any]:
+    """Items of a large page read incrementally: `{"items": [...]}` or a bare list of items."""
+    head = handle.peek(64) if hasattr(handle, "peek") else handle.getvalue()[:64]
+    yield from ijson.items(handle, "item" if head.lstrip()[:1] == b"[" else "items.item", use_float=True)
 
 
 def _page_items(document: Any) -> list[Any]:
@@ -163,10 +205,45 @@ def _page_items(document: Any) -> list[Any]:
 
 
 def _raw_files(raw_dir: Path, kind: str) -> list[Path]:
+    """The raw pages under `raw_dir/kind`, sorted; what cannot be read is skipped with one warning of counts."""
     folder = raw_dir / kind
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(RAW_SUFFIXES))
+    files: list[Path] = []
+    skipped: Counter[str] = Counter()
+    visited: set[tuple[int, int]] = set()
+
+    def unreadable(err: OSError) -> None:
+        skipped["unreadable folder"] += 1
+        logger.debug("cannot list %s: %s", err.filename, err)
+
+    for root, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        identity = os.stat(root)
+        if (identity.st_dev, identity.st_ino) in visited:  # reached again through a link: a loop
+            skipped["symbolic-link loop"] += 1
+            folders.clear()
+            continue
+        visited.add((identity.st_dev, identity.st_ino))
+        for name in names:
+            if not name.endswith(RAW_SUFFIXES):
+                continue
+            path = Path(root, name)
+            try:
+                mode = path.stat().st_mode
+            except FileNotFoundError:
+                skipped["dangling link"] += 1
+                continue
+            except OSError as err:
+                skipped["symbolic-link loop" if err.errno == errno.ELOOP else "unreadable file"] += 1
+                continue
+            if not stat.S_ISREG(mode):
+                skipped["FIFO or other non-regular file"] += 1
+                continue
+            files.append(path)
+    if skipped:
+        details = ", ".join(f"{n} {what}{'s' if n > 1 else ''}" for what, n in sorted(skipped.items()))
+        logger.warning("%s: skipped %s (their pages, if any, are not in the build).", folder, details)
+    return sorted(files)
 
 
 class _ParquetSink:
@@ -244,7 +321,7 @@ def build_dataset(
                 rejected[kind] += 1
                 record = {"kind": kind, "file": path.relative_to(raw_dir).as_posix(), "line": line, "reason": reason}
                 record["record"] = item if not isinstance(item, RecordError) else None
-                quarantine.write(orjson.dumps(record, option=orjson.OPT_SORT_KEYS) + b"\n")
+                quarantine.write(_canonical_json(record) + b"\n")
 
             context = _BuildContext(raw_dir, tmp, salt, reject, chunk_size, show_progress)
             _build_loras(context, model_files)
@@ -275,20 +352,99 @@ def build_dataset(
 
 
 def _flattened(
-    context: _BuildContext, files: list[Path], kind: str, flatten: Callable[..., list[dict[str, Any]]]
+    context: _BuildContext,
+    files: list[Path],
+    kind: str,
+    flatten: Callable[..., list[dict[str, Any]]],
+    quarantine: bool = True,
+    desc: str | None = None,
 ) -> Iterator[tuple[Path, int, Any, list[dict[str, Any]]]]:
-    """`(path, line, item, rows)` for every record that flattens; the others are quarantined with their reason."""
-    for path in tqdm(files, desc=f"{kind}s", unit="file", disable=not context.show_progress):
+    """`(path, line, item, rows)` for every record that flattens; the others are quarantined with their reason
+    (skipped when `quarantine` is False: the pass that picks the surviving duplicates)."""
+    for path in tqdm(files, desc=desc or f"{kind}s", unit="file", disable=not context.show_progress):
         for line, item in iter_raw_items(path):
             if isinstance(item, RecordError):
-                context.reject(kind, path, line, item.reason, item)
+                if quarantine:
+                    context.reject(kind, path, line, item.reason, item)
                 continue
             try:
                 rows = flatten(item, salt=context.salt)
             except RecordError as err:
-                context.reject(kind, path, line, err.reason, item)
+                if quarantine:
+                    context.reject(kind, path, line, err.reason, item)
                 continue
             yield path, line, item, rows
+
+
+def _canonical_json(value: Any) -> bytes:
+    """Sorted-keys JSON bytes (the stdlib writes the integers beyond 64 bits that orjson refuses)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _digest(item: Any) -> int:
+    """A 64-bit digest of a record's canonical JSON: the last tie-break between duplicates, independent of files."""
+    return int.from_bytes(hashlib.blake2b(_canonical_json(item), digest_size=8).digest(), "little", signed=True)
+
+
+def _milliseconds(moment: Any) -> int:
+    return _OLDEST if moment is None else int(moment.timestamp() * 1000)
+
+
+_OLDEST = np.iinfo(np.int64).min + 1  # a missing timestamp (negated, it still fits)
+
+
+def _image_survivors(context: _BuildContext, files: list[Path]) -> np.ndarray:
+    """`keep[i]` for the i-th image record that flattens: among records with the same `imageId`, the one with
+    the newest `createdAt` survives, then the one with the smallest canonical-JSON digest (so the survivor
+    depends on the records, not on file names or order); byte-identical copies keep the first."""
+    ids, created, digests = array("q"), array("q"), array("q")  # 24 bytes per record
+    for _, _, item, rows in _flattened(context, files, "image", flatten_image, False, "image ids"):
+        ids.append(rows[0]["imageId"])
+        created.append(_milliseconds(rows[0]["createdAt"]))
+        digests.append(_digest(item))
+    ids_array = np.frombuffer(ids, dtype=np.int64)
+    order = np.lexsort((np.frombuffer(digests, dtype=np.int64), -np.frombuffer(created, dtype=np.int64), ids_array))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = ids_array[order[1:]] != ids_array[order[:-1]]
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order[first]] = True
+    return keep
+
+
+def _model_survivors(context: _BuildContext, files: list[Path]) -> list[str | None]:
+    """Per model record that flattens, `None` if it survives, else the reason it is quarantined.
+
+    A model is a duplicate when its `modelId`, or one of its `modelVersionId`s or `fileId`s, belongs to another
+    record. Records are taken by preference, newest `publishedAt` of their versions first, then smallest
+    `modelId`, then smallest canonical-JSON digest, and each keeps its ids unless a preferred one has one of them.
+    """
+    claims, keys = [], []
+    for _, _, item, rows in _flattened(context, files, "model", flatten_model, False, "model ids"):
+        versions = {r["modelVersionId"] for r in rows}
+        files_ = {r["fileId"] for r in rows if r["fileId"] is not None}
+        claims.append((rows[0]["modelId"], versions, files_))
+        newest = max(_milliseconds(r["publishedAt"]) for r in rows)
+        keys.append((-newest, rows[0]["modelId"], _digest(item)))
+    owner: dict[tuple[str, int], int] = {}
+    reasons: list[str | None] = [None] * len(claims)
+    for index in sorted(range(len(claims)), key=keys.__getitem__):
+        model_id, versions, files_ = claims[index]
+        wanted = [("modelId", model_id)] + [("modelVersionId", v) for v in sorted(versions)]
+        wanted += [("fileId", f) for f in sorted(files_)]
+        taken = next((claim for claim in wanted if claim in owner), None)
+        if taken is None:
+            owner.update(dict.fromkeys(wanted, model_id))
+        else:
+            reasons[index] = (
+                f"duplicate {taken[0]} {taken[1]}: it belongs to modelId {owner[taken]}, kept as the preferred "
+                "record (newest publishedAt, then smallest modelId)"
+                if taken[0] != "modelId"
+                else f"duplicate modelId {model_id}: another record of it is kept (newest publishedAt, then digest)"
+            )
+    return reasons
 
 
 def _build_loras(context: _BuildContext, files: list[Path]) -> None:
@@ -298,18 +454,17 @@ def _build_loras(context: _BuildContext, files: list[Path]) -> None:
     filtered, dropped, chunk_size = context.filtered, context.dropped, context.chunk_size
 
     sink = _ParquetSink(tmp / "loras" / SHARD_NAME, "loras")
-    seen_models: set[int] = set()
     raw_tags: set[str] = set()
     kept_tags: set[str] = set()
     uploaders_raw: set[str] = set()
     uploaders_kept: set[str] = set()
     buffer: list[dict[str, Any]] = []
     raw_versions = 0
-    for path, line, item, rows in _flattened(context, files, "model", flatten_model):
-        if rows[0]["modelId"] in seen_models:
-            reject("model", path, line, f"duplicate modelId {rows[0]['modelId']}", item)
+    survivors = _model_survivors(context, files)
+    for index, (path, line, item, rows) in enumerate(_flattened(context, files, "model", flatten_model)):
+        if survivors[index] is not None:
+            reject("model", path, line, survivors[index], item)
             continue
-        seen_models.add(rows[0]["modelId"])
         tags = {t for t in (rows[0]["tags"] or "").split(", ") if t}
         raw_versions += len({r["modelVersionId"] for r in rows})
         raw_tags |= tags
@@ -343,7 +498,6 @@ def _build_images(
 
     images_sink = _ParquetSink(tmp / "images" / SHARD_NAME, "images")
     interactions_sink = _ParquetSink(tmp / "interactions" / SHARD_NAME, "interactions")
-    seen_images = _SeenIds()
     raw_prompts, kept_prompts = _SeenIds(), _SeenIds()
     raw_users: set[str] = set()
     kept_users: set[str] = set()
@@ -352,14 +506,7 @@ def _build_images(
     def flush() -> None:
         if not pending:
             return
-        ids = np.array([rows[0]["imageId"] for _, _, _, rows in pending], dtype=np.int64)
-        new = seen_images.new_mask(ids)
-        records = []
-        for (path, line, item, rows), is_new in zip(pending, new, strict=True):
-            if is_new:
-                records.append(rows)
-            else:
-                reject("image", path, line, f"duplicate imageId {rows[0]['imageId']}", item)
+        records = [rows for _, _, _, rows in pending]
         pending.clear()
         prompts = [rows[0]["prompt"] for rows in records]
         raw["images"] += len(records)
@@ -408,7 +555,14 @@ def _build_images(
             )
         interactions_sink.write(_columns(interactions, INTERACTIONS_COLUMNS))
 
-    for path, line, item, rows in _flattened(context, files, "image", flatten_image):
+    survivors = _image_survivors(context, files)
+    for index, (path, line, item, rows) in enumerate(_flattened(context, files, "image", flatten_image)):
+        if not survivors[index]:
+            reason = (
+                f"duplicate imageId {rows[0]['imageId']}: another record of it is kept (newest createdAt, then digest)"
+            )
+            reject("image", path, line, reason, item)
+            continue
         pending.append((path, line, item, rows))
         if len(pending) >= chunk_size:
             flush()
@@ -423,7 +577,6 @@ def _build_images(
 
 def _prompt_keys(prompts: list[str | None]) -> np.ndarray:
     """64-bit keys of non-empty prompts for distinct counting (blake2b, stable across runs)."""
-    import hashlib
 
     return np.array(
         [

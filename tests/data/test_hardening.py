@@ -91,8 +91,8 @@ def test_statistics_without_loras(raw_dir, tmp_path, models):
         for path in (raw_dir / "models").iterdir():
             path.unlink()
         (raw_dir / "models").rmdir()
-    elif models == "empty":
-        write_page(raw_dir / "models" / "m0.json", [])
+    elif models == "empty":  # a models/ folder without pages (an empty page stops the build)
+        (raw_dir / "models" / "m0.json").unlink()
     elif models == "checkpoints":
         write_page(raw_dir / "models" / "m0.json", [dict(copy.deepcopy(MODEL_ITEM), type="Checkpoint")])
     else:
