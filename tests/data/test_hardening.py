@@ -3,6 +3,8 @@
 import copy
 import gzip
 import json
+import logging
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -109,3 +111,92 @@ def test_statistics_without_loras(raw_dir, tmp_path, models):
     expected_loras = 1 if models == "nulls" else 0
     assert f"| loras | {1 if models in ('checkpoints', 'nulls') else 0} | {expected_loras} |" in text
     assert (tmp_path / "stats" / "base_models.png").is_file()
+
+
+def test_json_errors_name_line_and_column(raw_dir, tmp_path):
+    (raw_dir / "images" / "bad.json").write_text('{"items": [\n  {"id": 1},\n  {"id": }\n]}')
+    with pytest.raises(RawInputError, match=r"bad\.json: line 3, column 10: invalid JSON"):
+        build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
+
+
+@pytest.mark.parametrize(
+    "name, content", [("e.jsonl", b""), ("e.jsonl", b"\n \n"), ("e.json", b""), ("e.json", b'{"items": []}')]
+)
+def test_files_without_records_stop_the_build(raw_dir, tmp_path, name, content):
+    (raw_dir / "models" / name).write_bytes(content)
+    with pytest.raises(RawInputError, match=rf"models/{name}: no records"):
+        build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_unreachable_entries_are_skipped_with_a_warning_of_counts(raw_dir, tmp_path, caplog):
+    images = raw_dir / "images"
+    (images / "loop").symlink_to(images, target_is_directory=True)
+    (images / "self.json").symlink_to(images / "self.json")
+    (images / "dangling.json").symlink_to(tmp_path / "missing.json")
+    os.mkfifo(images / "fifo.jsonl")
+    with caplog.at_level(logging.WARNING, logger="imagegem_hf.data.build"):
+        report = build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
+    assert report.raw["images"] == 12
+    (message,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "1 dangling link" in message and "1 FIFO or other non-regular file" in message
+    assert "2 symbolic-link loops" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their mode")
+def test_unreadable_folder_is_warned(raw_dir, tmp_path, caplog):
+    locked = raw_dir / "images" / "locked"
+    write_page(locked / "p.json", [_image()])
+    locked.chmod(0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="imagegem_hf.data.build"):
+            build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
+    finally:
+        locked.chmod(0o755)
+    assert any("1 unreadable folder" in r.getMessage() for r in caplog.records)
+
+
+def test_versions_and_files_of_another_model_are_quarantined(raw_dir, tmp_path):
+    steal_version = dict(copy.deepcopy(MODEL_ITEM), id=4)  # version 70 already belongs to model 3
+    steal_file = copy.deepcopy(MODEL_ITEM) | {"id": 5}
+    steal_file["modelVersions"][0]["id"] = 80  # a new version, but file 700 is model 3's
+    write_page(raw_dir / "models" / "m1.json", [steal_version, steal_file])
+    report = build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
+    assert report.rejected == {"model": 2}
+    reasons = sorted(r["reason"] for r in _rejected(tmp_path / "ds"))
+    assert reasons[0].startswith("duplicate fileId 700: it belongs to modelId 3")
+    assert reasons[1].startswith("duplicate modelVersionId 70: it belongs to modelId 3")
+    loras = pq.read_table(tmp_path / "ds" / "loras").to_pylist()
+    assert [(r["modelId"], r["modelVersionId"], r["fileId"]) for r in loras] == [(3, 70, 700)]
+
+
+@pytest.mark.parametrize("newer_first", [True, False])
+def test_surviving_duplicate_is_chosen_by_the_record_not_the_file_name(raw_dir, tmp_path, newer_first):
+    newer = _image(createdAt="2024-05-01T00:00:00Z", **{"meta.prompt": "newer"})
+    older = _image(createdAt="2024-04-01T00:00:00Z", **{"meta.prompt": "older"})
+    tie = _image(createdAt="2024-04-01T00:00:00Z", **{"meta.prompt": "older, same time"})
+    first, second = (newer, older) if newer_first else (older, newer)
+    write_page(raw_dir / "images" / "a.json", [first, tie])
+    write_page(raw_dir / "images" / "b.json", [second])
+    model_old = copy.deepcopy(MODEL_ITEM)
+    model_new = copy.deepcopy(MODEL_ITEM)
+    model_new["name"], model_new["modelVersions"][0]["publishedAt"] = "newer model", "2025-01-01T00:00:00Z"
+    write_page(raw_dir / "models" / "m0.json", [model_old if newer_first else model_new])
+    write_page(raw_dir / "models" / "m1.json", [model_new if newer_first else model_old])
+    report = build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
+    assert report.rejected == {"image": 2, "model": 1}
+    images = pq.read_table(tmp_path / "ds" / "images").to_pylist()
+    assert [r["prompt"] for r in images if r["imageId"] == 9000] == ["newer"]
+    assert pq.read_table(tmp_path / "ds" / "loras").column("modelName").to_pylist() == ["newer model"]
+
+
+def test_large_pages_are_streamed_with_the_same_rows(raw_dir, tmp_path, monkeypatch):
+    import imagegem_hf.data.build as build
+
+    write_page(raw_dir / "images" / "big.json", [_image(id=9000 + k) for k in range(50)])
+    build_dataset(raw_dir, tmp_path / "whole", show_progress=False)
+    monkeypatch.setattr(build, "STREAM_BYTES", 64)  # every page and JSONL line is now parsed item by item
+    build_dataset(raw_dir, tmp_path / "streamed", show_progress=False)
+    for config in ("images", "loras", "interactions"):
+        whole = pq.read_table(tmp_path / "whole" / config)
+        assert whole.num_rows > 0 and whole.equals(pq.read_table(tmp_path / "streamed" / config))
