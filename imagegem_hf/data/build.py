@@ -358,11 +358,14 @@ def _flattened(
     flatten: Callable[..., list[dict[str, Any]]],
     quarantine: bool = True,
     desc: str | None = None,
-) -> Iterator[tuple[Path, int, Any, list[dict[str, Any]]]]:
-    """`(path, line, item, rows)` for every record that flattens; the others are quarantined with their reason
-    (skipped when `quarantine` is False: the pass that picks the surviving duplicates)."""
-    for path in tqdm(files, desc=desc or f"{kind}s", unit="file", disable=not context.show_progress):
-        for line, item in iter_raw_items(path):
+) -> Iterator[tuple[int, Path, int, Any, list[dict[str, Any]]]]:
+    """`(position, path, line, item, rows)` for every record that flattens, where `position` is
+    `file_index << 40 | item_index`; the others are quarantined with their reason (or skipped when `quarantine`
+    is False: the pass that picks the surviving duplicates)."""
+    for file_index, path in enumerate(
+        tqdm(files, desc=desc or f"{kind}s", unit="file", disable=not context.show_progress)
+    ):
+        for item_index, (line, item) in enumerate(iter_raw_items(path)):
             if isinstance(item, RecordError):
                 if quarantine:
                     context.reject(kind, path, line, item.reason, item)
@@ -373,7 +376,7 @@ def _flattened(
                 if quarantine:
                     context.reject(kind, path, line, err.reason, item)
                 continue
-            yield path, line, item, rows
+            yield file_index << _POSITION_BITS | item_index, path, line, item, rows
 
 
 def _canonical_json(value: Any) -> bytes:
@@ -396,22 +399,51 @@ def _milliseconds(moment: Any) -> int:
 _OLDEST = np.iinfo(np.int64).min + 1  # a missing timestamp (negated, it still fits)
 
 
-def _image_survivors(context: _BuildContext, files: list[Path]) -> np.ndarray:
-    """`keep[i]` for the i-th image record that flattens: among records with the same `imageId`, the one with
-    the newest `createdAt` survives, then the one with the smallest canonical-JSON digest (so the survivor
-    depends on the records, not on file names or order); byte-identical copies keep the first."""
-    ids, created, digests = array("q"), array("q"), array("q")  # 24 bytes per record
-    for _, _, item, rows in _flattened(context, files, "image", flatten_image, False, "image ids"):
-        ids.append(rows[0]["imageId"])
-        created.append(_milliseconds(rows[0]["createdAt"]))
-        digests.append(_digest(item))
+def _image_duplicates(context: _BuildContext, files: list[Path]) -> set[int]:
+    """Positions (`file_index << 40 | item_index`) of the image records that lose to a duplicate of their `imageId`.
+
+    Among the valid records with one `imageId`, the one with the newest `createdAt` survives, then the one with
+    the smallest canonical-JSON digest, so the survivor depends on the records, not on file names or order
+    (byte-identical copies keep the first). A first pass reads only the ids; the records of duplicated ids, and
+    only those, are then flattened to find the valid ones and compared.
+    """
+    ids, positions = array("q"), array("q")  # 16 bytes per record
+    for file_index, path in enumerate(tqdm(files, desc="image ids", unit="file", disable=not context.show_progress)):
+        for item_index, (_, item) in enumerate(iter_raw_items(path)):
+            image_id = item.get("id") if isinstance(item, dict) else None
+            if type(image_id) is int and _INT64_MIN <= image_id <= _INT64_MAX:  # others: quarantined later
+                ids.append(image_id)
+                positions.append(file_index << _POSITION_BITS | item_index)
     ids_array = np.frombuffer(ids, dtype=np.int64)
-    order = np.lexsort((np.frombuffer(digests, dtype=np.int64), -np.frombuffer(created, dtype=np.int64), ids_array))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = ids_array[order[1:]] != ids_array[order[:-1]]
-    keep = np.zeros(len(order), dtype=bool)
-    keep[order[first]] = True
-    return keep
+    unique, counts = np.unique(ids_array, return_counts=True)
+    contested = np.isin(ids_array, unique[counts > 1])
+    if not contested.any():
+        return set()
+    wanted = set(np.frombuffer(positions, dtype=np.int64)[contested].tolist())
+    best: dict[int, tuple[tuple[int, int], int]] = {}  # imageId → ((−createdAt, digest), position)
+    losers: set[int] = set()
+    for file_index in sorted({position >> _POSITION_BITS for position in wanted}):
+        for item_index, (_, item) in enumerate(iter_raw_items(files[file_index])):
+            position = file_index << _POSITION_BITS | item_index
+            if position not in wanted:
+                continue
+            try:
+                rows = flatten_image(item, salt=context.salt)
+            except RecordError:
+                continue  # quarantined with its own reason by the main pass
+            key = (-_milliseconds(rows[0]["createdAt"]), _digest(item))
+            image_id = rows[0]["imageId"]
+            if image_id not in best or key < best[image_id][0]:
+                if image_id in best:
+                    losers.add(best[image_id][1])
+                best[image_id] = (key, position)
+            else:
+                losers.add(position)
+    return losers
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_POSITION_BITS = 40  # item index within a file; the file index goes above
 
 
 def _model_survivors(context: _BuildContext, files: list[Path]) -> list[str | None]:
@@ -422,7 +454,7 @@ def _model_survivors(context: _BuildContext, files: list[Path]) -> list[str | No
     `modelId`, then smallest canonical-JSON digest, and each keeps its ids unless a preferred one has one of them.
     """
     claims, keys = [], []
-    for _, _, item, rows in _flattened(context, files, "model", flatten_model, False, "model ids"):
+    for _, _, _, item, rows in _flattened(context, files, "model", flatten_model, False, "model ids"):
         versions = {r["modelVersionId"] for r in rows}
         files_ = {r["fileId"] for r in rows if r["fileId"] is not None}
         claims.append((rows[0]["modelId"], versions, files_))
@@ -461,7 +493,7 @@ def _build_loras(context: _BuildContext, files: list[Path]) -> None:
     buffer: list[dict[str, Any]] = []
     raw_versions = 0
     survivors = _model_survivors(context, files)
-    for index, (path, line, item, rows) in enumerate(_flattened(context, files, "model", flatten_model)):
+    for index, (_, path, line, item, rows) in enumerate(_flattened(context, files, "model", flatten_model)):
         if survivors[index] is not None:
             reject("model", path, line, survivors[index], item)
             continue
@@ -555,9 +587,9 @@ def _build_images(
             )
         interactions_sink.write(_columns(interactions, INTERACTIONS_COLUMNS))
 
-    survivors = _image_survivors(context, files)
-    for index, (path, line, item, rows) in enumerate(_flattened(context, files, "image", flatten_image)):
-        if not survivors[index]:
+    losers = _image_duplicates(context, files)
+    for position, path, line, item, rows in _flattened(context, files, "image", flatten_image):
+        if position in losers:
             reason = (
                 f"duplicate imageId {rows[0]['imageId']}: another record of it is kept (newest createdAt, then digest)"
             )
