@@ -149,8 +149,13 @@ def _line_items(path: Path, number: int, source: Any, is_jsonl: bool) -> Iterato
     if is_jsonl and not source.strip():
         return
     if (len(source) if is_jsonl else _uncompressed_size(path)) > STREAM_BYTES:
+        reopen = (
+            (lambda: io.BytesIO(source))
+            if is_jsonl
+            else (lambda: (gzip.open if path.suffix == ".gz" else open)(path, "rb"))
+        )
         try:
-            yield from _stream_page_items(io.BytesIO(source) if is_jsonl else source)
+            yield from _stream_page_items(reopen)
         except ijson.JSONError as err:
             if not is_jsonl:
                 raise RawInputError(f"{path}: invalid JSON ({err}).") from None
@@ -188,10 +193,32 @@ def _uncompressed_size(path: Path) -> int:
         return int.from_bytes(handle.read(4), "little")
 
 
-def _stream_page_items(handle: Any) -> Iterator[Any]:
-    """Items of a large page read incrementally: `{"items": [...]}` or a bare list of items."""
+def _stream_page_items(reopen: Callable[[], Any]) -> Iterator[Any]:
+    """Items of a large page read incrementally: `{"items": [...]}` or a bare list of items.
+
+    ijson's C backend stops at an integer beyond 64 bits; the page is then read on from that item with ijson's
+    pure-Python backend, which keeps such integers (the record is quarantined later, as orjson's pages are).
+    """
+    yielded = 0
+    try:
+        with reopen() as handle:
+            for item in _ijson_items(handle, ijson):
+                yielded += 1
+                yield item
+    except ijson.JSONError as err:
+        if "integer overflow" not in str(err):
+            raise
+        from ijson.backends import python as ijson_python
+
+        with reopen() as handle:
+            for index, item in enumerate(_ijson_items(handle, ijson_python)):
+                if index >= yielded:
+                    yield item
+
+
+def _ijson_items(handle: Any, backend: Any) -> Iterator[Any]:
     head = handle.peek(64) if hasattr(handle, "peek") else handle.getvalue()[:64]
-    yield from ijson.items(handle, "item" if head.lstrip()[:1] == b"[" else "items.item", use_float=True)
+    return backend.items(handle, "item" if head.lstrip()[:1] == b"[" else "items.item", use_float=True)
 
 
 def _page_items(document: Any) -> list[Any]:

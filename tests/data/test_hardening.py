@@ -190,10 +190,12 @@ def test_surviving_duplicate_is_chosen_by_the_record_not_the_file_name(raw_dir, 
 def test_large_pages_are_streamed_with_the_same_rows(raw_dir, tmp_path, monkeypatch):
     import imagegem_hf.data.build as build
 
-    write_page(raw_dir / "images" / "big.json", [_image(id=9000 + k) for k in range(50)])
-    build_dataset(raw_dir, tmp_path / "whole", show_progress=False)
+    beyond_64_bits = _image(id=9100, **{"meta.seed": 2**70})  # ijson's C backend stops at it
+    write_page(raw_dir / "images" / "big.json", [_image(id=9000 + k) for k in range(50)] + [beyond_64_bits])
+    whole = build_dataset(raw_dir, tmp_path / "whole", show_progress=False)
     monkeypatch.setattr(build, "STREAM_BYTES", 64)  # every page and JSONL line is now parsed item by item
-    build_dataset(raw_dir, tmp_path / "streamed", show_progress=False)
+    streamed = build_dataset(raw_dir, tmp_path / "streamed", show_progress=False)
+    assert whole.rejected == streamed.rejected == {"image": 1} and whole.raw == streamed.raw
     for config in ("images", "loras", "interactions"):
         whole = pq.read_table(tmp_path / "whole" / config)
         assert whole.num_rows > 0 and whole.equals(pq.read_table(tmp_path / "streamed" / config))
