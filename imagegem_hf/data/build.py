@@ -2,7 +2,9 @@
 
 Input: `RAW_DIR/images/` and `RAW_DIR/models/` holding responses of `GET /api/v1/images` and `GET /api/v1/models`
 as `.json` (one response page), `.jsonl` (one page or one item per line) or their `.gz` versions. Files are read
-in sorted order, page by page; rows go to parquet row groups as they come, so memory does not grow with the input.
+in sorted order, page by page (item by item for pages over `STREAM_BYTES`); rows go to parquet row groups as they
+come, so memory does not grow with the input. Unreadable folders, link loops, FIFOs and dangling links are skipped
+with one warning of counts.
 
 Output (`OUT_DIR`):
 ```
@@ -13,8 +15,11 @@ README.md (card: configs YAML + Table 1)    build_stats.json    rejected.jsonl (
 The card lists `preference_pairs` once `write_preference_pairs` has filled it (`datasets` cannot load a split
 with no rows).
 Problems with a whole file (undecodable bytes, an invalid `.json` document, no records at all) stop the build with
-the file and line named; problems with one record (malformed JSONL line, missing or mistyped field, unknown enum,
-duplicate id) quarantine it with a reason. The output is written to a temporary folder and renamed at the end.
+the file, line and column named; problems with one record (malformed JSONL line, missing or mistyped field, a value
+its column's type cannot hold, unknown enum, duplicate id) quarantine it with a reason. Of duplicates, the record
+survives, not the file: the newest `createdAt` (images) or `publishedAt` (models), then the smallest id, then the
+smallest digest of the record's JSON. The output is written with `imagegem_hf.hub.atomic_directory`: a temporary
+folder renamed at the end, never inside the input, replacing only an earlier build.
 """
 
 from __future__ import annotations
