@@ -236,8 +236,9 @@ def _check_replaceable(final_dir: Path, overwrite: bool) -> None:
         )
     if not (final_dir / MARKER_NAME).is_file():
         raise FileExistsError(
-            f"{final_dir} is not empty and was not written by imagegem_hf (it has no {MARKER_NAME} file), so "
-            "--overwrite (overwrite=True) does not replace it: choose a new or empty folder, or empty it yourself."
+            f"{final_dir} is not empty and has no {MARKER_NAME} marker, the file imagegem_hf leaves in every folder "
+            "it writes, so --overwrite (overwrite=True) does not replace it: choose a new or empty folder, or empty "
+            "it yourself (once for a folder written by a release older than the marker)."
         )
 
 

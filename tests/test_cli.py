@@ -42,7 +42,7 @@ def test_build_overwrite_never_deletes_inputs_or_foreign_folders(tmp_path, capsy
     assert main(["dataset", "build", str(raw), str(other)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["dataset", "build", str(raw), str(other), "--overwrite"]) == 2
-    assert "not written by imagegem_hf" in capsys.readouterr().err
+    assert "has no .imagegem_hf marker" in capsys.readouterr().err
     assert sorted(p.relative_to(tmp_path) for p in project.rglob("*")) == before
     assert (project / "notes.txt").read_text() == "mine" and [p.name for p in other.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "proj"]  # no temporary folder left

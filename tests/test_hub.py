@@ -66,7 +66,7 @@ def test_overwrite_replaces_only_folders_it_wrote(tmp_path):
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("the user's own file")
-    with pytest.raises(FileExistsError, match=r"not written by imagegem_hf.*--overwrite"):
+    with pytest.raises(FileExistsError, match=r"has no \.imagegem_hf marker.*--overwrite"):
         with atomic_directory(target, overwrite=True) as tmp:
             (tmp / "a.txt").write_text("x")
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
