@@ -5,6 +5,7 @@ import gzip
 import json
 import logging
 import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -140,16 +141,20 @@ def test_unreachable_entries_are_skipped_with_a_warning_of_counts(raw_dir, tmp_p
     assert "2 symbolic-link loops" in message
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their mode")
-def test_unreadable_folder_is_warned(raw_dir, tmp_path, caplog):
+def test_unreadable_folder_is_warned(raw_dir, tmp_path, caplog, monkeypatch):
     locked = raw_dir / "images" / "locked"
     write_page(locked / "p.json", [_image()])
-    locked.chmod(0)
-    try:
-        with caplog.at_level(logging.WARNING, logger="imagegem_hf.data.build"):
-            build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
-    finally:
-        locked.chmod(0o755)
+    scandir = os.scandir
+
+    def refusing_scandir(path="."):  # what listing a mode-000 folder does (root reads it, so it is simulated)
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    with caplog.at_level(logging.WARNING, logger="imagegem_hf.data.build"):
+        report = build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
+    assert report.raw["images"] == 12  # the locked page is not read
     assert any("1 unreadable folder" in r.getMessage() for r in caplog.records)
 
 
