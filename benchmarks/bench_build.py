@@ -2,6 +2,10 @@
 
 Targets (issue: foundation): ≥ 20,000 records/s end to end on 2 cores, and peak RSS of the 1M build within 1.5×
 of the 100K build (memory independent of input size). Run: `python benchmarks/bench_build.py [--sizes 100000,1000000]`.
+
+`--page-mb 76` also builds from one `.json` page of that size, parsed item by item (ours) and, as the baseline, as
+one document (`STREAM_BYTES` above the page size, how every page was read before). The memory a page costs is the
+peak RSS above that of a build from a 1 MB page (the libraries' own memory); target: streamed ≤ 0.25× of whole.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import orjson
 
 TARGET_RATE = 20_000.0
 TARGET_RSS_RATIO = 1.5
+TARGET_PAGE_RSS_RATIO = 0.25
 
 
 def write_raw_dump(folder: Path, n_images: int, seed: int = 0, page_size: int = 1000) -> None:
@@ -87,8 +92,38 @@ def write_raw_dump(folder: Path, n_images: int, seed: int = 0, page_size: int = 
     (folder / "models" / "page.json").write_bytes(orjson.dumps({"items": models}))
 
 
-def _child(raw: str, out: str) -> None:
+def write_one_page(folder: Path, megabytes: float) -> int:
+    """One `images/page.json` API page of about `megabytes` MB (the records of `write_raw_dump`), and its models."""
+    write_raw_dump(folder, 2000, page_size=2000)
+    (folder / "images" / "part_00000.jsonl.gz").unlink()
+    rng = np.random.default_rng(1)
+    items, size, i = [], 0, 0
+    while size < megabytes * 1e6:
+        record = {
+            "id": 20_000_000 + i,
+            "url": f"https://image.civitai.com/x/{i}.jpeg",
+            "width": 512,
+            "height": 768,
+            "nsfwLevel": "None",
+            "createdAt": f"2024-{1 + i % 12:02d}-{1 + i % 28:02d}T10:00:00.000Z",
+            "username": f"user{int(rng.integers(0, 5000))}",
+            "modelVersionIds": [100_000 + i % 2000],
+            "stats": {"likeCount": i % 17, "heartCount": i % 5},
+            "meta": {"prompt": f"masterpiece, a photo of thing {i}, " + "detailed " * 40, "seed": i, "steps": 30},
+        }
+        size += len(orjson.dumps(record)) + 1
+        items.append(record)
+        i += 1
+    (folder / "images" / "page.json").write_bytes(orjson.dumps({"items": items, "metadata": {"nextCursor": None}}))
+    return len(items)
+
+
+def _child(raw: str, out: str, stream_bytes: str | None = None) -> None:
+    import imagegem_hf.data.build as build
     from imagegem_hf.data.build import build_dataset
+
+    if stream_bytes is not None:
+        build.STREAM_BYTES = int(stream_bytes)
 
     start = time.perf_counter()
     report = build_dataset(raw, out, show_progress=False)
@@ -117,14 +152,40 @@ def measure(n_images: int, workdir: Path) -> dict:
     return stats
 
 
+def measure_page(megabytes: float) -> None:
+    """Peak RSS of builds from one page of `megabytes` MB, streamed and whole, above that of a 1 MB page."""
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = (("1 MB page", 1.0, False), ("streamed", megabytes, False), ("whole", megabytes, True))
+        for name, page_mb, stream in runs:
+            raw = Path(tmp) / f"raw_{page_mb}"
+            if not raw.exists():
+                n = write_one_page(raw, page_mb)
+            size = (raw / "images" / "page.json").stat().st_size
+            argv = [sys.executable, __file__, "--child", str(raw), str(Path(tmp) / name.replace(" ", "_"))]
+            result = subprocess.run(argv + ([str(size + 1)] if stream else []), check=True, capture_output=True)
+            peaks[name] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+            print(f"{name}: {size / 1e6:.0f} MB, {n:,} records, peak RSS {peaks[name]:.0f} MB", flush=True)
+    ours, baseline = peaks["streamed"] - peaks["1 MB page"], peaks["whole"] - peaks["1 MB page"]
+    ratio = ours / baseline
+    print(
+        f"RESULT page_peak_rss_above_1MB_page ours={ours:.0f}MB baseline={baseline:.0f}MB ratio={ratio:.2f} "
+        f"target={TARGET_PAGE_RSS_RATIO} {'PASS' if ratio <= TARGET_PAGE_RSS_RATIO else 'FAIL'}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="100000,1000000", help="Small,large record counts.")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--page-mb", type=float, default=None, help="Also measure one page of this size (MB).")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(*args.child)
         return
+    if args.page_mb:
+        measure_page(args.page_mb)
     small_n, large_n = (int(s) for s in args.sizes.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         small, large = measure(small_n, Path(tmp)), measure(large_n, Path(tmp))

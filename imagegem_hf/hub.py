@@ -7,10 +7,13 @@ loads it from a local folder or from a repo id (downloaded with `huggingface_hub
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+import socket
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import jinja2
 
 MODEL_CARDS_DIR = Path(__file__).parent / "model_cards"
+logger = logging.getLogger(__name__)
 
 
 class HubUnavailableError(RuntimeError):
@@ -95,16 +99,39 @@ def render_card(template_name: str, **context: Any) -> str:
     return env.get_template(template_name).render(**context)
 
 
+MARKER_NAME = ".imagegem_hf"
+"""The file `atomic_directory` puts in every folder it writes: `overwrite=True` replaces only folders that hold it."""
+_MARKER_TEXT = "Written by imagegem_hf. `--overwrite` (overwrite=True) may replace this whole folder.\n"
+_HOST = socket.gethostname()
+
+
 @contextmanager
-def atomic_directory(final_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    final_dir: str | os.PathLike, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
+) -> Iterator[Path]:
     """Yield a temporary directory that replaces `final_dir` only if the block finishes without error.
 
     A failure inside the block leaves `final_dir` untouched and removes the temporary directory, so a
-    failed write never leaves a half-written artifact behind.
+    failed write never leaves a half-written artifact behind. The folder gets the marker file `MARKER_NAME`,
+    and `overwrite=True` replaces only a folder that holds it (one this function wrote): any other non-empty
+    folder is refused, so a mistyped output path cannot delete the user's files.
+
+    The temporary folder is `.<name>.tmp-<host>-<pid>-<random>` next to `final_dir`, created with the umask's
+    permissions. Replacing renames the old folder to `.<name>.old-<host>-<pid>`, renames the new one into place
+    and deletes the old one. Every call first cleans up after processes of this host that died mid-write:
+    their temporary folders are deleted, and an old folder whose replacement never arrived (a kill between the
+    two renames) is renamed back to `final_dir`.
 
     Args:
         final_dir: Where the finished directory should end up.
-        overwrite: Replace an existing `final_dir`. If False and it exists, `FileExistsError` is raised up front.
+        overwrite: Replace an existing `final_dir` written by imagegem_hf. If False and `final_dir` exists and
+            is not empty, `FileExistsError` is raised up front.
+        inputs: Files or folders the block reads: `final_dir` must not be, contain or lie inside any of them.
+
+    Raises:
+        FileExistsError: `final_dir` is not empty and `overwrite` is False, or it is not a folder written by
+            imagegem_hf, or it is a file or a symbolic link.
+        ValueError: `final_dir` is, contains or lies inside one of `inputs`.
 
     Example:
         ```python
@@ -114,22 +141,120 @@ def atomic_directory(final_dir: str | os.PathLike, overwrite: bool = False) -> I
         ```
     """
     final_dir = Path(final_dir)
-    if final_dir.exists() and not overwrite:
-        raise FileExistsError(f"{final_dir} already exists; pass overwrite=True to replace it.")
+    _refuse_overlap(final_dir, inputs)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    recover_directory(final_dir)
+    _check_replaceable(final_dir, overwrite)
+    tmp = _new_sibling(final_dir, "tmp")
     try:
         yield tmp
+        (tmp / MARKER_NAME).write_text(_MARKER_TEXT, encoding="utf-8")
+        _check_replaceable(final_dir, overwrite)  # again: the block may have run for hours
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if final_dir.is_dir() and not any(final_dir.iterdir()):
+        final_dir.rmdir()
     if final_dir.exists():
-        trash = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
-        final_dir.rename(trash)
+        old = final_dir.with_name(f".{final_dir.name}.old-{_HOST}-{os.getpid()}")
+        final_dir.rename(old)
         tmp.rename(final_dir)
-        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final_dir)
+
+
+def recover_directory(final_dir: str | os.PathLike) -> dict[str, int]:
+    """Clean up after processes of this host that died while `atomic_directory` wrote `final_dir`.
+
+    Their temporary folders `.<name>.tmp-<host>-<pid>-*` are deleted; an old copy `.<name>.old-<host>-<pid>` is
+    renamed back to `final_dir` when `final_dir` is missing (the process died between the two renames of a
+    replacement) and deleted otherwise. Folders of live processes and of other hosts are left alone.
+    `atomic_directory` calls this first; call it yourself to restore a folder without writing a new one.
+
+    Returns:
+        `{"removed": n, "restored": 0 or 1}`.
+    """
+    final_dir = Path(final_dir)
+    name = re.escape(final_dir.name)
+    temp_pattern = re.compile(rf"\.{name}\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+")
+    old_pattern = re.compile(rf"\.{name}\.old-(?:(?P<host>.+)-)?(?P<pid>\d+)")  # `.old-<pid>`: older releases
+    counts = {"removed": 0, "restored": 0}
+    if not final_dir.parent.is_dir():
+        return counts
+    for sibling in sorted(final_dir.parent.iterdir()):
+        match = temp_pattern.fullmatch(sibling.name) or old_pattern.fullmatch(sibling.name)
+        if match is None or (match["host"] or _HOST) != _HOST or _process_alive(int(match["pid"])):
+            continue
+        if match.re is old_pattern and not final_dir.exists() and not final_dir.is_symlink():
+            sibling.rename(final_dir)
+            counts["restored"] += 1
+            logger.warning(
+                "Restored %s from %s, left by process %s that died mid-replace.", final_dir, sibling.name, match["pid"]
+            )
+        else:
+            shutil.rmtree(sibling, ignore_errors=True)
+            counts["removed"] += 1
+    if counts["removed"]:
+        logger.info("Removed %d folder(s) left next to %s by processes that died.", counts["removed"], final_dir)
+    return counts
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill would terminate the process there: never treat a folder as stale
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _new_sibling(final_dir: Path, kind: str) -> Path:
+    """Create `.<name>.<kind>-<host>-<pid>-<random>` next to `final_dir` with the umask's permissions."""
+    while True:
+        path = final_dir.with_name(f".{final_dir.name}.{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+
+
+def _check_replaceable(final_dir: Path, overwrite: bool) -> None:
+    if final_dir.is_symlink() or (final_dir.exists() and not final_dir.is_dir()):
+        raise FileExistsError(f"{final_dir} exists and is not a folder (a file or a link); choose another path.")
+    if not final_dir.exists() or not any(final_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{final_dir} already exists; pass --overwrite (overwrite=True in Python) to replace it."
+        )
+    if not (final_dir / MARKER_NAME).is_file():
+        raise FileExistsError(
+            f"{final_dir} is not empty and has no {MARKER_NAME} marker, the file imagegem_hf leaves in every folder "
+            "it writes, so --overwrite (overwrite=True) does not replace it: choose a new or empty folder, or empty "
+            "it yourself (once for a folder written by a release older than the marker)."
+        )
+
+
+def _refuse_overlap(final_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
+    output = final_dir.resolve()
+    for source in inputs:
+        path = Path(source).resolve()
+        if output == path:
+            relation = "is"
+        elif path in output.parents:
+            relation = "lies inside"
+        elif output in path.parents:
+            relation = "contains"
+        else:
+            continue
+        raise ValueError(f"The output {final_dir} {relation} the input {source}: choose an output folder outside it.")
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
@@ -194,6 +319,7 @@ def push_folder(
             repo_id=repo_id,
             repo_type=repo_type,
             commit_message=commit_message or f"Upload {folder.name} with imagegem_hf",
+            ignore_patterns=[MARKER_NAME],
         )
     except OSError as err:  # requests' ConnectionError is an OSError
         raise HubUnavailableError(f"Cannot push to {repo_id!r}: the Hugging Face Hub is unreachable ({err}).") from err

@@ -1,8 +1,14 @@
 import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from imagegem_hf.hub import (
+    MARKER_NAME,
     HubUnavailableError,
     atomic_directory,
     push_folder,
@@ -47,13 +53,105 @@ def test_atomic_directory_commits_on_success(tmp_path):
         (tmp / "a.txt").write_text("x")
         assert not target.exists()
     assert (target / "a.txt").read_text() == "x"
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
         with atomic_directory(target):
             pass
     with atomic_directory(target, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("y")
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER_NAME, "b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_replaces_only_folders_it_wrote(tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("the user's own file")
+    with pytest.raises(FileExistsError, match=r"has no \.imagegem_hf marker.*--overwrite"):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("x")
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    (tmp_path / "file").write_text("data")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        with atomic_directory(tmp_path / "file", overwrite=True):
+            pass
+    assert (tmp_path / "file").read_text() == "data"
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose
+    with atomic_directory(tmp_path / "empty") as tmp:
+        (tmp / "a.txt").write_text("x")
+    assert (tmp_path / "empty" / "a.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("output", [".", "raw", "raw/inside"])
+def test_output_that_is_contains_or_lies_inside_an_input_is_refused(tmp_path, output):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "page.json").write_text("{}")
+    (tmp_path / MARKER_NAME).write_text("")  # even a folder written by imagegem_hf
+    with pytest.raises(ValueError, match="input"):
+        with atomic_directory(tmp_path / output, overwrite=True, inputs=[raw]):
+            pass
+    assert (raw / "page.json").read_text() == "{}"
+
+
+def test_output_folders_respect_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "a.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+_KILLED_WRITER = """
+import os, pathlib, sys
+from imagegem_hf.hub import atomic_directory
+target, when = pathlib.Path(sys.argv[1]), sys.argv[2]
+renames = []
+original = pathlib.Path.rename
+def rename(self, other):
+    result = original(self, other)
+    renames.append(other)
+    if when == "between-renames" and len(renames) == 1:
+        os._exit(9)  # killed after moving the old folder away, before the new one is in place
+    return result
+pathlib.Path.rename = rename
+with atomic_directory(target, overwrite=True) as tmp:
+    (tmp / "new.txt").write_text("new")
+    if when == "mid-write":
+        os._exit(9)
+"""
+
+
+@pytest.mark.parametrize("when", ["mid-write", "between-renames"])
+def test_killed_writer_is_recovered_on_the_next_call(tmp_path, when):
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "old.txt").write_text("old")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target), when], env=env)
+    assert process.wait() == 9
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "out")
+    assert len(left) == {"mid-write": 1, "between-renames": 2}[when]  # `.out.tmp-*` (and `.out.old-*`)
+    assert all(f"-{process.pid}" in name for name in left)  # named with the dead process's PID
+    with pytest.raises(RuntimeError):  # the next write (here one that fails) first cleans up and restores
+        with atomic_directory(target, overwrite=True):
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (target / "old.txt").read_text() == "old" and not (target / "new.txt").exists()
+
+
+def test_folders_of_live_processes_are_left_alone(tmp_path):
+    import socket
+
+    alive = tmp_path / f".out.tmp-{socket.gethostname()}-{os.getppid()}-0abc"
+    other_host = tmp_path / ".out.tmp-some-other-host-1-0abc"
+    alive.mkdir()
+    other_host.mkdir()
+    with atomic_directory(tmp_path / "out"):
+        pass
+    assert alive.is_dir() and other_host.is_dir()
 
 
 def test_atomic_directory_leaves_nothing_on_failure(tmp_path):

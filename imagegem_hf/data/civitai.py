@@ -9,8 +9,11 @@ of `GET /api/v1/models` into one row per model-version *file* (`primary == 1` ma
 from __future__ import annotations
 
 import hashlib
+import math
 from datetime import UTC, datetime
 from typing import Any
+
+import numpy as np
 
 from imagegem_hf.data.schema import IMAGES_COLUMNS, LORAS_COLUMNS
 
@@ -61,20 +64,53 @@ def user_hash(username: str, salt: str = "") -> str:
 
 def _int(value: Any, field: str, required: bool = False) -> int | None:
     if type(value) is int:  # the common case, checked first: this runs ~15 times per record
-        return value
+        return value  # the range of the column's type is checked on the whole row (`_check_ranges`)
     if value is None:
         if required:
             raise RecordError(f"missing required field {field!r}")
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise RecordError(f"field {field!r} must be an integer, got {type(value).__name__}")
+    if isinstance(value, str):
+        try:
+            return int(value)  # exact for integer strings of any length (a float would round above 2**53)
+        except ValueError:
+            pass
     try:
         as_float = float(value)
     except ValueError:
         raise RecordError(f"field {field!r} must be an integer, got {value!r}") from None
-    if as_float != as_float or as_float != int(as_float):
-        raise RecordError(f"field {field!r} must be an integer, got {value!r}")
+    if not math.isfinite(as_float) or as_float != int(as_float):
+        raise RecordError(f"field {field!r} must be a finite integer, got {value!r}")
     return int(as_float)
+
+
+def _column_bounds(columns: dict[str, Any]) -> tuple[tuple[str, float, float, str], ...]:
+    """`(column, lowest, highest, dtype)` for every integer and float32 column: the values its type can hold."""
+    bounds = []
+    for name, feature in columns.items():
+        dtype = feature.dtype
+        if dtype in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+            info = np.iinfo(dtype)
+            bounds.append((name, int(info.min), int(info.max), dtype))
+        elif dtype == "float32":
+            limit = float(np.finfo(np.float32).max)
+            bounds.append((name, -limit, limit, dtype))
+    return tuple(bounds)
+
+
+# The image's own columns (its `modelVersionIds[]` are checked one by one), and the loras columns.
+_IMAGE_BOUNDS = _column_bounds({k: v for k, v in IMAGES_COLUMNS.items() if k != "modelVersionId"})
+_VERSION_BOUNDS = _column_bounds({"modelVersionId": IMAGES_COLUMNS["modelVersionId"]})
+_LORAS_BOUNDS = _column_bounds(LORAS_COLUMNS)
+
+
+def _check_ranges(row: dict[str, Any], bounds: tuple[tuple[str, float, float, str], ...]) -> None:
+    """Raise `RecordError` naming the column when a value does not fit its column's type (e.g. 2**40 in int32)."""
+    for name, lowest, highest, dtype in bounds:
+        value = row[name]
+        if value is not None and not lowest <= value <= highest:
+            raise RecordError(f"{name} = {value!r} does not fit the {dtype} column")
 
 
 def _float(value: Any, field: str) -> float | None:
@@ -216,9 +252,12 @@ def flatten_image(item: Any, salt: str = "") -> list[dict[str, Any]]:
         "commentCount": _int(stats.get("commentCount", 0), "stats.commentCount"),
         "userHash": user_hash(username, salt),
     }
+    _check_ranges(base, _IMAGE_BOUNDS)
+    versions = dict.fromkeys(_int(version_id, "modelVersionIds[]") for version_id in version_ids)  # keep order
     rows = []
-    for version_id in dict.fromkeys(version_ids):  # de-duplicate, keep order
-        row = dict(base, modelVersionId=_int(version_id, "modelVersionIds[]"))
+    for version_id in versions:
+        row = dict(base, modelVersionId=version_id)
+        _check_ranges(row, _VERSION_BOUNDS)
         rows.append({column: row[column] for column in IMAGES_COLUMNS})
     return rows
 
@@ -325,6 +364,7 @@ def flatten_model(item: Any, salt: str = "") -> list[dict[str, Any]]:
                 hashBLAKE3=_str(hashes.get("BLAKE3"), "hashes.BLAKE3"),
                 primary=None if primary is None else int(primary),
             )
+            _check_ranges(row, _LORAS_BOUNDS)
             rows.append({column: row[column] for column in LORAS_COLUMNS})
     if not rows:
         raise RecordError("model has no versions")

@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="none",
         help="Prompt toxicity filter (detoxify needs the `safety` extra and downloads its weights).",
     )
-    build.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    build.add_argument(
+        "--overwrite", action="store_true", help="Replace an output folder written by an earlier build (only such)."
+    )
     build.set_defaults(func=_build)
 
     stats = commands.add_parser("stats", help="Statistics tables and figures of a built dataset.")

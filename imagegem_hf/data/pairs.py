@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imagegem_hf.data.schema import PREFERENCE_PAIRS_COLUMNS, features_for
+from imagegem_hf.data.schema import CONFIG_NAMES, PREFERENCE_PAIRS_COLUMNS, features_for
 from imagegem_hf.embeddings import TextEmbedder, l2_normalize
 from imagegem_hf.scoring.base import Scorer
 
@@ -388,7 +388,27 @@ def write_preference_pairs(pairs: pd.DataFrame, dataset_dir: str | os.PathLike) 
         if old != target:
             old.unlink()
     tmp.replace(target)
+    list_config_in_card(Path(dataset_dir), "preference_pairs", listed=table.num_rows > 0)
     return target
+
+
+def list_config_in_card(dataset_dir: Path, config_name: str, listed: bool) -> None:
+    """Add `config_name` to the `configs:` of the dataset card (or remove it), keeping the order of `CONFIG_NAMES`.
+
+    `datasets` cannot load a split with no rows ("Instruction 'train' corresponds to no data", huggingface/datasets
+    PR #8401), so a config is listed only while it has rows: `load_dataset(dir, name)` works for every listed one.
+    """
+    from huggingface_hub.repocard import metadata_load, metadata_save
+
+    card = dataset_dir / "README.md"
+    metadata = metadata_load(card) or {}
+    configs = [c for c in metadata.get("configs", []) if c.get("config_name") != config_name]
+    if listed:
+        path = f"{config_name}/train-*.parquet"
+        configs.append({"config_name": config_name, "data_files": [{"split": "train", "path": path}]})
+    order = {name: i for i, name in enumerate(CONFIG_NAMES)}
+    metadata["configs"] = sorted(configs, key=lambda c: order.get(c["config_name"], len(order)))
+    metadata_save(card, metadata)
 
 
 def write_exchange_pairs(

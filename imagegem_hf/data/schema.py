@@ -24,7 +24,7 @@ IMAGES_COLUMNS: dict[str, Value] = {
     "type": Value("string"),
     "height": Value("int32"),
     "width": Value("int32"),
-    "seed": Value("int64"),
+    "seed": Value("uint64"),  # 0 … 2**64 − 1: ComfyUI seeds use the whole range (A1111's fit in uint32)
     "steps": Value("int32"),
     "prompt": Value("string"),
     "negativePrompt": Value("string"),

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from imagegem_hf.data.build import TABLE1_KEYS  # noqa: E402
 from imagegem_hf.hub import read_json  # noqa: E402
 
 REACTIONS = ("likeCount", "heartCount", "laughCount", "cryCount", "commentCount", "dislikeCount")
@@ -107,8 +108,9 @@ def dataset_statistics(dataset_dir: str | os.PathLike, output_dir: str | os.Path
 def table1_markdown(build_stats: dict) -> str:
     """ImageGem Table 1 (raw → filtered counts) from a build's `build_stats.json` content."""
     lines = ["| | raw | filtered |", "|---|---:|---:|"]
-    for key in ("images", "unique_prompts", "loras", "tags", "users", "uploaders"):
-        lines.append(f"| {key.replace('_', ' ')} | {build_stats['raw'][key]:,} | {build_stats['filtered'][key]:,} |")
+    for key in TABLE1_KEYS:
+        raw, filtered = build_stats["raw"].get(key, 0), build_stats["filtered"].get(key, 0)
+        lines.append(f"| {key.replace('_', ' ')} | {raw:,} | {filtered:,} |")
     return "\n".join(lines)
 
 

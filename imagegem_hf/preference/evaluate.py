@@ -14,6 +14,7 @@ Ties count as expected values under random tie-breaking, so a constant scorer si
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,11 +255,11 @@ class PreferenceEvalResult:
                 fig.savefig(tmp / f"{name}_user_similarity.png", dpi=120)
                 plt.close(fig)
         paths = {}
-        for file in sorted(staged.iterdir()):
+        for file in sorted(staged.glob("[!.]*")):  # the files written above, not atomic_directory's marker
             target = output_dir / file.name
             file.replace(target)
             paths[file.name] = target
-        staged.rmdir()
+        shutil.rmtree(staged)
         return paths
 
 

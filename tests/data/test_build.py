@@ -31,10 +31,10 @@ def test_build_writes_hub_layout_and_loads_all_configs(raw_dir, tmp_path):
     interactions = pd.read_parquet(out / "interactions")
     assert sorted(interactions.itemType.value_counts().items()) == [("image", 12), ("model", 12)]
     assert set(interactions[interactions.itemType == "model"].source) == {"generated"}
-    # The card's YAML lists all four configs with their data files.
+    # The card's YAML lists the configs with rows (preference_pairs once filled) with their data files.
     front = (out / "README.md").read_text().split("---")[1]
     configs = yaml.safe_load(front)["configs"]
-    assert [c["config_name"] for c in configs] == list(CONFIG_NAMES)
+    assert [c["config_name"] for c in configs] == [c for c in CONFIG_NAMES if c != "preference_pairs"]
     assert configs[0]["data_files"] == [{"split": "train", "path": "images/train-*.parquet"}]
 
 
@@ -59,12 +59,12 @@ def test_bad_records_are_quarantined_with_reasons(raw_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content, message",
-    [(b'{"items": [}', "invalid JSON"), (b'{"items": [{"id": "\xff"}]}', "not UTF-8")],
+    "content, column, message",
+    [(b'{"items": [}', 12, "invalid JSON"), (b'{"items": [{"id": "\xff"}]}', 20, "not UTF-8")],
 )
-def test_unreadable_files_fail_naming_the_file_and_leave_no_output(raw_dir, tmp_path, content, message):
+def test_unreadable_files_fail_naming_the_file_and_leave_no_output(raw_dir, tmp_path, content, column, message):
     (raw_dir / "images" / "zz.json").write_bytes(content)
-    with pytest.raises(RawInputError, match=rf"zz.json: line 1: .*{message}"):
+    with pytest.raises(RawInputError, match=rf"zz.json: line 1, column {column}: .*{message}"):
         build_dataset(raw_dir, tmp_path / "ds", show_progress=False)
     assert not (tmp_path / "ds").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
@@ -74,7 +74,7 @@ def test_empty_input_fails(tmp_path):
     (tmp_path / "raw" / "images").mkdir(parents=True)
     with pytest.raises(RawInputError, match="No raw image pages"):
         build_dataset(tmp_path / "raw", tmp_path / "ds", show_progress=False)
-    write_page(tmp_path / "raw" / "images" / "p.json", [])
+    write_page(tmp_path / "raw" / "images" / "p.json", [{"id": 1}])
     with pytest.raises(RawInputError, match="No valid image records"):
         build_dataset(tmp_path / "raw", tmp_path / "ds", show_progress=False)
     assert not (tmp_path / "ds").exists()

@@ -4,6 +4,7 @@ import pytest
 
 from imagegem_hf.data.build import build_dataset
 from imagegem_hf.data.pairs import min_max_pairs, reaction_scores, topic_of, write_preference_pairs
+from imagegem_hf.data.schema import features_for
 from imagegem_hf.data.stats import dataset_statistics
 from imagegem_hf.data.subsets import filter_min_interactions, leave_one_last_split, make_rec_subsets
 
@@ -82,3 +83,28 @@ def test_pairs_written_into_a_built_dataset_and_stats(raw_dir, tmp_path):
     assert "| images | 12 | 12 |" in written["statistics"].read_text()
     with pytest.raises(FileNotFoundError, match="not a built dataset"):
         write_preference_pairs(pairs, tmp_path)
+
+
+def test_every_config_listed_in_the_card_loads_fresh_and_after_pairs(raw_dir, tmp_path):
+    from datasets import load_dataset
+    from huggingface_hub.repocard import metadata_load
+
+    out = tmp_path / "ds"
+    build_dataset(raw_dir, out, show_progress=False)
+
+    def listed_configs_load():
+        names = [c["config_name"] for c in metadata_load(out / "README.md")["configs"]]
+        for name in names:
+            ds = load_dataset(str(out), name, split="train", cache_dir=str(tmp_path / f"cache{len(names)}"))
+            assert ds.features == features_for(name) and len(ds) > 0
+        return names
+
+    assert listed_configs_load() == ["images", "loras", "interactions"]  # no pairs yet: nothing to load
+    pairs = min_max_pairs(
+        pd.DataFrame({"imageId": [1, 2], "prompt": ["p", "p"], "s": [1.0, 0.0], "cluster_id": [0, 0]}), "s"
+    )
+    write_preference_pairs(pairs, out)
+    assert listed_configs_load() == ["images", "loras", "interactions", "preference_pairs"]
+    write_preference_pairs(pairs.iloc[:0], out)  # emptied again: unlisted again
+    assert [c["config_name"] for c in metadata_load(out / "README.md")["configs"]][-1] == "interactions"
+    assert "# ImageGem-format dataset" in (out / "README.md").read_text()  # the card's body is kept

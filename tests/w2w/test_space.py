@@ -110,6 +110,7 @@ def test_save_and_load_round_trip(lora_files, tmp_path):
     space = WeightSpace.build(lora_files, n_components=3, show_progress=False)
     space.save_pretrained(tmp_path / "space")
     assert {p.name for p in (tmp_path / "space").iterdir()} == {
+        ".imagegem_hf",
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "README.md",
