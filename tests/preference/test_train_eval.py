@@ -3,7 +3,12 @@ import pytest
 import torch
 
 from imagegem_hf.preference import PreferencePrototypeModel, PreferenceSequenceBuilder
-from imagegem_hf.preference.data import build_user_splits, group_pickapic_records, synthetic_pickapic_records
+from imagegem_hf.preference.data import (
+    PreferenceExample,
+    build_user_splits,
+    group_pickapic_records,
+    synthetic_pickapic_records,
+)
 from imagegem_hf.preference.evaluate import (
     evaluate_preference,
     one_vs_three_groups,
@@ -18,7 +23,7 @@ from imagegem_hf.preference.trainer import (
     train_preference_model,
 )
 from imagegem_hf.scoring import CLIPScore
-from imagegem_hf.testing import tiny_clip_model, tiny_vlm
+from imagegem_hf.testing import random_images, tiny_clip_model, tiny_vlm
 
 N_REF = 1
 
@@ -151,3 +156,42 @@ def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, planted):
         torch.testing.assert_close(param, first[name], rtol=1e-4, atol=1e-5, msg=name)
         changed += not torch.equal(param, dict(untrained.named_parameters())[name])
     assert changed > 0
+
+
+def test_evaluation_scores_with_the_configured_number_of_references():
+    backbone, processor = tiny_vlm(seed=0)
+    model, builder = PreferencePrototypeModel.from_backbone(backbone, processor, num_prototypes=4, n_ref=1)
+    model.eval()
+    keys = [f"im{i}" for i in range(8 * 12)]
+    images = dict(zip(keys, random_images(len(keys), size=16, seed=9), strict=True))
+    examples = [  # 3 stored references each, 4 users
+        PreferenceExample(
+            f"u{i % 4}",
+            [(keys[8 * i + r], keys[8 * i + 3 + r], "a cat") for r in range(3)],
+            keys[8 * i + 6],
+            keys[8 * i + 7],
+            "x",
+            i % 2,
+        )
+        for i in range(12)
+    ]
+    loaded = set()
+
+    def load(key):
+        loaded.add(key)
+        return images[key]
+
+    result = evaluate_preference(model, builder, {"unseen": examples}, load, nref_values=[])
+    unused = {key for e in examples for pair in e.references[1:] for key in pair[:2]}
+    assert loaded and not loaded & unused  # the 2nd and 3rd stored references are never shown
+
+    def p_like(example, key, n_ref):  # one full sequence at a time, without the shared-prefix batch
+        with torch.no_grad():
+            return model(**builder([example.query(images.__getitem__, key, n_ref)])).p_like.item()
+
+    scores = [np.array([p_like(e, getattr(e, k), 1) for e in examples]) for k in ("image0", "image1")]
+    accuracy = pairwise_accuracy(*scores, np.array([e.label0 for e in examples]))
+    assert result.table.loc["preference model", "pairwise unseen"] == pytest.approx(accuracy, abs=1e-12)
+    groups = one_vs_three_groups(examples)
+    group_scores = np.array([[p_like(e, key, 1) for key in candidates] for e, candidates in groups])
+    assert result.table.loc["preference model", "1v3 top-1"] == pytest.approx(topk_accuracy(group_scores, 1))
