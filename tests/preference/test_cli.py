@@ -92,3 +92,12 @@ def test_train_validates_and_stage2_loads_the_backbone_in_the_given_dtype(tmp_pa
     with safe_open(stage2 / "model" / "model.safetensors", "pt") as weights:
         dtypes = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
     assert dtypes.pop("prototypes") == "F32" and set(dtypes.values()) == {"BF16"}
+
+
+def test_train_asking_for_validation_without_validation_users_says_what_to_do(tmp_path):
+    data = tmp_path / "users"
+    build = ["preference", "build", "--synthetic-users", "6", "--output-dir", str(data), "--n-ref", "1"]
+    assert run(build + ["--val-users", "0", "--test-users", "1", "--seen-users", "1"]) == 0
+    argv = ["preference", "train", "--dataset", str(data), "--model", "unused", "--output-dir", str(tmp_path / "s1")]
+    with pytest.raises(ValueError, match="no validation examples.*--eval-steps 0"):
+        run(argv)
