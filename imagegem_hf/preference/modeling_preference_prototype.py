@@ -83,23 +83,23 @@ def check_backbone_supported(backbone_config) -> None:
         )
 
 
+def backbone_class(backbone_config) -> type[PreTrainedModel] | None:
+    """The `AutoModelForImageTextToText` class of a backbone config (None if it has none)."""
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING.get(type(backbone_config), None)
+    return model_class[0] if isinstance(model_class, (list, tuple)) else model_class
+
+
 def _uses_multimodal_rope(backbone_config) -> bool:
     """Whether the backbone numbers its tokens with multimodal rotary positions (an `mrope_section`, or a modeling
     module that computes them with `get_rope_index` as the Qwen-VL and GLM-4V families do)."""
     rope = getattr(backbone_config.get_text_config(), "rope_parameters", None) or {}
     if "mrope_section" in rope:
         return True
-    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING.get(type(backbone_config), None)
+    model_class = backbone_class(backbone_config)
     if model_class is None:
         return False
     module = importlib.import_module(model_class.__module__)
     return any(isinstance(obj, type) and hasattr(obj, "get_rope_index") for obj in vars(module).values())
-
-
-def backbone_class(backbone_config) -> type[PreTrainedModel] | None:
-    """The `AutoModelForImageTextToText` class of a backbone config (None if it has none)."""
-    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING.get(type(backbone_config), None)
-    return model_class[0] if isinstance(model_class, (list, tuple)) else model_class
 
 
 class PreferencePrototypePreTrainedModel(PreTrainedModel):

@@ -409,7 +409,7 @@ def train_preference_model(
             `args.load_in_4bit`).
         eval_examples: Validation examples, scored with their references in their stored order every
             `args.eval_steps` (with `args.eval_strategy="steps"`) and once at the end: the loss and the pairwise
-            accuracy (`eval_loss`, `eval_pairwise_accuracy`), the latter also written to the model card.
+            accuracy (`eval_loss`, `eval_pairwise_accuracy`); the final ones are written to the model card.
         resume_from_checkpoint: Passed to `Trainer.train` (a checkpoint folder, or True for the latest).
 
     Returns:
