@@ -454,10 +454,11 @@ def train_preference_model(
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics = {}
-    if eval_examples and args.eval_strategy != "no":
-        metrics = {
-            k: round(v, 4) for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_pairwise_accuracy")
-        }
+    if eval_examples and args.eval_strategy != "no":  # the final model's validation (reused if just computed)
+        last = next((log for log in reversed(trainer.state.log_history) if "eval_loss" in log), {})
+        if last.get("step") != trainer.state.global_step:
+            last = trainer.evaluate()
+        metrics = {k: round(v, 4) for k, v in last.items() if k in ("eval_loss", "eval_pairwise_accuracy")}
     trained = trainable.merge_and_unload() if args.stage == 1 else trainable
     trained.eval()
     if trainer.is_world_process_zero():
