@@ -4,10 +4,11 @@
     python examples/train_preference_prototype.py --model_name_or_path HuggingFaceM4/idefics2-8b \
         --dataset your-org/pickapic-users --output_dir pref-stage1 --stage 1 --max_steps 5000 \
         --learning_rate 1e-5 --weight_decay 1e-2 --per_device_train_batch_size 2 --gradient_accumulation_steps 4 \
-        --bf16 --load_in_4bit
-    # stage 2: only the 10 prototypes, from the stage-1 model
+        --bf16 --load_in_4bit --eval_strategy steps --eval_steps 500
+    # stage 2: only the 10 prototypes (kept in float32), from the stage-1 model loaded in bfloat16
     python examples/train_preference_prototype.py --model_name_or_path pref-stage1/model \
-        --dataset your-org/pickapic-users --output_dir pref-stage2 --stage 2 --max_steps 16000 --learning_rate 1e-5
+        --dataset your-org/pickapic-users --output_dir pref-stage2 --stage 2 --max_steps 16000 --learning_rate 1e-5 \
+        --model_dtype bfloat16
 
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml \
         examples/train_preference_prototype.py ...

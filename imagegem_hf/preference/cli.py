@@ -33,7 +33,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--output-dir", required=True, help="Checkpoints and the final model (<output-dir>/model).")
     train.add_argument("--max-steps", type=int, default=5000, help="Optimizer steps (paper: 5000, then 16000).")
     train.add_argument("--learning-rate", type=float, default=1e-5, help="Learning rate (paper: 1e-5).")
-    train.add_argument("--batch-size", type=int, default=2, help="Pairs per device and step.")
+    train.add_argument("--batch-size", type=int, default=2, help="Pairs per device and micro-batch.")
+    train.add_argument(
+        "--gradient-accumulation-steps", type=int, default=1, help="Micro-batches per optimizer step (paper: 4)."
+    )
+    train.add_argument(
+        "--eval-steps", type=int, default=500, help="Validate on the validation users every N steps (0: never)."
+    )
+    train.add_argument(
+        "--model-dtype",
+        default="float32",
+        help="dtype of the backbone in either stage: float32, bfloat16, float16 or auto (prototypes stay float32).",
+    )
+    train.add_argument(
+        "--load-in-4bit", action="store_true", help="Load the backbone in 4 bit (QLoRA in stage 1; CUDA only)."
+    )
     train.add_argument("--n-ref", type=int, default=8, help="Reference pairs per example.")
     train.add_argument("--num-prototypes", type=int, default=10, help="Prototypes added in stage 2.")
     train.add_argument("--seed", type=int, default=0, help="Seed.")
@@ -98,6 +112,12 @@ def _train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         weight_decay=1e-2,
         per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        eval_strategy="steps" if args.eval_steps > 0 else "no",
+        eval_steps=args.eval_steps if args.eval_steps > 0 else None,
+        model_dtype=args.model_dtype,
+        load_in_4bit=args.load_in_4bit,
         n_ref=args.n_ref,
         num_prototypes=args.num_prototypes,
         seed=args.seed,

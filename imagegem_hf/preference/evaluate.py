@@ -156,11 +156,14 @@ def prototype_attention_by_user(
     examples: Sequence[PreferenceExample],
     load_image: Callable[[str], Image.Image],
     batch_size: int = 8,
+    n_ref: int | None = None,
 ) -> pd.DataFrame:
-    """Mean attention of each user's target tokens to each prototype (users × prototypes), on the liked targets.
+    """Mean attention of each user's target tokens to each prototype (users × prototypes), on the liked targets
+    with their first `n_ref` references (default `model.config.n_ref`).
 
     Runs the backbone with eager attention for the duration of the call.
     """
+    n_ref = model.config.n_ref if n_ref is None else n_ref
     backbone = model.backbone
     previous = backbone.config._attn_implementation
     backbone.set_attn_implementation("eager")
@@ -170,7 +173,7 @@ def prototype_attention_by_user(
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start : start + batch_size]
-                batch = builder([e.query(load_image, e.liked) for e in chunk]).to(device)
+                batch = builder([e.query(load_image, e.liked, n_ref) for e in chunk]).to(device)
                 attention = model(**batch, output_prototype_attention=True).prototype_attention.float().cpu().numpy()
                 for e, a in zip(chunk, attention, strict=True):
                     rows.setdefault(e.user_id, []).append(a)
@@ -284,8 +287,12 @@ def evaluate_preference(
     user_similarity_users: int = 0,
     batch_size: int = 8,
     seed: int = 0,
+    n_ref: int | None = None,
 ) -> PreferenceEvalResult:
     """Paper 003's evaluation of a model and zero-shot baselines.
+
+    Every example is scored with its first `n_ref` references (the model's configured `N_ref` by default, as in
+    training), whatever number of references the example stores.
 
     Args:
         model: A `PreferencePrototypeModel` (in eval mode).
@@ -293,10 +300,11 @@ def evaluate_preference(
         test_sets: `{"seen": examples, "unseen": examples}` (either may be missing).
         load_image: Image key → PIL image.
         baselines: `{name: scorer}` with `scorer.score(images, prompts)` (e.g. `imagegem_hf.scoring.CLIPScore`).
-        nref_values: `N_ref` values of the accuracy curve (default `1..config.n_ref`; empty to skip).
+        nref_values: `N_ref` values of the accuracy curve (default `1..n_ref`; empty to skip).
         user_similarity_users: Compute the prototype-attention user similarity on this many users (0 skips).
         batch_size: Sequences per forward pass.
         seed: Seed of the 1-vs-3 negative draws.
+        n_ref: References per example in the table and the 1-vs-3 scores (default `model.config.n_ref`).
 
     Returns:
         A [`PreferenceEvalResult`].
@@ -315,18 +323,19 @@ def evaluate_preference(
     if not all_examples:
         raise ValueError("The test sets are empty.")
     groups = one_vs_three_groups(all_examples, seed=seed)
+    n_ref = model.config.n_ref if n_ref is None else n_ref
 
-    def model_scores(n_ref: int | None):
+    def model_scores(references: int):
         pairs = {}
         for split, examples in test_sets.items():
-            p0, p1 = score_pairs(model, builder, examples, load_image, n_ref=n_ref, batch_size=batch_size, desc=split)
+            p0, p1 = score_pairs(model, builder, examples, load_image, references, batch_size=batch_size, desc=split)
             pairs[split] = (p0, p1, np.array([e.label0 for e in examples]))
         return pairs
 
     rows = {}
-    pair_scores = model_scores(None)
+    pair_scores = model_scores(n_ref)
     group_items = [(e, key) for e, keys in groups for key in keys]
-    group_scores = score_targets(model, builder, group_items, load_image, batch_size=batch_size, desc="1 vs 3")
+    group_scores = score_targets(model, builder, group_items, load_image, n_ref, batch_size=batch_size, desc="1 vs 3")
     rows["preference model"] = _metrics(pair_scores, group_scores.reshape(len(groups), -1) if groups else None)
     for name, scorer in (baselines or {}).items():
         pairs = {}
@@ -344,7 +353,6 @@ def evaluate_preference(
         rows[name] = _metrics(pairs, g)
     table = pd.DataFrame.from_dict(rows, orient="index")
 
-    n_ref = model.config.n_ref
     values = list(range(1, n_ref + 1)) if nref_values is None else list(nref_values)
     curve = {}
     for n in values:
@@ -355,6 +363,6 @@ def evaluate_preference(
     if user_similarity_users and model.prototypes is not None:
         users = list(by_user(all_examples))[:user_similarity_users]
         chosen = [e for e in all_examples if e.user_id in set(users)]
-        attention = prototype_attention_by_user(model, builder, chosen, load_image, batch_size=batch_size)
+        attention = prototype_attention_by_user(model, builder, chosen, load_image, batch_size=batch_size, n_ref=n_ref)
         similarity = user_similarity(attention)
     return PreferenceEvalResult(table=table, nref_curve=curve, prototype_attention=attention, similarity=similarity)

@@ -83,13 +83,19 @@ def check_backbone_supported(backbone_config) -> None:
         )
 
 
+def backbone_class(backbone_config) -> type[PreTrainedModel] | None:
+    """The `AutoModelForImageTextToText` class of a backbone config (None if it has none)."""
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING.get(type(backbone_config), None)
+    return model_class[0] if isinstance(model_class, (list, tuple)) else model_class
+
+
 def _uses_multimodal_rope(backbone_config) -> bool:
     """Whether the backbone numbers its tokens with multimodal rotary positions (an `mrope_section`, or a modeling
     module that computes them with `get_rope_index` as the Qwen-VL and GLM-4V families do)."""
     rope = getattr(backbone_config.get_text_config(), "rope_parameters", None) or {}
     if "mrope_section" in rope:
         return True
-    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING.get(type(backbone_config), None)
+    model_class = backbone_class(backbone_config)
     if model_class is None:
         return False
     module = importlib.import_module(model_class.__module__)
@@ -97,15 +103,34 @@ def _uses_multimodal_rope(backbone_config) -> bool:
 
 
 class PreferencePrototypePreTrainedModel(PreTrainedModel):
-    """Base class wiring [`PreferencePrototypeConfig`] into `PreTrainedModel` (weights init, loading)."""
+    """Base class wiring [`PreferencePrototypeConfig`] into `PreTrainedModel` (weights init, loading).
+
+    The attention implementations it supports are those of its backbone's class; the prototypes stay float32 when
+    the model is loaded in bfloat16 or float16 (`_keep_in_fp32_modules_strict`), so that small updates are not lost.
+    """
 
     config_class = PreferencePrototypeConfig
-    base_model_prefix = "preference"
+    base_model_prefix = "backbone"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_flash_attn = True
     _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["prototypes"]
+
+    def _backbone_supports(self, attribute: str) -> bool:
+        model_class = backbone_class(self.config.backbone_config)
+        return bool(getattr(model_class, attribute, False))
+
+    @property
+    def _supports_sdpa(self) -> bool:
+        return self._backbone_supports("_supports_sdpa")
+
+    @property
+    def _supports_flash_attn(self) -> bool:
+        return self._backbone_supports("_supports_flash_attn")
+
+    @property
+    def _supports_flex_attn(self) -> bool:
+        return self._backbone_supports("_supports_flex_attn")
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, PreferencePrototypeModel) and module.prototypes is not None:
@@ -148,7 +173,10 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
         self.backbone = backbone
         self.backbone.set_attn_implementation(backbone_attention or self.config._attn_implementation)
         if config.num_prototypes > 0:
-            self.prototypes = nn.Parameter(torch.empty(config.num_prototypes, config.prototype_dim))
+            # float32 whatever the backbone dtype (also when loading in bfloat16 creates the model in bfloat16)
+            self.prototypes = nn.Parameter(
+                torch.empty(config.num_prototypes, config.prototype_dim, dtype=torch.float32)
+            )
         else:
             self.register_parameter("prototypes", None)
         self.post_init()
@@ -171,8 +199,8 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
         builder = PreferenceSequenceBuilder.from_config(processor, config)
         config.like_token_id, config.dislike_token_id = builder.like_token_id, builder.dislike_token_id
         model = cls(config, backbone=backbone)
-        if model.prototypes is not None:  # only the new parameter moves: a quantized backbone cannot be cast
-            model.prototypes.data = model.prototypes.data.to(backbone.device, dtype=backbone.dtype)
+        if model.prototypes is not None:  # only the new parameter moves (a quantized backbone cannot); it stays fp32
+            model.prototypes.data = model.prototypes.data.to(backbone.device)
         return model, builder
 
     def get_input_embeddings(self) -> nn.Module:

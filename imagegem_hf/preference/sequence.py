@@ -13,6 +13,8 @@ exactly what precedes `+`/`-` in the reference turns: training and inference see
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,11 +35,15 @@ class ReferencePair:
 
 @dataclass
 class PreferenceQuery:
-    """A user's reference pairs and one target image (with its prompt) whose like/dislike is predicted."""
+    """A user's reference pairs and one target image (with its prompt) whose like/dislike is predicted.
+
+    `user_id` only names the user in error messages.
+    """
 
     references: list[ReferencePair]
     image: Image.Image
     prompt: str = ""
+    user_id: str | None = None
 
 
 def _user_turn(text: str) -> dict:
@@ -93,6 +99,8 @@ class PreferenceSequenceBuilder:
         self.like_token_id, self.dislike_token_id = self._label_token_ids()
         image_token = getattr(processor, "image_token", None)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token) if image_token is not None else None
+        added = sorted(self.tokenizer.added_tokens_encoder, key=len, reverse=True)
+        self._added_token_pattern = re.compile("|".join(map(re.escape, added))) if added else None
 
     @classmethod
     def from_config(cls, processor, config) -> PreferenceSequenceBuilder:
@@ -233,13 +241,33 @@ class PairBatch(dict):
         return PairBatch({k: v.to(device) for k, v in self.items()})
 
 
-def _split_prefix_text(full: str, prefix: str) -> str:
-    if not full.startswith(prefix):
+def _split_prefix_text(builder: PreferenceSequenceBuilder, full: str, references_text: str) -> tuple[str, str]:
+    """Split a rendered sequence into the shared reference prefix and the target turn.
+
+    The cut sits right before the first added token (`<image>`, `<|im_start|>`, ...) after the reference turns, so
+    the target text starts with an added token and the prefix ends just before one. Tokenizers split text at added
+    tokens, so the two parts tokenize as they do inside the whole sequence; cutting at the turn boundary instead would
+    start the target with plain text, which a SentencePiece (Metaspace) tokenizer prefixes with a spurious `▁`.
+    """
+    if not full.startswith(references_text):
         raise ValueError(
             "The chat template renders the reference turns differently when a target turn follows, so the reference "
             "prefix cannot be shared; use the full-sequence path (PreferenceCollator(share_prefix=False))."
         )
-    return full[len(prefix) :]
+    target = full[len(references_text) :]
+    match = builder._added_token_pattern.search(target) if builder._added_token_pattern is not None else None
+    cut = len(references_text) + (match.start() if match else 0)
+    return full[:cut], full[cut:]
+
+
+def _prefix_splits_cleanly(builder: PreferenceSequenceBuilder, prefixes: list[str], targets: list[str]) -> bool:
+    """Whether prefix ids + target ids equal the ids of the whole text for every row (tokenized as the processor
+    tokenizes them: special tokens added to the prefix and the whole, not to the target)."""
+    tokenizer = builder.tokenizer
+    whole = tokenizer([p + t for p, t in zip(prefixes, targets, strict=True)]).input_ids
+    prefix_ids = tokenizer(prefixes).input_ids
+    target_ids = tokenizer(targets, add_special_tokens=False).input_ids
+    return all(w == p + t for w, p, t in zip(whole, prefix_ids, target_ids, strict=True))
 
 
 def build_pair_batch(
@@ -247,13 +275,25 @@ def build_pair_batch(
     liked: Sequence[PreferenceQuery],
     disliked: Sequence[PreferenceQuery],
     orders: Sequence[Sequence[int] | None] | None = None,
-) -> PairBatch:
+) -> PairBatch | BatchFeature:
     """Tokenize each example's references once (right-padded) and its liked and disliked target turns separately
     (left-padded, so the label position is the last column).
 
     `liked[i]` and `disliked[i]` must have the same references and prompt (they are one example's two targets);
     `orders[i]` orders both. Computing the reference prefix once halves the work of a training step (paper 003's
     loss always scores both targets of a pair with the same references).
+
+    The prefix ids followed by the target ids are the ids of the whole sequence (the split is checked on the
+    rendered texts for every batch). Should a tokenizer tokenize across the split (an added token that strips the
+    whitespace before it, for instance), the batch falls back, with a warning, to the `2·B` full sequences of the
+    builder, which the model scores the same way.
+
+    Returns:
+        A [`PairBatch`], or on that fallback the builder's `BatchFeature` of full sequences (liked targets first).
+
+    Raises:
+        ValueError: A query has no reference pairs (the error names its user), or the two queries of an example
+            differ in their references.
 
     Example:
         ```python
@@ -266,19 +306,33 @@ def build_pair_batch(
         raise ValueError("liked and disliked must be non-empty and hold one query each per example.")
     orders = list(orders) if orders is not None else [None] * len(liked)
     prefix_texts, prefix_images, target_texts, target_images = [], [], [], []
-    for pos, neg, order in zip(liked, disliked, orders, strict=True):
+    for i, (pos, neg, order) in enumerate(zip(liked, disliked, orders, strict=True)):
+        if not pos.references:
+            who = f"user {pos.user_id!r}" if pos.user_id is not None else f"example {i} of the batch"
+            raise ValueError(
+                f"The query of {who} has no reference pairs; a preference query needs at least one liked/disliked "
+                "reference pair of that user (drop the example or give the user more pairs)."
+            )
         if pos.references is not neg.references and pos.references != neg.references:
             raise ValueError("The liked and disliked query of an example must share their references.")
         turns = builder.turns(pos, order)
         references = [(p, a) for _, p, a in turns]
         messages = builder.messages(references, pos.prompt)[:-1]
-        prefix = builder.processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        references_text = builder.processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
         full = builder.render_prefix(references, pos.prompt) + builder.like_token
+        prefix, target = _split_prefix_text(builder, full, references_text)
         prefix_texts.append(prefix)
         prefix_images.append([im for im, _, _ in turns])
-        suffix = _split_prefix_text(full, prefix)
-        target_texts += [suffix, suffix]
+        target_texts += [target, target]
         target_images += [[pos.image], [neg.image]]
+    if not _prefix_splits_cleanly(builder, prefix_texts, target_texts[::2]):
+        warnings.warn(
+            "The tokenizer does not tokenize the shared reference prefix and the target turn as it tokenizes the "
+            "whole sequence; scoring full sequences instead (same logits, more compute).",
+            stacklevel=2,
+        )
+        n = len(liked)
+        return builder(list(liked) + list(disliked), orders=orders + orders, labels=[1] * n + [0] * n)
     processor = builder.processor
     # the prefix is padded on the right: its real tokens then never see padding, so the model can run it with a
     # plain causal mask (the fast attention path), and the padding is masked out for the targets only

@@ -1,13 +1,16 @@
 """Tiny random Idefics3 (SmolVLM) and Qwen2-VL backbones with their processors, built in code (no downloads).
 
 They complement `imagegem_hf.testing.tiny_vlm` (LLaVA) so that `PreferencePrototypeModel` can be exercised on the
-other backbone families the paper's model must support: Idefics3 (pixel-shuffle connector, `<fake_token_around_image>`
-wrapped image tokens, the SmolVLM chat template whose generation prompt is `Assistant:` but whose answers render as
-`Assistant: +`) and Qwen2-VL (3-D multimodal rotary positions). Both use the byte-level tokenizer of `tiny_vlm` with
-the backbone's special tokens added.
+other backbone families the paper's model must support: Idefics2 (perceiver resampler), Idefics3 (pixel-shuffle
+connector, `<fake_token_around_image>` wrapped image tokens, the SmolVLM chat template whose generation prompt is
+`Assistant:` but whose answers render as `Assistant: +`) and Qwen2-VL (3-D multimodal rotary positions). They use the
+byte-level tokenizer of `tiny_vlm` with the backbone's special tokens added; Idefics2 can also take
+`tiny_metaspace_tokenizer()`, a SentencePiece-style (Metaspace) tokenizer like the Mistral one of the real Idefics2.
 """
 
 from __future__ import annotations
+
+import string
 
 import torch
 
@@ -33,6 +36,42 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+# words that get their own (word-start `▁`-prefixed or bare) pieces in `tiny_metaspace_tokenizer`
+METASPACE_WORDS = ("User", "Assistant", "The", "prompt", "is", "Score", "for", "this", "image", "+", "-")
+
+
+def tiny_metaspace_tokenizer():
+    """A SentencePiece-style fast tokenizer (Unigram model, Metaspace pre-tokenizer with `prepend_scheme="first"`,
+    `<s>` prepended), the family of the Llama 2 / Mistral tokenizers and of Idefics2's.
+
+    Spaces become `▁` and only the first piece of the text gets a `▁` in front, so `"User:"` tokenizes to `▁User :`
+    on its own but to `User :` after an added token: a text cut in two does not always tokenize like the whole.
+    Pieces: `<unk> <s> </s> <pad>`, every printable character, `▁`, and `▁word`/`word` for `METASPACE_WORDS`.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.preference.tiny_backbones import tiny_metaspace_tokenizer
+        >>> tokenizer = tiny_metaspace_tokenizer()
+        >>> tokenizer.convert_ids_to_tokens(tokenizer("User: +").input_ids)
+        ['<s>', '▁User', ':', '▁+']
+        ```
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    characters = sorted(set(string.printable) - set(" \x0b\x0c")) + ["▁"]
+    words = [piece for word in METASPACE_WORDS for piece in (word, f"▁{word}") if piece not in characters]
+    vocab = [(t, 0.0) for t in specials] + [(c, -10.0) for c in characters] + [(w, -5.0) for w in words]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=0))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def tiny_idefics3(seed: int = 0, image_size: int = 16, text_hidden_size: int = 16):
@@ -89,14 +128,30 @@ def tiny_idefics3(seed: int = 0, image_size: int = 16, text_hidden_size: int = 1
     return model, processor
 
 
-def tiny_idefics2(seed: int = 0, image_size: int = 16, text_hidden_size: int = 16, image_tokens: int = 4):
+def tiny_idefics2(
+    seed: int = 0,
+    image_size: int = 16,
+    text_hidden_size: int = 16,
+    image_tokens: int = 4,
+    tokenizer=None,
+    chat_template: str | None = None,
+):
     """A tiny `Idefics2ForConditionalGeneration` (the paper's backbone architecture) and its `Idefics2Processor`.
 
     Images are resized to `image_size`² without splitting; the perceiver resampler turns each into `image_tokens`
     `<image>` tokens wrapped in `<fake_token_around_image>`.
 
+    Args:
+        seed: Seed of the random weights.
+        image_size: Side of the (square) images.
+        text_hidden_size: Width of the language model.
+        image_tokens: `<image>` tokens per image.
+        tokenizer: The tokenizer (default: the byte-level one of `tiny_vlm`; `tiny_metaspace_tokenizer()` for the
+            SentencePiece family); Idefics2's special tokens are added to it.
+        chat_template: The chat template (default: Idefics2's).
+
     Returns:
-        `(model, processor)` with Idefics2's chat template (the SmolVLM one without `<|im_start|>`).
+        `(model, processor)`, by default with Idefics2's chat template (the SmolVLM one without `<|im_start|>`).
 
     Example:
         ```python
@@ -113,8 +168,8 @@ def tiny_idefics2(seed: int = 0, image_size: int = 16, text_hidden_size: int = 1
         Idefics2Processor,
     )
 
-    template = SMOLVLM_CHAT_TEMPLATE.removeprefix("<|im_start|>")
-    tokenizer = tiny_vlm_tokenizer()
+    template = chat_template or SMOLVLM_CHAT_TEMPLATE.removeprefix("<|im_start|>")
+    tokenizer = tokenizer if tokenizer is not None else tiny_vlm_tokenizer()
     specials = ["<fake_token_around_image>", "<end_of_utterance>"]
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *specials]})
     tokenizer.chat_template = template

@@ -7,27 +7,36 @@ example are shuffled on every step.
 
 `PreferencePrototypeTrainingConfig` is a `TrainingArguments` (so `--output_dir`, `--max_steps`, `--save_steps`,
 `--resume_from_checkpoint`, `accelerate launch` ... all work as usual); `PreferencePrototypeTrainer` overrides
-`compute_loss`.
+`compute_loss` (normalised over the examples of the whole optimizer step, so gradient accumulation does not change the
+update), returns the like/dislike logits from `prediction_step` (for `compute_metrics`) and checkpoints the state of
+the collator's reference shuffling, so that a resumed run draws the same reference orders as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
-from transformers import Trainer, TrainingArguments
+from transformers import EvalPrediction, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from imagegem_hf.hub import atomic_directory, render_card
 from imagegem_hf.preference.data import PreferenceCollator, PreferenceExample
+from imagegem_hf.preference.evaluate import pairwise_accuracy
 from imagegem_hf.preference.losses import preference_loss
 from imagegem_hf.preference.modeling_preference_prototype import PreferencePrototypeModel
 
-# Vision encoders and their projectors into the language model (LLaVA, Idefics2/3 and SmolVLM, Qwen2-VL).
-VISION_MODULE_NAMES = ("vision_tower", "multi_modal_projector", "vision_model", "connector", "visual")
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+# the state of the collator's reference shuffling after the last trained batch, saved in every checkpoint
+COLLATOR_STATE_NAME = "collator_rng_state"
 
 
 @dataclass
@@ -67,7 +76,19 @@ class PreferencePrototypeTrainingConfig(TrainingArguments):
         metadata={"help": "Stage 1: also train the vision encoder and its projector fully (the paper does)."},
     )
     load_in_4bit: bool = field(
-        default=False, metadata={"help": "Stage 1 QLoRA: load the backbone in 4 bit (needs CUDA and bitsandbytes)."}
+        default=False,
+        metadata={
+            "help": "Load the backbone in 4 bit (NF4, bfloat16 compute; stage 1 is then QLoRA), in either stage. "
+            "Needs CUDA and bitsandbytes."
+        },
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype the backbone is loaded in, in either stage: float32, bfloat16, float16 or auto (the "
+            "checkpoint's). The prototypes stay float32.",
+            "choices": list(MODEL_DTYPES),
+        },
     )
 
     def __post_init__(self):
@@ -75,28 +96,88 @@ class PreferencePrototypeTrainingConfig(TrainingArguments):
         super().__post_init__()
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}.")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"model_dtype must be one of {MODEL_DTYPES}, got {self.model_dtype!r}.")
         if self.load_in_4bit and not torch.cuda.is_available():
             raise ValueError("load_in_4bit (QLoRA) needs a CUDA device and bitsandbytes; drop --load_in_4bit on CPU.")
 
 
+def stage1_modules(model: PreferencePrototypeModel, target_names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Find, from the backbone's structure, the modules stage 1 trains.
+
+    The language model is the backbone's decoder (`get_decoder()`: LLaVA's and Qwen2-VL's `language_model`,
+    Idefics2's and Idefics3's `text_model`, ...). LoRA goes on its layers whose own name is one of `target_names`; the
+    vision side is every other child, with parameters, of the module that holds the language model (LLaVA:
+    `vision_tower`, `multi_modal_projector`; Idefics2/3: `vision_model`, `connector`; Qwen2-VL: `visual`).
+
+    Args:
+        model: The model.
+        target_names: Names of the language model's linear layers (`q_proj`, `v_proj`, ...).
+
+    Returns:
+        `(lora_targets, vision_modules)`: full module names in `model` (`backbone.model.text_model.layers.0...`).
+
+    Raises:
+        ValueError: The backbone's language model cannot be located, or has no layer named in `target_names`.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.preference import PreferencePrototypeModel
+        >>> from imagegem_hf.preference.tiny_backbones import tiny_idefics2
+        >>> model, _ = PreferencePrototypeModel.from_backbone(*tiny_idefics2(), num_prototypes=0)
+        >>> targets, vision = stage1_modules(model, ["q_proj", "v_proj"])
+        >>> targets[0]
+        'backbone.model.text_model.layers.0.self_attn.q_proj'
+        >>> vision
+        ['backbone.model.vision_model', 'backbone.model.connector']
+        ```
+    """
+    decoder = model.backbone.get_decoder()
+    paths = {id(module): name for name, module in model.named_modules()}
+    path = paths.get(id(decoder))
+    if decoder is model.backbone or not path:
+        raise ValueError(
+            f"Cannot locate the language model of the {type(model.backbone).__name__} backbone (its get_decoder() "
+            "returns the whole model); this backbone is not supported for stage 1."
+        )
+    names = set(target_names)
+    targets = [f"{path}.{name}" for name, _ in decoder.named_modules() if name.rsplit(".", 1)[-1] in names]
+    if not targets:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"The language model {path} ({type(decoder).__name__}) has no layer named one of {sorted(names)}; its "
+            f"linear layers are named {linear}. Set lora_target_modules to some of those."
+        )
+    holder_path = path.rsplit(".", 1)[0]
+    holder = model.get_submodule(holder_path)
+    vision = [
+        f"{holder_path}.{name}"
+        for name, child in holder.named_children()
+        if child is not decoder and next(child.parameters(), None) is not None
+    ]
+    return targets, vision
+
+
 def prepare_stage1(model: PreferencePrototypeModel, args: PreferencePrototypeTrainingConfig):
-    """Wrap `model` with LoRA on its language model (peft); the vision tower stays trainable if requested.
+    """Wrap `model` with LoRA on its language model (peft); the vision side is trained in full if requested.
+
+    The modules come from [`stage1_modules`], by exact name.
 
     Returns:
         The `PeftModel`.
+
+    Raises:
+        ValueError: `args.train_vision_tower` but the backbone has no vision module beside its language model.
     """
     from peft import LoraConfig, get_peft_model
 
-    names = "|".join(n.strip() for n in args.lora_target_modules.split(",") if n.strip())
-    modules_to_save = None
-    if args.train_vision_tower:
-        found = {n.split(".")[-1] for n, _ in model.backbone.named_modules()}
-        modules_to_save = [n for n in VISION_MODULE_NAMES if n in found]  # trained in full, saved with the adapter
-        if not modules_to_save:
-            raise ValueError(
-                f"train_vision_tower: the backbone has no module named one of {VISION_MODULE_NAMES}; "
-                "pass --train_vision_tower false."
-            )
+    names = [n.strip() for n in args.lora_target_modules.split(",") if n.strip()]
+    targets, vision = stage1_modules(model, names)
+    if args.train_vision_tower and not vision:
+        raise ValueError(
+            f"train_vision_tower: the {type(model.backbone).__name__} backbone has no module beside its language "
+            "model; pass --train_vision_tower false."
+        )
     if getattr(model.backbone, "is_loaded_in_4bit", False):  # QLoRA
         from peft import prepare_model_for_kbit_training
 
@@ -105,8 +186,8 @@ def prepare_stage1(model: PreferencePrototypeModel, args: PreferencePrototypeTra
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=rf".*language_model.*\.({names})",
-        modules_to_save=modules_to_save,
+        target_modules=targets,
+        modules_to_save=vision if args.train_vision_tower else None,  # trained in full, saved with the adapter
     )
     return get_peft_model(model, lora)
 
@@ -124,9 +205,55 @@ def prepare_stage2(model: PreferencePrototypeModel) -> PreferencePrototypeModel:
     return model
 
 
+def preference_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
+    """`compute_metrics` of [`PreferencePrototypeTrainer`]: pairwise top-1 accuracy of the validation examples (the
+    liked target scored above the disliked one by `P(like)`, ties ½).
+
+    Args:
+        eval_prediction: `predictions` of shape `(examples, 2, 2)`: per example the `[M⁺, M⁻]` logits of its liked
+            and of its disliked target (what `PreferencePrototypeTrainer.prediction_step` returns).
+
+    Example:
+        ```python
+        >>> import numpy as np
+        >>> from transformers import EvalPrediction
+        >>> logits = np.array([[[2.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [1.0, 0.0]]])
+        >>> preference_metrics(EvalPrediction(predictions=logits, label_ids=None))
+        {'pairwise_accuracy': 0.5}
+        ```
+    """
+    logits = np.asarray(eval_prediction.predictions, dtype=np.float64)
+    margin = logits[..., 0] - logits[..., 1]  # P(like) = σ(M⁺ − M⁻), monotone in the margin
+    return {"pairwise_accuracy": pairwise_accuracy(margin[:, 0], margin[:, 1], np.ones(len(margin)))}
+
+
+def _shuffle_generator(collator) -> np.random.Generator | None:
+    generator = getattr(collator, "rng", None)
+    return generator if isinstance(generator, np.random.Generator) else None
+
+
+class _RecordingCollator:
+    """Calls the training collator and records the state of its shuffling generator after each batch (the
+    dataloader collates ahead of training, so the generator's current state is not that of the last trained batch)."""
+
+    def __init__(self, collator, states: deque):
+        self.collator, self.states = collator, states
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        self.states.append(_shuffle_generator(self.collator).bit_generator.state)
+        return batch
+
+
 class PreferencePrototypeTrainer(Trainer):
     """`Trainer` with paper 003's loss: each batch scores the liked and the disliked target of every example with the
     same references, and `compute_loss` returns `L_base + aux_weight · L_aux`.
+
+    The loss is the mean over the examples of the whole optimizer step (all its accumulated micro-batches and, with
+    `average_tokens_across_devices`, all processes), so `gradient_accumulation_steps` never scales the update.
+    Checkpoints hold the state of the training collator's reference shuffling after the last trained batch, and
+    `train(resume_from_checkpoint=...)` restores it, so a resumed run sees the same reference orders as an
+    uninterrupted one (with `dataloader_num_workers=0`: worker processes keep their own copies of the collator).
 
     Args:
         model: The (peft-wrapped in stage 1) `PreferencePrototypeModel`.
@@ -134,6 +261,9 @@ class PreferencePrototypeTrainer(Trainer):
         train_dataset: A sequence of `PreferenceExample`s.
         eval_dataset: Validation examples (the validation users, never the training set).
         data_collator: A [`PreferenceCollator`].
+        eval_data_collator: The collator of the validation batches (e.g. one that does not shuffle the references,
+            so that validation is deterministic and leaves the training shuffles alone); default `data_collator`.
+        **kwargs: Other `Trainer` arguments (`compute_metrics=preference_metrics`, `callbacks`, ...).
 
     Example:
         ```python
@@ -143,6 +273,77 @@ class PreferencePrototypeTrainer(Trainer):
         ```
     """
 
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+        self._collator_states: deque = deque()
+        self._trained_collator_state: dict | None = None
+        self._part_sums: dict[str, float] = {}
+        self._part_examples = 0
+        if self.args.dataloader_num_workers > 0 and getattr(self.data_collator, "shuffle_references", False):
+            warnings.warn(
+                "With dataloader_num_workers > 0 the reference shuffles run in worker processes, so checkpoints "
+                "cannot hold their state: a resumed run will draw other reference orders than an uninterrupted one.",
+                stacklevel=2,
+            )
+
+    def get_train_dataloader(self):
+        collator = self.data_collator
+        if _shuffle_generator(collator) is None:
+            return super().get_train_dataloader()
+        self._collator_states.clear()
+        self.data_collator = _RecordingCollator(collator, self._collator_states)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_data_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        # restored before `Trainer.train` builds the dataloader, which collates ahead of the first step
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool):
+            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        if checkpoint is not None:
+            self._load_collator_state(checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._collator_states:  # this batch's entry: batches are trained in the order they were collated
+            self._trained_collator_state = self._collator_states.popleft()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _collator_state_file(self, folder: str | os.PathLike) -> Path:
+        suffix = f"_{self.args.process_index}" if self.args.world_size > 1 else ""
+        return Path(folder) / f"{COLLATOR_STATE_NAME}{suffix}.json"
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self._trained_collator_state is not None:
+            self._collator_state_file(output_dir).write_text(json.dumps(self._trained_collator_state))
+
+    def _load_collator_state(self, checkpoint: str | os.PathLike) -> None:
+        generator = _shuffle_generator(self.data_collator)
+        if generator is None:
+            return
+        file = self._collator_state_file(checkpoint)
+        if not file.is_file():
+            warnings.warn(
+                f"{file} does not exist (a checkpoint of an older version?): the resumed run draws other reference "
+                "orders than an uninterrupted one.",
+                stacklevel=3,
+            )
+            return
+        generator.bit_generator.state = json.loads(file.read_text())
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         half = labels.shape[0] // 2
@@ -150,19 +351,38 @@ class PreferencePrototypeTrainer(Trainer):
             raise ValueError("Batches must hold the liked targets then the disliked ones (use PreferenceCollator).")
         outputs = model(**inputs)
         parts = preference_loss(outputs.logits[:half], outputs.logits[half:], aux_weight=self.args.aux_weight)
-        if model.training and self.state.global_step % max(self.args.logging_steps, 1) == 0:
-            self._last_parts = {k: float(v.detach()) for k, v in parts.items()}
-        return (parts["loss"], outputs) if return_outputs else parts["loss"]
+        loss = parts["loss"]
+        if num_items_in_batch is not None:
+            # `num_items_in_batch` counts the labels (two per example) of all micro-batches of this optimizer step,
+            # over all processes with `average_tokens_across_devices`: weigh this micro-batch's mean by its share
+            # of those examples, so that the accumulated gradient is that of the step's mean loss; the Trainer then
+            # does not divide by the accumulation steps, and DDP's mean over processes is undone
+            loss = loss * half / (num_items_in_batch / 2)
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        if model.training:
+            for key in ("base", "aux"):
+                self._part_sums[key] = self._part_sums.get(key, 0.0) + float(parts[key].detach()) * half
+            self._part_examples += half
+        return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The loss and, unless `prediction_loss_only`, the logits `(B, 2, 2)` (per example those of its liked and
+        of its disliked target) with labels `(B, 2)` (`[1, 0]`)."""
+        inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, dict(inputs))
-        return loss.detach(), None, None
+            loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        half = outputs.logits.shape[0] // 2
+        logits = torch.stack([outputs.logits[:half], outputs.logits[half:]], dim=1).detach()
+        labels = torch.tensor([[1, 0]] * half, device=logits.device)
+        return loss.detach(), logits, labels
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        parts = getattr(self, "_last_parts", None)
-        if parts is not None and "loss" in logs:
-            logs = {**logs, "loss_base": round(parts["base"], 4), "loss_aux": round(parts["aux"], 4)}
+        if "loss" in logs and self._part_examples:  # the loss parts, averaged like the loss since the last log
+            logs = {**logs, **{f"loss_{k}": round(v / self._part_examples, 4) for k, v in self._part_sums.items()}}
+            self._part_sums, self._part_examples = {}, 0
         super().log(logs, *args, **kwargs)
 
 
@@ -185,8 +405,11 @@ def train_preference_model(
         processor: The backbone's processor.
         train_examples: Training examples.
         load_image: Image key → PIL image.
-        args: The training configuration.
-        eval_examples: Validation examples.
+        args: The training configuration (stage 2 loads the stage-1 folder with `args.model_dtype` and
+            `args.load_in_4bit`).
+        eval_examples: Validation examples, scored with their references in their stored order every
+            `args.eval_steps` (with `args.eval_strategy="steps"`) and once at the end: the loss and the pairwise
+            accuracy (`eval_loss`, `eval_pairwise_accuracy`); the final ones are written to the model card.
         resume_from_checkpoint: Passed to `Trainer.train` (a checkpoint folder, or True for the latest).
 
     Returns:
@@ -202,34 +425,67 @@ def train_preference_model(
 
     if not isinstance(model, PreferencePrototypeModel):
         overrides = {"num_prototypes": args.num_prototypes} if args.stage == 2 else {}
-        model = PreferencePrototypeModel.from_pretrained(model, **overrides)
+        model = PreferencePrototypeModel.from_pretrained(model, **overrides, **backbone_load_kwargs(args))
     elif args.stage == 2 and model.prototypes is None:
         raise ValueError("Stage 2 from an in-memory model needs prototypes; pass the stage-1 folder instead.")
     builder = PreferenceSequenceBuilder.from_config(processor, model.config)
     # The shared-prefix batch reuses a KV cache, which activation checkpointing disables: with checkpointing on,
     # each target is scored on its full sequence instead (same logits, more compute, far less activation memory).
-    collator = PreferenceCollator(
-        builder,
-        load_image,
-        n_ref=args.n_ref,
-        shuffle_references=args.shuffle_references,
-        seed=args.seed,
-        share_prefix=not args.activation_checkpointing,
-    )
+    collators = [
+        PreferenceCollator(
+            builder,
+            load_image,
+            n_ref=args.n_ref,
+            shuffle_references=shuffle,
+            seed=args.seed,
+            share_prefix=not args.activation_checkpointing,
+        )
+        for shuffle in (args.shuffle_references, False)  # training; validation in the stored order
+    ]
     trainable = prepare_stage1(model, args) if args.stage == 1 else prepare_stage2(model)
     trainer = PreferencePrototypeTrainer(
         model=trainable,
         args=args,
         train_dataset=list(train_examples),
         eval_dataset=list(eval_examples) if eval_examples else None,
-        data_collator=collator,
+        data_collator=collators[0],
+        eval_data_collator=collators[1],
+        compute_metrics=preference_metrics,
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    metrics = {}
+    if eval_examples and args.eval_strategy != "no":  # the final model's validation (reused if just computed)
+        last = next((log for log in reversed(trainer.state.log_history) if "eval_loss" in log), {})
+        if last.get("step") != trainer.state.global_step:
+            last = trainer.evaluate()
+        metrics = {k: round(v, 4) for k, v in last.items() if k in ("eval_loss", "eval_pairwise_accuracy")}
     trained = trainable.merge_and_unload() if args.stage == 1 else trainable
     trained.eval()
     if trainer.is_world_process_zero():
-        save_preference_model(trained, processor, Path(args.output_dir) / "model", stage=args.stage, overwrite=True)
+        folder = Path(args.output_dir) / "model"
+        save_preference_model(trained, processor, folder, stage=args.stage, metrics=metrics, overwrite=True)
     return trained
+
+
+def backbone_load_kwargs(args: PreferencePrototypeTrainingConfig) -> dict:
+    """`from_pretrained` keyword arguments of either stage: `dtype` from `args.model_dtype` and, with
+    `args.load_in_4bit`, an NF4 `BitsAndBytesConfig` with bfloat16 compute.
+
+    Example:
+        ```python
+        >>> args = PreferencePrototypeTrainingConfig(output_dir="out", model_dtype="bfloat16", report_to="none")
+        >>> backbone_load_kwargs(args)
+        {'dtype': torch.bfloat16}
+        ```
+    """
+    kwargs = {"dtype": args.model_dtype if args.model_dtype == "auto" else getattr(torch, args.model_dtype)}
+    if args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    return kwargs
 
 
 def save_preference_model(
@@ -271,9 +527,13 @@ def train_from_dataset(
 ) -> Path:
     """Train one stage on a dataset folder (or Hub repo) from `save_preference_dataset`.
 
-    Stage 1 loads `model_name_or_path` as an `AutoModelForImageTextToText` with its processor (4 bit with
-    `args.load_in_4bit`) and wraps it without prototypes; stage 2 loads the stage-1 model folder. Validation uses the
-    validation users.
+    Stage 1 loads `model_name_or_path` as an `AutoModelForImageTextToText` with its processor and wraps it without
+    prototypes; stage 2 loads the stage-1 model folder. Both load the backbone in `args.model_dtype` (4 bit with
+    `args.load_in_4bit`). Validation runs on the validation users as `args.eval_strategy` says.
+
+    Raises:
+        ValueError: The dataset has no images, no train split, or no validation examples while
+            `args.eval_strategy` asks for validation.
 
     Returns:
         The folder of the trained model (`<args.output_dir>/model`).
@@ -294,17 +554,16 @@ def train_from_dataset(
         raise ValueError(f"{dataset} has no images table; rebuild it with the image bytes columns.")
     if "train" not in splits:
         raise ValueError(f"{dataset} has no train split (splits: {sorted(splits)}).")
+    if args.eval_strategy != "no" and not splits.get("validation"):
+        raise ValueError(
+            f"{dataset} has no validation examples but eval_strategy is {args.eval_strategy!r}; build the dataset "
+            "with validation users, or turn validation off (eval_strategy='no'; `imagegem preference train "
+            "--eval-steps 0`)."
+        )
     model_dir = resolve(model_name_or_path)
     processor = AutoProcessor.from_pretrained(model_dir)
     if args.stage == 1:
-        kwargs = {}
-        if args.load_in_4bit:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-            )
-        backbone = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
+        backbone = AutoModelForImageTextToText.from_pretrained(model_dir, **backbone_load_kwargs(args))
         model, _ = PreferencePrototypeModel.from_backbone(backbone, processor, num_prototypes=0, n_ref=args.n_ref)
     else:
         model = model_dir

@@ -68,3 +68,36 @@ def test_dataset_script_and_example_help(tmp_path):
     example = ROOT / "examples" / "train_preference_prototype.py"
     shown = subprocess.run([sys.executable, str(example), "--help"], capture_output=True, text=True, check=True)
     assert "--num_prototypes" in shown.stdout and "--model_name_or_path" in shown.stdout
+
+
+def test_train_validates_and_stage2_loads_the_backbone_in_the_given_dtype(tmp_path):
+    from safetensors import safe_open
+
+    from imagegem_hf.testing import tiny_vlm
+
+    data, vlm = tmp_path / "users", tmp_path / "vlm"
+    build = ["preference", "build", "--synthetic-users", "8", "--output-dir", str(data), "--n-ref", "1"]
+    assert run(build + ["--val-users", "1", "--test-users", "1", "--seen-users", "1"]) == 0
+    backbone, processor = tiny_vlm(seed=0)
+    backbone.save_pretrained(vlm)
+    processor.save_pretrained(vlm)
+    common = ["--dataset", str(data), "--max-steps", "2", "--eval-steps", "1", "--n-ref", "1", "--batch-size", "4"]
+    stage1 = tmp_path / "s1"
+    assert run(["preference", "train", "--model", str(vlm), "--output-dir", str(stage1)] + common) == 0
+    card = (stage1 / "model" / "README.md").read_text()
+    assert "eval_loss" in card and "eval_pairwise_accuracy" in card  # the validation users were scored
+    stage2 = tmp_path / "s2"
+    argv = ["preference", "train", "--model", str(stage1 / "model"), "--stage", "2", "--output-dir", str(stage2)]
+    assert run(argv + ["--model-dtype", "bfloat16", "--num-prototypes", "2"] + common) == 0
+    with safe_open(stage2 / "model" / "model.safetensors", "pt") as weights:
+        dtypes = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
+    assert dtypes.pop("prototypes") == "F32" and set(dtypes.values()) == {"BF16"}
+
+
+def test_train_asking_for_validation_without_validation_users_says_what_to_do(tmp_path):
+    data = tmp_path / "users"
+    build = ["preference", "build", "--synthetic-users", "6", "--output-dir", str(data), "--n-ref", "1"]
+    assert run(build + ["--val-users", "0", "--test-users", "1", "--seen-users", "1"]) == 0
+    argv = ["preference", "train", "--dataset", str(data), "--model", "unused", "--output-dir", str(tmp_path / "s1")]
+    with pytest.raises(ValueError, match="no validation examples.*--eval-steps 0"):
+        run(argv)

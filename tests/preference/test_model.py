@@ -201,3 +201,56 @@ def test_shared_prefix_path_matches_full_sequences_in_logits_and_gradients(tiny)
     model.zero_grad()
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-7, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prototypes_stay_float32_with_a_half_precision_backbone(dtype, tmp_path):
+    backbone, processor = tiny_vlm(seed=0)
+    model, builder = PreferencePrototypeModel.from_backbone(backbone.to(dtype), processor, num_prototypes=4, n_ref=2)
+    assert model.prototypes.dtype == torch.float32 and model.backbone.dtype == dtype
+    # the prototypes enter the backbone in its dtype; the gradient comes back to them in float32
+    batch = builder(list(queries()))
+    logits = model(**batch).logits
+    with torch.no_grad():
+        half = model.prototypes.detach().to(dtype)
+        embeds = torch.cat([half.expand(2, -1, -1), model.get_input_embeddings()(batch["input_ids"])], dim=1)
+        mask = torch.cat([torch.ones(2, 4, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], dim=1)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        direct = model.backbone(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, pixel_values=batch["pixel_values"]
+        ).logits[:, -1, [builder.like_token_id, builder.dislike_token_id]]
+    torch.testing.assert_close(logits, direct.float(), atol=0, rtol=0)
+    logits[:, 0].sum().backward()
+    assert model.prototypes.grad.dtype == torch.float32 and model.prototypes.grad.abs().sum() > 0
+    # saved and loaded in that dtype, and a stage-1 model loaded with new prototypes: float32 prototypes
+    model.save_pretrained(tmp_path / "full")
+    loaded = PreferencePrototypeModel.from_pretrained(tmp_path / "full", dtype=dtype)
+    assert loaded.prototypes.dtype == torch.float32 and loaded.backbone.dtype == dtype
+    assert torch.equal(loaded.prototypes, model.prototypes)
+    stage1, _ = PreferencePrototypeModel.from_backbone(tiny_vlm(seed=0)[0], processor, num_prototypes=0, n_ref=2)
+    stage1.save_pretrained(tmp_path / "stage1")
+    stage2 = PreferencePrototypeModel.from_pretrained(tmp_path / "stage1", dtype=dtype, num_prototypes=4)
+    assert stage2.prototypes.dtype == torch.float32 and stage2.backbone.dtype == dtype
+
+
+def test_base_model_prefix_names_the_backbone(tiny):
+    model, _, _ = tiny
+    assert getattr(model, model.base_model_prefix) is model.backbone
+    assert model.base_model is model.backbone
+
+
+@pytest.mark.parametrize("model_type", ["llava", "idefics2", "qwen2_vl", "blip-2"])
+def test_attention_implementations_follow_the_backbone(model_type):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    backbone_config = AutoConfig.for_model(model_type)
+    config = PreferencePrototypeConfig(backbone_config=backbone_config, like_token_id=1, dislike_token_id=2)
+    backbone_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config.backbone_config)]
+    with torch.device("meta"):
+        model = PreferencePrototypeModel(config)
+    for attribute in ("_supports_sdpa", "_supports_flash_attn", "_supports_flex_attn"):
+        assert getattr(model, attribute) == getattr(backbone_class, attribute), attribute
+    if model_type == "blip-2":  # its Q-Former has no flash attention
+        assert not model._supports_flash_attn
+        with pytest.raises(ValueError, match="does not support Flash Attention"):
+            model.set_attn_implementation("flash_attention_2")

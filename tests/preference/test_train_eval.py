@@ -1,9 +1,16 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from imagegem_hf.preference import PreferencePrototypeModel, PreferenceSequenceBuilder
-from imagegem_hf.preference.data import build_user_splits, group_pickapic_records, synthetic_pickapic_records
+from imagegem_hf.preference.data import (
+    PreferenceCollator,
+    PreferenceExample,
+    build_user_splits,
+    group_pickapic_records,
+    synthetic_pickapic_records,
+)
 from imagegem_hf.preference.evaluate import (
     evaluate_preference,
     one_vs_three_groups,
@@ -12,13 +19,15 @@ from imagegem_hf.preference.evaluate import (
     user_similarity,
 )
 from imagegem_hf.preference.trainer import (
+    PreferencePrototypeTrainer,
     PreferencePrototypeTrainingConfig,
+    preference_metrics,
     prepare_stage1,
     prepare_stage2,
     train_preference_model,
 )
 from imagegem_hf.scoring import CLIPScore
-from imagegem_hf.testing import tiny_clip_model, tiny_vlm
+from imagegem_hf.testing import random_images, tiny_clip_model, tiny_vlm
 
 N_REF = 1
 
@@ -151,3 +160,80 @@ def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, planted):
         torch.testing.assert_close(param, first[name], rtol=1e-4, atol=1e-5, msg=name)
         changed += not torch.equal(param, dict(untrained.named_parameters())[name])
     assert changed > 0
+
+
+def test_evaluation_scores_with_the_configured_number_of_references():
+    backbone, processor = tiny_vlm(seed=0)
+    model, builder = PreferencePrototypeModel.from_backbone(backbone, processor, num_prototypes=4, n_ref=1)
+    model.eval()
+    keys = [f"im{i}" for i in range(8 * 12)]
+    images = dict(zip(keys, random_images(len(keys), size=16, seed=9), strict=True))
+    examples = [  # 3 stored references each, 4 users
+        PreferenceExample(
+            f"u{i % 4}",
+            [(keys[8 * i + r], keys[8 * i + 3 + r], "a cat") for r in range(3)],
+            keys[8 * i + 6],
+            keys[8 * i + 7],
+            "x",
+            i % 2,
+        )
+        for i in range(12)
+    ]
+    loaded = set()
+
+    def load(key):
+        loaded.add(key)
+        return images[key]
+
+    result = evaluate_preference(model, builder, {"unseen": examples}, load, nref_values=[])
+    unused = {key for e in examples for pair in e.references[1:] for key in pair[:2]}
+    assert loaded and not loaded & unused  # the 2nd and 3rd stored references are never shown
+
+    def p_like(example, key, n_ref):  # one full sequence at a time, without the shared-prefix batch
+        with torch.no_grad():
+            return model(**builder([example.query(images.__getitem__, key, n_ref)])).p_like.item()
+
+    scores = [np.array([p_like(e, getattr(e, k), 1) for e in examples]) for k in ("image0", "image1")]
+    accuracy = pairwise_accuracy(*scores, np.array([e.label0 for e in examples]))
+    assert result.table.loc["preference model", "pairwise unseen"] == pytest.approx(accuracy, abs=1e-12)
+    groups = one_vs_three_groups(examples)
+    group_scores = np.array([[p_like(e, key, 1) for key in candidates] for e, candidates in groups])
+    assert result.table.loc["preference model", "1v3 top-1"] == pytest.approx(topk_accuracy(group_scores, 1))
+
+
+def test_validation_reports_the_loss_and_pairwise_accuracy_of_the_model(tmp_path):
+    backbone, processor = tiny_vlm(seed=0)
+    model, builder = PreferencePrototypeModel.from_backbone(backbone, processor, num_prototypes=3, n_ref=1)
+    with torch.no_grad():  # larger prototypes so that they are far from a no-op
+        model.prototypes.normal_(std=1.0, generator=torch.Generator().manual_seed(0))
+    keys = [f"im{i}" for i in range(4 * 10)]
+    images = dict(zip(keys, random_images(len(keys), size=16, seed=10), strict=True))
+    validation = [
+        PreferenceExample(
+            f"u{i % 3}", [(keys[4 * i], keys[4 * i + 1], "a cat")], keys[4 * i + 2], keys[4 * i + 3], "x", i % 2
+        )
+        for i in range(10)
+    ]
+    collator = PreferenceCollator(builder, images.__getitem__, n_ref=1, shuffle_references=False)
+    trainer = PreferencePrototypeTrainer(
+        model=prepare_stage2(model),
+        args=args(tmp_path, 2, per_device_eval_batch_size=4),
+        eval_dataset=validation,
+        data_collator=collator,
+        compute_metrics=preference_metrics,
+    )
+    metrics = trainer.evaluate()
+    # independently: each target on its own full sequence, the loss written out from paper 003's formulas
+    model.eval()
+
+    def logits(key):
+        with torch.no_grad():
+            return torch.cat([model(**builder([e.query(images.__getitem__, key(e), 1)])).logits for e in validation])
+
+    liked, disliked = logits(lambda e: e.liked).double(), logits(lambda e: e.disliked).double()
+    base = 0.5 * (-liked.log_softmax(-1)[:, 0] - disliked.log_softmax(-1)[:, 1])
+    aux = -F.logsigmoid(liked[:, 0] - disliked[:, 0]) - F.logsigmoid(disliked[:, 1] - liked[:, 1])
+    accuracy = pairwise_accuracy(liked.softmax(-1)[:, 0].numpy(), disliked.softmax(-1)[:, 0].numpy(), np.ones(10))
+    assert 0 < accuracy < 1  # not a degenerate case
+    assert metrics["eval_pairwise_accuracy"] == pytest.approx(accuracy)
+    assert metrics["eval_loss"] == pytest.approx(float((base + aux).mean()), rel=1e-5)
