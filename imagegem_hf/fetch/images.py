@@ -19,7 +19,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,13 +201,15 @@ def _shard_table(rows: pa.Table, images: list[dict[str, Any] | None], features: 
 
 def _card(output_dir: Path, shards: int) -> str:
     files = sorted((output_dir / "data").glob("train-*.parquet"))
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    size = sum(f.stat().st_size for f in files)
-    # `dataset_info` sizes make `load_dataset`'s cache key change when shards are added: with only `configs:`,
-    # datasets 5.2 keys its cache on the folder name and the file pattern, and would serve a stale copy.
+    metadata = [pq.ParquetFile(f).metadata for f in files]
+    rows = sum(m.num_rows for m in metadata)
+    download_size = sum(f.stat().st_size for f in files)
+    dataset_size = sum(m.row_group(g).total_byte_size for m in metadata for g in range(m.num_row_groups))
+    # The sizes make `load_dataset`'s cache key change when shards are added: with only `configs:`, datasets 5.2
+    # keys its cache on the folder name and the file pattern, and would serve a stale copy.
     return (
-        f"---\ndataset_info:\n  config_name: default\n  download_size: {size}\n  splits:\n  - name: train\n"
-        f"    num_examples: {rows}\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        f"---\ndataset_info:\n  config_name: default\n  download_size: {download_size}\n"
+        f"  dataset_size: {dataset_size}\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
         "    path: data/train-*.parquet\n---\n\n# ImageGem images (pixels)\n\n"
         "Fetched with `imagegem dataset fetch-images`: one row per `imageId` with the image-level columns of the "
         "`images` config, the pixels in `image`, and the stored size in `imageWidth`/`imageHeight`. "
@@ -373,3 +375,38 @@ async def _run(
             report.failed += len(failures)
             report.reasons.update(f["reason"] for f in failures)
         report.requests = fetcher.requests
+
+
+def fetched_image_loader(fetch_dir: str | os.PathLike) -> Callable[[int], bytes]:
+    """Map an `imageId` to its encoded image bytes in a `fetch_images` output folder.
+
+    The `imageId` column of every shard is read once into an index; bytes are read from one shard row group on
+    demand, so memory holds the index, not the pixels. Raises `FileNotFoundError` for an image that is not there.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.fetch.images import fetched_image_loader
+        >>> locate = fetched_image_loader("pixels")  # doctest: +SKIP
+        >>> png_or_jpeg = locate(12345)  # doctest: +SKIP
+        ```
+    """
+    folder = Path(fetch_dir)
+    shards = sorted((folder / "data").glob("train-*.parquet"))
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"{folder} is not a `fetch-images` output folder (no {MANIFEST}).")
+    index: dict[int, tuple[int, int, int]] = {}
+    files = [pq.ParquetFile(shard) for shard in shards]
+    for number, file in enumerate(files):
+        for group in range(file.num_row_groups):
+            ids = file.read_row_group(group, columns=["imageId"]).column("imageId").to_pylist()
+            for row, image_id in enumerate(ids):
+                index[image_id] = (number, group, row)
+
+    def locate(image_id: int) -> bytes:
+        if image_id not in index:
+            raise FileNotFoundError(f"imageId {image_id} is not in {folder} (not selected, or its fetch failed).")
+        number, group, row = index[image_id]
+        image = files[number].read_row_group(group, columns=["image"]).column("image")[row].as_py()
+        return image["bytes"]
+
+    return locate
