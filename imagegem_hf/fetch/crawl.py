@@ -80,7 +80,6 @@ def crawl(
     api_key_env: str = "CIVITAI_API_KEY",
     config: FetchConfig | None = None,
     show_progress: bool = True,
-    transport=None,
 ) -> CrawlReport:
     """Crawl API pages into a raw dump folder; resumes from `crawl_state.json`.
 
@@ -95,7 +94,6 @@ def crawl(
         api_key_env: Environment variable holding an API key (sent as `Authorization: Bearer ...` when set).
         config: Rate, retries and timeouts (default: one request per second per host).
         show_progress: Show a progress bar over pages.
-        transport: An `httpx` async transport (tests); default: the network.
 
     Returns:
         A [`CrawlReport`].
@@ -132,14 +130,14 @@ def crawl(
             (output_dir / resource).mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(output_dir / resource)
         progress = tqdm(desc="Crawling", unit="page", disable=not show_progress)
-        asyncio.run(_crawl(output_dir, settings, resources, max_pages, config, state, report, progress, transport))
+        asyncio.run(_crawl(output_dir, settings, resources, max_pages, config, state, report, progress))
         progress.close()
     return report
 
 
-async def _crawl(output_dir, settings, resources, max_pages, config, state, report, progress, transport) -> None:
+async def _crawl(output_dir, settings, resources, max_pages, config, state, report, progress) -> None:
     state_path = output_dir / STATE_FILE
-    async with Fetcher(config, transport=transport) as fetcher:
+    async with Fetcher(config) as fetcher:
         for resource in resources:
             entry = state["resources"].setdefault(resource, {"pages": 0, "items": 0, "cursor": None, "done": False})
             report.pages[resource] = report.items[resource] = 0

@@ -232,7 +232,6 @@ def fetch_images(
     limit: int | None = None,
     give_up_transient: bool = False,
     show_progress: bool = True,
-    transport=None,
 ) -> ImageFetchReport:
     """Download the images of a built dataset's `images` config into sharded parquet; resumable.
 
@@ -249,7 +248,6 @@ def fetch_images(
         give_up_transient: Record URLs that still time out, answer 5xx/429 or send truncated bodies after the retries
             as failures and finish their shards (a last pass); by default such shards are left for the next run.
         show_progress: Show a progress bar over images.
-        transport: An `httpx` async transport (tests); default: the network.
 
     Returns:
         An [`ImageFetchReport`] with the counts.
@@ -301,22 +299,8 @@ def fetch_images(
         )
         ids = _selection_ids(dataset, rec_subset, pairs, topic)
         progress = tqdm(desc="Fetching images", unit="img", disable=not show_progress)
-        asyncio.run(
-            _run(
-                dataset,
-                output_dir,
-                config,
-                shard_size,
-                max_size,
-                ids,
-                limit,
-                give_up_transient,
-                features,
-                report,
-                progress,
-                transport,
-            )
-        )
+        shards = iter_image_shards(dataset, shard_size, ids, limit)
+        asyncio.run(_run(shards, output_dir, config, max_size, give_up_transient, features, report, progress))
         progress.close()
         write_atomic(output_dir / "README.md", _card(output_dir, report.shards).encode())
         write_json_atomic(
@@ -326,21 +310,17 @@ def fetch_images(
 
 
 async def _run(
-    dataset,
-    output_dir,
-    config,
-    shard_size,
-    max_size,
-    ids,
-    limit,
-    give_up_transient,
-    features,
-    report,
-    progress,
-    transport,
-):
-    async with Fetcher(config, transport=transport) as fetcher:
-        for index, rows in enumerate(iter_image_shards(dataset, shard_size, ids, limit)):
+    shards: Iterator[pa.Table],
+    output_dir: Path,
+    config: FetchConfig | None,
+    max_size: int | None,
+    give_up_transient: bool,
+    features: Features,
+    report: ImageFetchReport,
+    progress: tqdm,
+) -> None:
+    async with Fetcher(config) as fetcher:
+        for index, rows in enumerate(shards):
             report.shards += 1
             report.requested += rows.num_rows
             shard = output_dir / "data" / f"train-{index:05d}.parquet"

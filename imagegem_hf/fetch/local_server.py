@@ -167,3 +167,21 @@ class LocalServer(ThreadingHTTPServer):
         self.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def main() -> None:
+    """Serve in the foreground (`python -m imagegem_hf.fetch.local_server --latency 0.02`); prints the port."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A fault-injecting HTTP server on 127.0.0.1 (for tests).")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--max-seconds", type=float, default=600.0, help="Stop after this long (bounded run).")
+    args = parser.parse_args()
+    with LocalServer(port=args.port, latency=args.latency) as server:
+        print(server.port, flush=True)
+        time.sleep(args.max_seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -140,7 +140,6 @@ def fetch_loras(
     max_rank: int | None = None,
     limit: int | None = None,
     show_progress: bool = True,
-    transport=None,
 ) -> LoraFetchReport:
     """Download and verify the LoRA files of a built dataset's `loras` config; resumable.
 
@@ -154,7 +153,6 @@ def fetch_loras(
         max_rank: Drop files whose largest module rank is above this.
         limit: At most this many files.
         show_progress: Show a progress bar over files.
-        transport: An `httpx` async transport (tests); default: the network.
 
     Returns:
         A [`LoraFetchReport`] with the counts.
@@ -174,7 +172,7 @@ def fetch_loras(
         todo = [r for r in rows if not (output_dir / f"{r['modelVersionId']}.safetensors").exists()]
         report.existing = len(rows) - len(todo)
         progress = tqdm(total=len(todo), desc="Fetching LoRAs", unit="file", disable=not show_progress)
-        failures = asyncio.run(_download(todo, output_dir, config, min_rank, max_rank, report, progress, transport))
+        failures = asyncio.run(_download(todo, output_dir, config, min_rank, max_rank, report, progress))
         progress.close()
         manifest = []
         for row in rows:
@@ -190,7 +188,7 @@ def fetch_loras(
     return report
 
 
-async def _download(rows, output_dir, config, min_rank, max_rank, report, progress, transport) -> list[dict]:
+async def _download(rows, output_dir, config, min_rank, max_rank, report, progress) -> list[dict]:
     failures: list[dict[str, Any]] = []
 
     async def one(fetcher: Fetcher, row: dict[str, Any]) -> None:
@@ -227,7 +225,7 @@ async def _download(rows, output_dir, config, min_rank, max_rank, report, progre
             os.replace(part, final)
         progress.update()
 
-    async with Fetcher(config, transport=transport) as fetcher:
+    async with Fetcher(config) as fetcher:
         await asyncio.gather(*(one(fetcher, row) for row in rows))
     return sorted(failures, key=lambda f: f["modelVersionId"])
 
