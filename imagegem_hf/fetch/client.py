@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -199,8 +200,9 @@ class Fetcher:
         check: ResponseCheck | None = None,
         to_file: str | Path | None = None,
         params: Mapping[str, str] | None = None,
+        json: Any = None,
     ) -> FetchOutcome:
-        """Fetch one URL; never raises for network or server faults.
+        """Fetch one URL (a GET, or a POST of `json` when it is given); never raises for network or server faults.
 
         Args:
             url: The URL.
@@ -208,12 +210,14 @@ class Fetcher:
             to_file: Stream the body into this file (hashed on the way) instead of keeping it in memory. The file
                 is removed when the fetch fails.
             params: Query parameters.
+            json: A JSON body to POST (e.g. a chat-completions request) instead of a GET.
 
         Returns:
             A [`FetchOutcome`].
         """
         if self._client is None:
             raise RuntimeError("Fetcher.get() outside `async with Fetcher(...)`.")
+        method = "GET" if json is None else "POST"
         outcome = FetchOutcome(url=url, ok=False)
         for attempt in range(self.config.retries + 1):
             retry_after = None
@@ -222,8 +226,8 @@ class Fetcher:
                 outcome.attempts += 1
                 self.requests += 1
                 try:
-                    async with self._client.get(
-                        url, params=params, allow_redirects=True, max_redirects=self.config.max_redirects
+                    async with self._client.request(
+                        method, url, params=params, json=json, max_redirects=self.config.max_redirects
                     ) as response:
                         outcome.status = response.status
                         outcome.content_type = response.headers.get("Content-Type", "")

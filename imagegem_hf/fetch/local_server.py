@@ -16,6 +16,7 @@ Civitai-shaped API pages, and misbehaves on request: the first path segment pick
 | `/corrupt/...` | `image/jpeg` bytes that are not a whole JPEG |
 | `/loop/...` | a redirect to itself |
 | `/api/v1/images`, `/api/v1/models` | pages of `api_items` items with `metadata.nextCursor` |
+| `POST /v1/chat/completions` | `chat(request_json)` → `(status, body)`, a stand-in for an inference server |
 
 `latency` adds a delay to every answer; `fail_after` makes it drop every connection after that many requests (a dead
 server), until `fail_after` is reset.
@@ -28,6 +29,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -106,6 +108,25 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found", "text/plain")
 
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        server = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with server.lock:
+            server.request_count += 1
+            count = server.request_count
+            server.hits[self.path] += 1
+        if server.fail_after is not None and count > server.fail_after:
+            self.close_connection = True
+            self.connection.close()
+            return
+        if server.latency:
+            time.sleep(server.latency)
+        if self.path.rstrip("/").endswith("/chat/completions") and server.chat is not None:
+            status, answer = server.chat(json.loads(body))
+            self._send(status, answer, "application/json")
+        else:
+            self._send(404, b"not found", "text/plain")
+
     def _api_page(self, parts) -> None:
         resource = parts.path.rstrip("/").rsplit("/", 1)[-1]
         items = self.server.api_items.get(resource)
@@ -145,6 +166,7 @@ class LocalServer(ThreadingHTTPServer):
         self.fail_after: int | None = None
         self.files: dict[str, bytes] = {}
         self.api_items: dict[str, list] = {}
+        self.chat: Callable[[dict], tuple[int, bytes]] | None = None
         self.lock = threading.Lock()
         self.request_count = 0
         self.hits: Counter[str] = Counter()
