@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -42,6 +43,23 @@ def png_bytes(index: int, size: int = 8) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (size, size), colour).save(out, format="PNG")
     return out.getvalue()
+
+
+def chat_completion(text: str) -> tuple[int, bytes]:
+    """A chat-completions answer whose message is `text`."""
+    return 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+
+
+def scoring_chat(request: dict) -> tuple[int, bytes]:
+    """A stand-in VLM for `LocalServer.chat`: a fixed profile for captioning prompts; for ranking prompts, one JSON
+    object per `image_id: N.` / `version_id: N.` in the text, scored 90 − N (so the right order is known)."""
+    parts = request["messages"][0]["content"]
+    text = " ".join(p["text"] for p in parts if p.get("type") == "text")
+    found = re.findall(r"(image_id|version_id): (\d+)\.", text)
+    if not found:
+        return chat_completion("The user likes warm colours and simple shapes.")
+    answer = [{key: item, "similarity_score": 90 - int(item), "explanation": "stand-in"} for key, item in found]
+    return chat_completion(json.dumps(answer))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -199,8 +217,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--max-seconds", type=float, default=600.0, help="Stop after this long (bounded run).")
+    parser.add_argument("--chat", action="store_true", help="Answer chat completions with `scoring_chat`.")
     args = parser.parse_args()
     with LocalServer(port=args.port, latency=args.latency) as server:
+        server.chat = scoring_chat if args.chat else None
         print(server.port, flush=True)
         time.sleep(args.max_seconds)
 

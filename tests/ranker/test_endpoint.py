@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import re
 import threading
 import time
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagegem_hf.fetch.local_server import LocalServer
+from imagegem_hf.fetch.local_server import LocalServer, scoring_chat
 from imagegem_hf.ranker import RankItem, VLMRankerPipeline
 from imagegem_hf.ranker.backends import FailedReply, openai_messages
 from imagegem_hf.ranker.items import placeholder_image
@@ -26,19 +25,6 @@ FAST = {"timeout": 1.0, "retries": 1}
 def server():
     with LocalServer() as srv:
         yield srv
-
-
-def completion(text: str) -> tuple[int, bytes]:
-    return 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-
-
-def scoring_vlm(request: dict) -> tuple[int, bytes]:
-    """A stand-in VLM: profiles are fixed text; a candidate's score is 90 minus its numeric id."""
-    text = " ".join(p["text"] for p in request["messages"][0]["content"] if p["type"] == "text")
-    ids = re.findall(r"image_id: (\d+)\.", text)
-    if not ids:
-        return completion("The user likes warm colours and simple shapes.")
-    return completion(json.dumps([{"image_id": i, "similarity_score": 90 - int(i), "explanation": "e"} for i in ids]))
 
 
 def candidates(n: int = 6) -> list[RankItem]:
@@ -53,7 +39,7 @@ def decode_data_url(url: str) -> Image.Image:
 
 def test_endpoint_ranking_follows_the_served_scores_and_sends_the_images(server):
     seen = []
-    server.chat = lambda request: (seen.append(request), scoring_vlm(request))[1]
+    server.chat = lambda request: (seen.append(request), scoring_chat(request))[1]
     ranker = VLMRankerPipeline.from_endpoint(server.url("/v1"), "toy-vlm", n_trials=4, k_subset=3, **FAST)
     profile = ranker.caption("u1", candidates(2))
     assert profile == "The user likes warm colours and simple shapes."
@@ -91,7 +77,7 @@ def test_a_500_is_retried_and_a_malformed_body_is_regenerated_with_sampling(serv
             return 500, b"overloaded"
         if "seed" not in request:  # greedy trials get a broken body; the sampled retry gets scores
             return 200, b"{not json"
-        return scoring_vlm(request)
+        return scoring_chat(request)
 
     server.chat = flaky
     ranker = VLMRankerPipeline.from_endpoint(server.url("/v1"), "m", n_trials=2, k_subset=3, max_retries=1, **FAST)
@@ -103,7 +89,7 @@ def test_a_500_is_retried_and_a_malformed_body_is_regenerated_with_sampling(serv
 def test_timeouts_and_a_dead_server_leave_candidates_unscored_in_input_order(server):
     def slow(request):
         time.sleep(3)  # longer than the 1 s timeout
-        return scoring_vlm(request)
+        return scoring_chat(request)
 
     server.chat = slow
     ranker = VLMRankerPipeline.from_endpoint(server.url("/v1"), "m", n_trials=2, k_subset=3, **FAST)
@@ -113,7 +99,7 @@ def test_timeouts_and_a_dead_server_leave_candidates_unscored_in_input_order(ser
     assert all(np.isnan(s.mean) and s.n_trials == 0 for s in result.scores)
     assert any("timeout" in p for p in result.problems)
 
-    server.chat = scoring_vlm
+    server.chat = scoring_chat
     server.fail_after = server.request_count  # the server dies: every connection is dropped
     profiles = ranker.caption_batch([("u2", items[:2])])
     assert isinstance(profiles[0], FailedReply) and "connection error" in profiles[0].reason
@@ -133,7 +119,7 @@ def test_requests_in_flight_are_bounded_by_concurrency(server):
         time.sleep(0.05)
         with lock:
             state["now"] -= 1
-        return scoring_vlm(request)
+        return scoring_chat(request)
 
     server.chat = counting
     ranker = VLMRankerPipeline.from_endpoint(server.url("/v1"), "m", n_trials=12, k_subset=2, concurrency=3, **FAST)
@@ -142,7 +128,7 @@ def test_requests_in_flight_are_bounded_by_concurrency(server):
 
 
 def test_an_endpoint_ranker_saves_and_loads_its_endpoint(tmp_path, server):
-    server.chat = scoring_vlm
+    server.chat = scoring_chat
     ranker = VLMRankerPipeline.from_endpoint(server.url("/v1"), "toy-vlm", n_trials=3, **FAST)
     ranker.save_pretrained(tmp_path / "ranker")
     assert not list((tmp_path / "ranker").glob("*.safetensors"))
