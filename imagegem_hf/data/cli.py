@@ -1,4 +1,4 @@
-"""`imagegem dataset ...`: synth, build, stats, subsets, pairs, push."""
+"""`imagegem dataset ...`: synth, build, stats, subsets, pairs, push, fetch-images, crawl."""
 
 from __future__ import annotations
 
@@ -51,7 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="'hpsv2' (default, as in the paper), 'pickscore' or 'clip' (reward models on the image files of "
         "--image-dir), 'reactions' (implicit feedback), or a numeric column of the images table.",
     )
-    pairs.add_argument("--image-dir", default=None, help="Folder of <imageId>.jpg|png|webp files (reward scores).")
+    pairs.add_argument(
+        "--image-dir",
+        default=None,
+        help="Folder of <imageId>.jpg|png|webp files, or a `fetch-images` output folder (reward scores).",
+    )
     pairs.add_argument(
         "--scorer-path", default=None, help="Path or repo id of the reward model (default: the paper's)."
     )
@@ -71,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("repo_id", help="Target dataset repo, org/name.")
     push.add_argument("--private", action="store_true", help="Create the repo as private.")
     push.set_defaults(func=_push)
+
+    from imagegem_hf.fetch.cli import register_dataset_commands
+
+    register_dataset_commands(commands)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -144,7 +152,13 @@ def _pairs(args: argparse.Namespace) -> int:
     images = pd.read_parquet(Path(args.dataset_dir) / "images").drop_duplicates("imageId")
     if args.max_images and len(images) > args.max_images:
         images = images.sample(args.max_images, random_state=0)
-    locate = image_dir_loader(args.image_dir) if args.image_dir else None
+    locate = None
+    if args.image_dir and (Path(args.image_dir) / "fetch_manifest.json").is_file():
+        from imagegem_hf.fetch.images import fetched_image_loader
+
+        locate = fetched_image_loader(args.image_dir)  # the output of `imagegem dataset fetch-images`
+    elif args.image_dir:
+        locate = image_dir_loader(args.image_dir)
     scorer = None
     if args.score in _SCORERS:
         if locate is None:

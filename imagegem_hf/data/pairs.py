@@ -9,6 +9,7 @@ implicit-feedback score of `reaction_scores`.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -218,6 +219,14 @@ def min_max_pairs(
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
+# Maps an imageId to its image: a file (`image_dir_loader`) or its encoded bytes (`fetched_image_loader`).
+ImageLocator = Callable[[int], Path | bytes]
+
+
+def _image_bytes(image: Path | bytes) -> bytes:
+    return image.read_bytes() if isinstance(image, Path) else bytes(image)
+
+
 def image_dir_loader(image_dir: str | os.PathLike) -> Callable[[int], Path]:
     """Map an `imageId` to its file in `image_dir` (`<imageId>.jpg|.jpeg|.png|.webp`, e.g. downloaded from the
     `url` column); raises `FileNotFoundError` for a missing image."""
@@ -240,7 +249,7 @@ def image_dir_loader(image_dir: str | os.PathLike) -> Callable[[int], Path]:
 def scorer_scores(
     images: pd.DataFrame,
     scorer: Scorer,
-    locate: Callable[[int], Path],
+    locate: ImageLocator,
     batch_size: int = 32,
 ) -> tuple[pd.Series, dict[str, int]]:
     """Score each (image, prompt) of `images` with a reward model (HPSv2, PickScore, CLIP score, …).
@@ -272,7 +281,7 @@ def scorer_scores(
                 problems["missing image"] += 1
                 continue
             try:
-                with Image.open(path) as image:
+                with Image.open(path if isinstance(path, Path) else io.BytesIO(path)) as image:
                     batch_images.append(image.convert("RGB"))
             except OSError:
                 problems["unreadable image"] += 1
@@ -289,7 +298,7 @@ def make_preference_pairs(
     *,
     score: str = "reactions",
     scorer: Scorer | None = None,
-    locate: Callable[[int], Path] | None = None,
+    locate: ImageLocator | None = None,
     embedder: TextEmbedder | None = None,
     min_cluster_size: int = 5,
     pairs_per_cluster: int = 1,
@@ -341,7 +350,7 @@ def make_preference_pairs(
     return pairs
 
 
-def exchange_format(pairs: pd.DataFrame, locate: Callable[[int], Path], seed: int = 0):
+def exchange_format(pairs: pd.DataFrame, locate: ImageLocator, seed: int = 0):
     """The pairs in the de-facto Diffusion-DPO exchange format of Pick-a-Pic: `jpg_0`, `jpg_1` (encoded image
     bytes), `label_0` (1.0 when `jpg_0` is preferred) and `caption`.
 
@@ -362,7 +371,7 @@ def exchange_format(pairs: pd.DataFrame, locate: Callable[[int], Path], seed: in
     first_wins = rng.random(len(pairs)) < 0.5
     columns: dict[str, list] = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": []}
     for wins, (_, pair) in zip(first_wins, pairs.iterrows(), strict=True):
-        chosen, rejected = locate(int(pair["chosen"])).read_bytes(), locate(int(pair["rejected"])).read_bytes()
+        chosen, rejected = (_image_bytes(locate(int(pair[side]))) for side in ("chosen", "rejected"))
         columns["jpg_0"].append(chosen if wins else rejected)
         columns["jpg_1"].append(rejected if wins else chosen)
         columns["label_0"].append(1.0 if wins else 0.0)
@@ -412,7 +421,7 @@ def list_config_in_card(dataset_dir: Path, config_name: str, listed: bool) -> No
 
 
 def write_exchange_pairs(
-    pairs: pd.DataFrame, locate: Callable[[int], Path], output_dir: str | os.PathLike, seed: int = 0
+    pairs: pd.DataFrame, locate: ImageLocator, output_dir: str | os.PathLike, seed: int = 0
 ) -> Path:
     """Write `exchange_format(pairs, locate, seed)` to `<output_dir>/train-00000-of-00001.parquet` (temp file, then
     rename) and return the file."""

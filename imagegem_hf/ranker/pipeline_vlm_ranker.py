@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from imagegem_hf.hub import atomic_directory, read_json, render_card, resolve, write_json
+from imagegem_hf.ranker.backends import FailedReply, OpenAIChatBackend, TransformersBackend
 from imagegem_hf.ranker.parsing import parse_scores
 from imagegem_hf.ranker.prompts import RankerTemplates
 
@@ -120,6 +120,8 @@ class VLMRankerPipeline:
         templates: Prompt templates (appendix B by default).
         model_name_or_path: Where the VLM comes from; `save_pretrained` stores this reference instead of the
             weights when it is set.
+        backend: Where replies come from instead of `model`/`processor`, e.g. an [`OpenAIChatBackend`] (see
+            `from_endpoint`).
 
     Example:
         ```python
@@ -133,15 +135,23 @@ class VLMRankerPipeline:
 
     def __init__(
         self,
-        model,
-        processor,
+        model=None,
+        processor=None,
         config: RankerConfig | None = None,
         templates: RankerTemplates | None = None,
         model_name_or_path: str | None = None,
+        backend: OpenAIChatBackend | TransformersBackend | None = None,
     ) -> None:
-        self.model = model.eval()
-        self.processor = processor
         self.config = config or RankerConfig()
+        if backend is None:
+            if model is None or processor is None:
+                raise ValueError(
+                    "Pass a model and its processor, or a backend (e.g. VLMRankerPipeline.from_endpoint)."
+                )
+            backend = TransformersBackend(model, processor, self.config.batch_size, self.config.max_new_tokens)
+        self.backend = backend
+        self.model = model
+        self.processor = processor
         self.templates = templates or RankerTemplates()
         self.model_name_or_path = model_name_or_path
         self._profiles: dict[tuple[str, str], str] = {}
@@ -161,6 +171,10 @@ class VLMRankerPipeline:
 
         folder = resolve(path_or_repo_id)
         saved = read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
+        if saved.get("endpoint"):
+            config = RankerConfig(**{**saved.get("config", {}), **config_overrides})
+            templates = RankerTemplates(**saved.get("templates", {}))
+            return cls.from_endpoint(**saved["endpoint"], config=config, templates=templates)
         source = saved.get("model_name_or_path") or str(folder)
         model_folder = resolve(source) if source != str(folder) else folder
         model = AutoModelForImageTextToText.from_pretrained(model_folder, dtype=dtype).to(device)
@@ -175,6 +189,43 @@ class VLMRankerPipeline:
             model_name_or_path=saved.get("model_name_or_path") or (str(path_or_repo_id) if not saved else None),
         )
 
+    @classmethod
+    def from_endpoint(
+        cls,
+        base_url: str,
+        model: str,
+        config: RankerConfig | None = None,
+        templates: RankerTemplates | None = None,
+        concurrency: int = 16,
+        timeout: float = 120.0,
+        retries: int = 3,
+        **config_overrides,
+    ) -> VLMRankerPipeline:
+        """A ranker whose VLM is served by an OpenAI-compatible chat-completions endpoint (vLLM, TGI, ...).
+
+        Args:
+            base_url: The API root, e.g. `"http://localhost:8000/v1"`.
+            model: The served model's name.
+            config: Scoring settings (`config_overrides` update it); `batch_size` does not apply, `concurrency`
+                bounds the requests in flight instead.
+            templates: Prompt templates (appendix B by default).
+            concurrency: Requests in flight at once.
+            timeout: Seconds to wait for a connection and between bytes of an answer.
+            retries: Retries of a request on 429/5xx, timeouts and dropped connections.
+
+        Example:
+            ```python
+            >>> from imagegem_hf.ranker import VLMRankerPipeline
+            >>> # vllm serve Qwen/Qwen2-VL-7B-Instruct --limit-mm-per-prompt image=10
+            >>> ranker = VLMRankerPipeline.from_endpoint("http://localhost:8000/v1", "Qwen/Qwen2-VL-7B-Instruct")
+            ```
+        """
+        config = RankerConfig(**{**asdict(config or RankerConfig()), **config_overrides})
+        backend = OpenAIChatBackend(
+            base_url, model, config.max_new_tokens, concurrency=concurrency, timeout=timeout, retries=retries
+        )
+        return cls(config=config, templates=templates, backend=backend)
+
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = True) -> Path:
         """Write `ranker_config.json` (config + templates) and a card; the VLM's weights too unless the pipeline
         knows where they come from (`model_name_or_path`)."""
@@ -185,9 +236,10 @@ class VLMRankerPipeline:
                     "config": asdict(self.config),
                     "templates": self.templates.to_dict(),
                     "model_name_or_path": self.model_name_or_path,
+                    "endpoint": self._endpoint(),
                 },
             )
-            if self.model_name_or_path is None:
+            if self.model_name_or_path is None and self.model is not None:
                 self.model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
             (tmp / "README.md").write_text(
@@ -195,7 +247,10 @@ class VLMRankerPipeline:
                     "ranker_card.md",
                     config=asdict(self.config),
                     templates_version=self.templates.version,
-                    model_name_or_path=self.model_name_or_path or "(weights saved in this folder)",
+                    model_name_or_path=self.model_name_or_path
+                    or (
+                        f"served at {self.backend.base_url}" if self._endpoint() else "(weights saved in this folder)"
+                    ),
                 )
             )
         return Path(save_directory)
@@ -220,42 +275,54 @@ class VLMRankerPipeline:
                 content.append({"type": "text", "text": label})
         return content, images
 
-    @torch.no_grad()
+    def _endpoint(self) -> dict[str, Any] | None:
+        if not isinstance(self.backend, OpenAIChatBackend):
+            return None
+        b = self.backend
+        return {
+            "base_url": b.base_url,
+            "model": b.model,
+            "concurrency": b.concurrency,
+            "timeout": b.timeout,
+            "retries": b.retries,
+        }
+
     def generate(
         self, requests: list[tuple[list[dict], list]], sample_seed: int | None = None, show_progress: bool = False
     ) -> list[str]:
-        """Generate one reply per `(content, images)` request, in batches; greedy unless `sample_seed` is given."""
-        outputs = []
-        for start in tqdm(
-            range(0, len(requests), self.config.batch_size), disable=not show_progress, desc="VLM batches"
-        ):
-            batch = requests[start : start + self.config.batch_size]
-            texts = [
-                self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-                for content, _ in batch
-            ]
-            images = [im for _, ims in batch for im in ims] or None
-            inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(self.model.device)
-            kwargs: dict[str, Any] = {"max_new_tokens": self.config.max_new_tokens, "do_sample": False}
-            if sample_seed is not None:
-                torch.manual_seed(sample_seed + start)
-                kwargs.update(do_sample=True, temperature=0.7)
-            generated = self.model.generate(**inputs, **kwargs)
-            new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-            outputs += self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        return outputs
+        """One reply per `(content, images)` request from the backend; greedy unless `sample_seed` is given. A
+        request that got no answer (an endpoint that failed) gives an empty [`FailedReply`] saying why."""
+        return self.backend.generate(requests, sample_seed=sample_seed, show_progress=show_progress)
 
     # -- the two steps ------------------------------------------------------------------------------------------
     def caption(self, user_id: Any, history: list[RankItem]) -> str:
         """The user's textual preference profile from their latest items (cached per user and item type)."""
-        key = (str(user_id), self.config.item_type)
-        if key not in self._profiles:
-            if not history:
-                raise ValueError(f"User {user_id!r} has no history items to caption.")
-            content, images = self._content(history, None, with_ids=False)
-            content.append({"type": "text", "text": self.templates.captioning(self.config.item_type)})
-            self._profiles[key] = self.generate([(content, images)])[0].strip()
-        return self._profiles[key]
+        return self.caption_batch([(user_id, history)])[0]
+
+    def caption_batch(self, users: list[tuple[Any, list[RankItem]]], show_progress: bool = False) -> list[str]:
+        """Profiles of several users, generated together (cached per user and item type). A profile the VLM could
+        not write (a failed endpoint request) is an empty [`FailedReply`]; it is not cached, and `rank_batch`
+        leaves that user's candidates unscored, in their input order."""
+        todo = []
+        for user_id, history in users:
+            key = (str(user_id), self.config.item_type)
+            if key not in self._profiles and key not in {k for k, _ in todo}:
+                if not history:
+                    raise ValueError(f"User {user_id!r} has no history items to caption.")
+                content, images = self._content(history, None, with_ids=False)
+                content.append({"type": "text", "text": self.templates.captioning(self.config.item_type)})
+                todo.append((key, (content, images)))
+        replies = self.generate([request for _, request in todo], show_progress=show_progress) if todo else []
+        failed = {}
+        for (key, _), reply in zip(todo, replies, strict=True):
+            if isinstance(reply, FailedReply):
+                failed[key] = reply
+            else:
+                self._profiles[key] = reply.strip()
+        return [
+            self._profiles.get((str(u), self.config.item_type)) or failed[(str(u), self.config.item_type)]
+            for u, _ in users
+        ]
 
     def rank(self, profile: str, candidates: list[RankItem], seed: int = 0) -> RankingResult:
         """Randomized multi-trial scoring of `candidates` against `profile` (see `rank_batch`)."""
@@ -274,9 +341,13 @@ class VLMRankerPipeline:
         id_key = self.templates.id_key(self.config.item_type)
         trials = []  # (request index, candidate positions)
         prompts = []
+        problems: list[list[str]] = [[] for _ in requests]
         for r, (profile, candidates) in enumerate(requests):
             if not candidates:
                 raise ValueError("Every ranking request needs at least one candidate.")
+            if isinstance(profile, FailedReply):
+                problems[r].append(f"no preference profile ({profile.reason}): candidates left unscored")
+                continue
             for subset in trial_subsets(len(candidates), self.config.k_subset, self.config.n_trials, rng):
                 header = (
                     f"Visual preference profile of the user:\n{profile}\n\n"
@@ -284,7 +355,7 @@ class VLMRankerPipeline:
                 )
                 prompts.append(self._content([candidates[i] for i in subset], header, with_ids=True))
                 trials.append((r, subset))
-        replies = self.generate(prompts, show_progress=show_progress)
+        replies = self.generate(prompts, show_progress=show_progress) if prompts else []
         parsed = [
             parse_scores(reply, [requests[r][1][i].item_id for i in subset], id_key)
             for reply, (r, subset) in zip(replies, trials, strict=True)
@@ -299,7 +370,9 @@ class VLMRankerPipeline:
                 parsed[t] = parse_scores(reply, [requests[r][1][i].item_id for i in subset], id_key)
         per_request: list[dict[str, list[float]]] = [{} for _ in requests]
         explanations: list[dict[str, list[str]]] = [{} for _ in requests]
-        problems: list[list[str]] = [[] for _ in requests]
+        for t, reply in enumerate(replies):
+            if isinstance(reply, FailedReply) and not parsed[t].scores:
+                problems[trials[t][0]].append(f"trial {t}: no answer from the VLM ({reply.reason})")
         for (r, _), result in zip(trials, parsed, strict=True):
             for item_id, score in result.scores.items():
                 per_request[r].setdefault(item_id, []).append(score)

@@ -83,6 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grid.add_argument("--output", required=True, help="Grid PNG; the single images go next to it.")
     grid.set_defaults(func=_grid)
 
+    from imagegem_hf.fetch.cli import register_w2w_commands
+
+    register_w2w_commands(commands)
+
 
 def _lora_files(items: list[str]) -> list[Path]:
     files: list[Path] = []
