@@ -5,10 +5,32 @@
 - [`crawl`]: `/api/v1/images` and `/api/v1/models` pages, as the raw input of `imagegem dataset build`.
 
 All three resume where a killed run stopped and share one [`FetchConfig`] (concurrency, per-host rate, retries
-with backoff honouring `Retry-After`, timeouts).
+with backoff honouring `Retry-After`, timeouts). Names are imported lazily, so registering the CLI commands stays
+cheap.
 """
 
-from imagegem_hf.fetch.client import FetchConfig, Fetcher, FetchOutcome
-from imagegem_hf.fetch.images import ImageFetchReport, fetch_images
+from __future__ import annotations
 
-__all__ = ["FetchConfig", "FetchOutcome", "Fetcher", "ImageFetchReport", "fetch_images"]
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "FetchConfig": "imagegem_hf.fetch.client",
+    "FetchOutcome": "imagegem_hf.fetch.client",
+    "Fetcher": "imagegem_hf.fetch.client",
+    "ImageFetchReport": "imagegem_hf.fetch.images",
+    "fetch_images": "imagegem_hf.fetch.images",
+    "fetched_image_loader": "imagegem_hf.fetch.images",
+    "LoraFetchReport": "imagegem_hf.fetch.loras",
+    "fetch_loras": "imagegem_hf.fetch.loras",
+    "CrawlReport": "imagegem_hf.fetch.crawl",
+    "crawl": "imagegem_hf.fetch.crawl",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'imagegem_hf.fetch' has no attribute {name!r}")
