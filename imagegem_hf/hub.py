@@ -257,6 +257,56 @@ def _refuse_overlap(final_dir: Path, inputs: Sequence[str | os.PathLike]) -> Non
         raise ValueError(f"The output {final_dir} {relation} the input {source}: choose an output folder outside it.")
 
 
+def refresh_dataset_info(dataset_dir: str | os.PathLike) -> None:
+    """Record the size and SHA-256 of every data file of each config listed in a dataset card's `configs:`.
+
+    `datasets` 5.2 keys the cache of a local folder whose card lists `configs:` on the folder's name and the file
+    patterns only, so `load_dataset` on a rebuilt folder (or on another folder of the same name) returns the rows
+    of the first one it cached. The card's `dataset_info` is part of that key: with each config's
+    `download_checksums` in it, changed files give a new key and `load_dataset` reads them.
+
+    Args:
+        dataset_dir: A folder with a `README.md` whose YAML lists `configs:` with `data_files` patterns.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.hub import refresh_dataset_info
+        >>> refresh_dataset_info("demo_output/dataset")  # doctest: +SKIP
+        ```
+    """
+    import hashlib
+
+    from huggingface_hub.repocard import metadata_load, metadata_save
+
+    folder = Path(dataset_dir)
+    card = folder / "README.md"
+    metadata = metadata_load(card) or {}
+    infos = []
+    for config in metadata.get("configs", []):
+        checksums: dict[str, dict[str, Any]] = {}
+        for data_files in config.get("data_files", []):
+            pattern = data_files["path"] if isinstance(data_files, Mapping) else data_files
+            for path in sorted(folder.glob(pattern)):
+                digest = hashlib.sha256()
+                with open(path, "rb") as handle:
+                    for block in iter(lambda handle=handle: handle.read(1 << 24), b""):
+                        digest.update(block)
+                relative = path.relative_to(folder).as_posix()
+                checksums[relative] = {"num_bytes": path.stat().st_size, "checksum": digest.hexdigest()}
+        infos.append(
+            {
+                "config_name": config["config_name"],
+                "download_size": sum(c["num_bytes"] for c in checksums.values()),
+                "download_checksums": checksums,
+            }
+        )
+    if infos:
+        metadata["dataset_info"] = infos
+    else:
+        metadata.pop("dataset_info", None)
+    metadata_save(card, metadata)
+
+
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Write `data` as sorted, indented JSON (stable bytes for identical content)."""
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from imagegem_hf.hub import (
@@ -179,3 +180,23 @@ def test_render_card_missing_variable_fails(tmp_path):
 
     with pytest.raises(jinja2.TemplateNotFound):
         render_card("no_such_card.md")
+
+
+def test_load_dataset_reads_a_rebuilt_folder_not_the_cached_first_build(tmp_path):
+    """datasets keys the cache of a folder whose card lists `configs:` on its name and file patterns: without the
+    checksums in `dataset_info`, the second build below loaded the first build's rows."""
+    from datasets import load_dataset
+
+    from imagegem_hf.data.build import build_dataset
+    from imagegem_hf.data.synth import generate_raw_sample
+
+    rows = []
+    for seed in (11, 12):
+        generate_raw_sample(tmp_path / f"raw{seed}", users=5, seed=seed)
+        out = tmp_path / f"build{seed}" / "dataset"  # same folder name, as a rebuild elsewhere would have
+        build_dataset(tmp_path / f"raw{seed}", out, show_progress=False)
+        loaded = load_dataset(str(out), "images", split="train", cache_dir=str(tmp_path / "cache"))
+        expected = pq.read_table(next((out / "images").glob("*.parquet"))).column("imageId").to_pylist()
+        assert loaded["imageId"] == expected
+        rows.append(len(expected))
+    assert rows[0] != rows[1]

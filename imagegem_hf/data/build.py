@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from imagegem_hf.data.civitai import RecordError, flatten_image, flatten_model
 from imagegem_hf.data.safety import ToxicityScorer, unsafe_mask
 from imagegem_hf.data.schema import CONFIG_NAMES, features_for
-from imagegem_hf.hub import atomic_directory, render_card, write_json
+from imagegem_hf.hub import atomic_directory, refresh_dataset_info, render_card, write_json
 
 RAW_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 STREAM_BYTES = 16 * 2**20  # a page or JSONL line larger than this is parsed item by item
@@ -380,6 +380,7 @@ def build_dataset(
             ),
             encoding="utf-8",
         )
+        refresh_dataset_info(tmp)
     return report
 
 

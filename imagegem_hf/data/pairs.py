@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from imagegem_hf.data.schema import CONFIG_NAMES, PREFERENCE_PAIRS_COLUMNS, features_for
 from imagegem_hf.embeddings import TextEmbedder, l2_normalize
+from imagegem_hf.hub import refresh_dataset_info
 from imagegem_hf.scoring.base import Scorer
 
 TOPIC_KEYWORDS: dict[str, tuple[str, ...]] = {
@@ -418,6 +419,7 @@ def list_config_in_card(dataset_dir: Path, config_name: str, listed: bool) -> No
     order = {name: i for i, name in enumerate(CONFIG_NAMES)}
     metadata["configs"] = sorted(configs, key=lambda c: order.get(c["config_name"], len(order)))
     metadata_save(card, metadata)
+    refresh_dataset_info(dataset_dir)
 
 
 def write_exchange_pairs(

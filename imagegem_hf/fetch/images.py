@@ -41,6 +41,7 @@ from imagegem_hf.fetch.storage import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from imagegem_hf.hub import refresh_dataset_info
 
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 MANIFEST = "fetch_manifest.json"
@@ -201,15 +202,9 @@ def _shard_table(rows: pa.Table, images: list[dict[str, Any] | None], features: 
 
 def _card(output_dir: Path, shards: int) -> str:
     files = sorted((output_dir / "data").glob("train-*.parquet"))
-    metadata = [pq.ParquetFile(f).metadata for f in files]
-    rows = sum(m.num_rows for m in metadata)
-    download_size = sum(f.stat().st_size for f in files)
-    dataset_size = sum(m.row_group(g).total_byte_size for m in metadata for g in range(m.num_row_groups))
-    # The sizes make `load_dataset`'s cache key change when shards are added: with only `configs:`, datasets 5.2
-    # keys its cache on the folder name and the file pattern, and would serve a stale copy.
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     return (
-        f"---\ndataset_info:\n  config_name: default\n  download_size: {download_size}\n"
-        f"  dataset_size: {dataset_size}\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
         "    path: data/train-*.parquet\n---\n\n# ImageGem images (pixels)\n\n"
         "Fetched with `imagegem dataset fetch-images`: one row per `imageId` with the image-level columns of the "
         "`images` config, the pixels in `image`, and the stored size in `imageWidth`/`imageHeight`. "
@@ -303,6 +298,7 @@ def fetch_images(
         asyncio.run(_run(shards, output_dir, config, max_size, give_up_transient, features, report, progress))
         progress.close()
         write_atomic(output_dir / "README.md", _card(output_dir, report.shards).encode())
+        refresh_dataset_info(output_dir)
         write_json_atomic(
             manifest_path, {"settings": settings, "report": {**report.__dict__, "reasons": dict(report.reasons)}}
         )
