@@ -182,6 +182,10 @@ def _pairs(args: argparse.Namespace) -> int:
         pairs_per_cluster=args.pairs_per_cluster,
         min_margin=args.min_margin,
     )
+    from imagegem_hf.distributed import is_main_process
+
+    if not is_main_process():  # under `accelerate launch` every process scored its share; one writes
+        return 0
     path = write_preference_pairs(pairs, args.dataset_dir)
     print(
         f"{len(pairs):,} pairs → {path}"

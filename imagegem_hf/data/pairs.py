@@ -255,7 +255,9 @@ def scorer_scores(
 ) -> tuple[pd.Series, dict[str, int]]:
     """Score each (image, prompt) of `images` with a reward model (HPSv2, PickScore, CLIP score, …).
 
-    Images that are missing or unreadable get NaN and are counted, never silently scored.
+    Images that are missing or unreadable get NaN and are counted, never silently scored. Under `accelerate launch`
+    (or `torchrun`) each process scores every `num_processes`-th batch and every process gets all the scores back in
+    input order: the same numbers as one process, as the batches are the same.
 
     Returns:
         `(scores, problems)`: a float32 Series aligned with `images` and `{"missing image": n, "unreadable image": m}`.
@@ -270,12 +272,16 @@ def scorer_scores(
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from imagegem_hf.distributed import gather_batches, my_batches
+
     scores = np.full(len(images), np.nan, dtype=np.float32)
-    problems = {"missing image": 0, "unreadable image": 0}
     ids, prompts = images["imageId"].tolist(), images["prompt"].fillna("").tolist()
-    for start in tqdm(range(0, len(ids), batch_size), desc=f"Scoring with {type(scorer).__name__}"):
-        batch_images, batch_prompts, rows = [], [], []
-        for row in range(start, min(start + batch_size, len(ids))):
+    batches = [range(start, min(start + batch_size, len(ids))) for start in range(0, len(ids), batch_size)]
+    local = []  # (batch number, (rows, scores, problems)); under `accelerate launch` each process scores its share
+    for number, batch in tqdm(my_batches(batches), desc=f"Scoring with {type(scorer).__name__}"):
+        batch_images, rows = [], []
+        problems = {"missing image": 0, "unreadable image": 0}
+        for row in batch:
             try:
                 path = locate(ids[row])
             except FileNotFoundError:
@@ -287,11 +293,16 @@ def scorer_scores(
             except OSError:
                 problems["unreadable image"] += 1
                 continue
-            batch_prompts.append(prompts[row])
             rows.append(row)
+        values = scorer.score(batch_images, [prompts[r] for r in rows], batch_size=batch_size) if rows else None
+        local.append((number, (rows, None if values is None else values.numpy(), problems)))
+    totals = {"missing image": 0, "unreadable image": 0}
+    for rows, values, problems in gather_batches(local):
         if rows:
-            scores[rows] = scorer.score(batch_images, batch_prompts, batch_size=batch_size).numpy()
-    return pd.Series(scores, index=images.index), {k: v for k, v in problems.items() if v}
+            scores[rows] = values
+        for key, count in problems.items():
+            totals[key] += count
+    return pd.Series(scores, index=images.index), {k: v for k, v in totals.items() if v}
 
 
 def make_preference_pairs(

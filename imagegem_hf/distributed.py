@@ -1,0 +1,58 @@
+"""Splitting inference work across the processes of an `accelerate launch` (or `torchrun`) job.
+
+Scoring and embedding jobs cut their input into batches once, in input order; each process takes every
+`num_processes`-th batch, and the results are gathered back into input order on every process. Batches have the
+same composition whatever the number of processes, so a sharded run gives bit-for-bit the numbers of a single
+process. Without a launcher there is one process and nothing is gathered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _state():
+    import torch
+    from accelerate import PartialState
+
+    # Without an accelerator, accelerate treats a `torchrun` job as one process unless asked for CPU processes.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def process_count_and_index() -> tuple[int, int]:
+    """`(num_processes, process_index)` of this process (`(1, 0)` outside a distributed launch)."""
+    state = _state()
+    return state.num_processes, state.process_index
+
+
+def is_main_process() -> bool:
+    """Whether this process should write outputs (always True outside a distributed launch)."""
+    return _state().is_main_process
+
+
+def my_batches(batches: Sequence[T]) -> list[tuple[int, T]]:
+    """The `(batch number, batch)` pairs this process handles: every `num_processes`-th batch."""
+    count, index = process_count_and_index()
+    return [(number, batches[number]) for number in range(index, len(batches), count)]
+
+
+def gather_batches(results: list[tuple[int, Any]]) -> list[Any]:
+    """Gather every process's `(batch number, result)` pairs and return all results in batch order.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.distributed import gather_batches, my_batches
+        >>> batches = [[1, 2], [3, 4], [5]]
+        >>> gather_batches([(n, sum(b)) for n, b in my_batches(batches)])  # one process: all batches
+        [3, 7, 5]
+        ```
+    """
+    count, _ = process_count_and_index()
+    if count > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+    return [result for _, result in sorted(results, key=lambda pair: pair[0])]
