@@ -49,6 +49,7 @@ from imagegem_hf.preference.dataset_io import (
     ParquetRows,
     ShardedParquetWriter,
     decode_image,
+    iter_file_batches,
     key_hash,
     shard_files,
 )
@@ -699,7 +700,7 @@ def _copy_valid_images(
     bad: dict[str, str] = {}
     columns = ["image_0", "image_1", *image_bytes_columns]
     with pq.ParquetFile(path) as parquet, tqdm(total=len(needed), desc="checking images", leave=False) as bar:
-        for batch in parquet.iter_batches(batch_size=64, columns=columns):
+        for batch in iter_file_batches(parquet, columns, batch_size=64):
             rows = []
             for key_column, bytes_column in zip(("image_0", "image_1"), image_bytes_columns, strict=True):
                 keys, blobs = batch.column(key_column).to_pylist(), batch.column(bytes_column)

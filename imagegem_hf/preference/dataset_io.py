@@ -48,8 +48,9 @@ def decode_image(data: bytes | None) -> Image.Image:
     if not data:
         raise CorruptImageError("no image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
     except DECODE_ERRORS as err:
         raise CorruptImageError(f"{type(err).__name__}: {err}") from err
 
@@ -57,6 +58,15 @@ def decode_image(data: bytes | None) -> Image.Image:
 def key_hash(key: str) -> int:
     """A 64-bit hash of an image key that is the same in every process (Python's `hash` of a str is not)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def iter_file_batches(
+    parquet: pq.ParquetFile, columns: Sequence[str] | None = None, batch_size: int = 1024
+) -> Iterator[pa.RecordBatch]:
+    """The batches of a parquet file, one row group at a time: memory stays at one row group (pyarrow's whole-file
+    `iter_batches` grows with the file, measured at +97 MiB for a 58 MiB file and +221 MiB for 174 MiB)."""
+    for group in range(parquet.num_row_groups):
+        yield from parquet.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns)
 
 
 def shard_files(directory: Path, name: str) -> list[Path]:
@@ -234,7 +244,7 @@ class ParquetRows:
         """Every row in order, `batch_size` rows at a time, streaming shard by shard."""
         for file in self.files:
             with pq.ParquetFile(file) as parquet:
-                yield from parquet.iter_batches(batch_size=batch_size, columns=columns or self.columns)
+                yield from iter_file_batches(parquet, columns or self.columns, batch_size)
 
 
 class ImageStore(Mapping[str, Image.Image]):
@@ -285,14 +295,15 @@ class ImageStore(Mapping[str, Image.Image]):
         self._hashes, self._slots = hashes[order], slots[order]
         self._len = int(len(self._hashes) and 1 + np.count_nonzero(np.diff(self._hashes)))
 
-    def _slot(self, key: str) -> tuple[int, int] | None:
+    def _find(self, key: str) -> tuple[int, int, dict[str, Any]] | None:
+        """`(row, key column index, row)` of the first occurrence of `key`, or None."""
         h = key_hash(key)
         lo, hi = np.searchsorted(self._hashes, h, side="left"), np.searchsorted(self._hashes, h, side="right")
         for slot in self._slots[lo:hi]:
             row, c = divmod(int(slot), len(self.key_columns))
             record = self.rows.row(row)
             if str(record[self.key_columns[c]]) == key:
-                return row, c
+                return row, c, record
         return None
 
     def encoded(self, key: str) -> bytes:
@@ -301,28 +312,27 @@ class ImageStore(Mapping[str, Image.Image]):
         Raises:
             MissingImageError: The key is not in the table.
         """
-        slot = self._slot(str(key))
-        if slot is None:
+        found = self._find(str(key))
+        if found is None:
             raise MissingImageError(
                 f"Image {key!r} is not in the images table ({self.rows.files[0].parent}, {len(self)} images)."
             )
-        row, c = slot
-        return self.rows.row(row)[self.bytes_columns[c]]
+        row, c, record = found
+        return record[self.bytes_columns[c]]
 
     def __getitem__(self, key: str) -> Image.Image:
         data = self.encoded(key)
         try:
             return decode_image(data)
         except CorruptImageError as err:
-            row, _ = self._slot(str(key))
-            file, position = self.rows.locate(row)
+            file, position = self.rows.locate(self._find(str(key))[0])
             raise CorruptImageError(
                 f"Image {key!r} ({file.name}, row {position}) cannot be decoded: {err}. Re-encode or drop it and "
                 "rebuild the dataset (the builder quarantines such images)."
             ) from err
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._slot(key) is not None
+        return isinstance(key, str) and self._find(key) is not None
 
     def __len__(self) -> int:
         return self._len
