@@ -100,7 +100,7 @@ class PreferenceExample:
         user_id: The user.
         references: `(liked_key, disliked_key, prompt)` reference pairs.
         image0, image1: Keys of the two target images.
-        prompt: The target pair's caption.
+        prompt: The target pair's caption ("" when it has none).
         label0: 1 if the user preferred `image0`, else 0.
     """
 
