@@ -8,7 +8,10 @@ Same as `imagegem preference build`; kept as a script so that the dataset repo c
         --val-users 2 --test-users 6 --seen-users 4
 
 The records need `user_id, image_0, image_1, label_0, caption` (rename Pick-a-Pic's `image_0_uid`/`image_1_uid`);
-ties are dropped, users with at least 11 unique liked images are kept. Publish the folder with
+ties are dropped, users with at least 11 unique liked images are kept, splits and references are drawn by image, and
+missing or undecodable images are quarantined (counted in the output and the card). The records file is streamed and
+the output is sharded parquet (`pairs/<split>-XXXXX-of-YYYYY.parquet`, `images/images-XXXXX-of-YYYYY.parquet`), so
+memory does not grow with the number of pairs. Publish the folder with
 `huggingface-cli upload <repo> pickapic-users/ --repo-type dataset`.
 """
 

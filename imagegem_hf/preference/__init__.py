@@ -11,6 +11,8 @@ from imagegem_hf.preference.configuration_preference_prototype import Preference
 from imagegem_hf.preference.data import (
     PreferenceCollator,
     PreferenceExample,
+    PreferenceSplit,
+    build_preference_dataset,
     build_user_splits,
     group_pickapic_records,
     load_preference_dataset,
@@ -18,6 +20,7 @@ from imagegem_hf.preference.data import (
     save_preference_dataset,
     synthetic_pickapic_records,
 )
+from imagegem_hf.preference.dataset_io import ImageStore
 from imagegem_hf.preference.evaluate import PreferenceEvalResult, evaluate_preference
 from imagegem_hf.preference.losses import aux_loss, base_loss, preference_loss
 from imagegem_hf.preference.modeling_preference_prototype import (
@@ -44,6 +47,7 @@ AutoConfig.register(PreferencePrototypeConfig.model_type, PreferencePrototypeCon
 AutoModel.register(PreferencePrototypeConfig, PreferencePrototypeModel, exist_ok=True)
 
 __all__ = [
+    "ImageStore",
     "PairBatch",
     "PreferenceCollator",
     "PreferenceEvalResult",
@@ -56,10 +60,12 @@ __all__ = [
     "PreferencePrototypeTrainingConfig",
     "PreferenceQuery",
     "PreferenceSequenceBuilder",
+    "PreferenceSplit",
     "ReferencePair",
     "aux_loss",
     "base_loss",
     "build_pair_batch",
+    "build_preference_dataset",
     "build_user_splits",
     "evaluate_preference",
     "group_pickapic_records",

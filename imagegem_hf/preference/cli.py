@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,24 +68,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from imagegem_hf.preference.data import (
+        build_preference_dataset,
         build_user_splits,
         group_pickapic_records,
-        read_records,
         save_preference_dataset,
         synthetic_pickapic_records,
     )
 
-    if args.synthetic_users:
-        records, images = synthetic_pickapic_records(n_users=args.synthetic_users, seed=args.seed)
-        source = "synthetic users with a planted colour"
-    else:
-        columns = tuple(args.image_bytes_columns.split(",")) if args.image_bytes_columns else None
-        if columns is not None and len(columns) != 2:
-            raise ValueError("--image-bytes-columns takes two comma-separated columns (image_0's, image_1's).")
-        records, images = read_records(args.records, columns)
-        source = Path(args.records).name
-    splits = build_user_splits(
-        group_pickapic_records(records),
+    split_args = dict(
         min_liked=args.min_liked,
         n_ref=args.n_ref,
         val_users=args.val_users,
@@ -95,9 +84,25 @@ def _build(args: argparse.Namespace) -> int:
         seen_pairs_per_user=args.seen_pairs,
         seed=args.seed,
     )
-    folder = save_preference_dataset(splits, args.output_dir, images or None, source=source, overwrite=args.overwrite)
-    for name, examples in splits.items():
-        print(f"{name}: {len(examples)} examples, {len({e.user_id for e in examples})} users")
+    if args.synthetic_users:
+        records, images = synthetic_pickapic_records(n_users=args.synthetic_users, seed=args.seed)
+        splits = build_user_splits(group_pickapic_records(records), **split_args)
+        source = "synthetic users with a planted colour"
+        folder = save_preference_dataset(splits, args.output_dir, images, source=source, overwrite=args.overwrite)
+        counts = {name: (len(examples), len({e.user_id for e in examples})) for name, examples in splits.items()}
+    else:
+        columns = tuple(args.image_bytes_columns.split(",")) if args.image_bytes_columns else None
+        if columns is not None and len(columns) != 2:
+            raise ValueError("--image-bytes-columns takes two comma-separated columns (image_0's, image_1's).")
+        summary = build_preference_dataset(
+            args.records, args.output_dir, columns, overwrite=args.overwrite, **split_args
+        )
+        folder = summary.path
+        counts = {name: (c["examples"], c["users"]) for name, c in summary.counts.items()}
+        for kind, n in sorted(summary.issues.counts.items()):
+            print(f"{n} {kind}")
+    for name, (n_examples, n_users) in counts.items():
+        print(f"{name}: {n_examples} examples, {n_users} users")
     print(f"dataset → {folder}")
     return 0
 

@@ -43,7 +43,7 @@ def test_user_filter_and_disjoint_splits():
     assert len(users["test_unseen"]) == 2 and len(users["validation"]) == 1 and len(users["train"]) == 3
     assert users["test_unseen"].isdisjoint(users["train"] | users["validation"])
     assert users["test_seen"] <= users["train"] and len(users["test_seen"]) == 2
-    assert len(splits["test_seen"]) == 4 and len(splits["train"]) == 3 * 12 - 4
+    assert len(splits["test_seen"]) == 4 and len(splits["train"]) == 3 * 12 - 4  # no image is shared between pairs
     train_targets = {(e.user_id, e.liked) for e in splits["train"]}
     for e in splits["test_seen"]:
         assert (e.user_id, e.liked) not in train_targets  # held out
@@ -60,7 +60,7 @@ def test_published_format_round_trip_and_hub_folder(tmp_path):
     records, images = synthetic_pickapic_records(n_users=10, pairs_per_user=13, seed=1)
     splits = build_user_splits(group_pickapic_records(records), val_users=2, test_users=2, seen_users=2)
     folder = save_preference_dataset(splits, tmp_path / "ds", images)
-    frame = pd.read_parquet(folder / "pairs" / "test_unseen.parquet")
+    frame = pd.read_parquet(folder / "pairs" / "test_unseen-00000-of-00001.parquet")
     assert tuple(frame.columns) == PUBLISHED_COLUMNS
     assert read_processed(folder, split="test_unseen") == splits["test_unseen"]
     assert read_processed(frame) == splits["test_unseen"]
