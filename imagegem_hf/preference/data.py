@@ -186,7 +186,7 @@ class PreferenceExample:
         when the example has fewer)."""
         refs = self.references if n_ref is None else self.references[:n_ref]
         pairs = [ReferencePair(self.load(load_image, g), self.load(load_image, b), p) for g, b, p in refs]
-        return PreferenceQuery(pairs, self.load(load_image, target), self.prompt)
+        return PreferenceQuery(pairs, self.load(load_image, target), self.prompt, user_id=self.user_id)
 
 
 @dataclass

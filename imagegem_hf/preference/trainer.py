@@ -446,8 +446,8 @@ def train_preference_model(
     trainer = PreferencePrototypeTrainer(
         model=trainable,
         args=args,
-        train_dataset=list(train_examples),
-        eval_dataset=list(eval_examples) if eval_examples else None,
+        train_dataset=train_examples,  # a lazy PreferenceSplit stays lazy (Trainer needs only len and indexing)
+        eval_dataset=eval_examples if eval_examples else None,
         data_collator=collators[0],
         eval_data_collator=collators[1],
         compute_metrics=preference_metrics,
