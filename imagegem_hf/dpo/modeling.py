@@ -165,7 +165,9 @@ class DiffusionDPOModel(nn.Module):
 
     def _mse(self, unet: nn.Module, noisy, timesteps, hidden, added_cond, target) -> torch.Tensor:
         pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added_cond).sample
-        return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        # At least float32 (half-precision predictions are upcast; a float64 model keeps float64).
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        return (pred.to(dtype) - target.to(dtype)).pow(2).mean(dim=(1, 2, 3))
 
     def forward(
         self,
