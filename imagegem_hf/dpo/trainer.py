@@ -85,7 +85,10 @@ class _CollatorEpoch(TrainerCallback):
 
 def _copy(module: torch.nn.Module | None, dtype: torch.dtype) -> torch.nn.Module | None:
     """A copy of `module` in `dtype`: the trainer moves, casts and freezes its own modules, never the caller's."""
-    return None if module is None else copy.deepcopy(module).to(dtype=dtype)
+    if module is None:
+        return None
+    module = copy.deepcopy(module)
+    return module if module.dtype == dtype else module.to(dtype=dtype)
 
 
 class DiffusionDPOTrainer(Trainer):
