@@ -362,8 +362,8 @@ class DiffusionDPOCollator:
         tokenizer_2: SDXL's second tokenizer (adds `input_ids_2` and `add_time_ids` to the batch).
         proportion_empty_prompts: Probability of replacing a caption with `""`.
         random_crop: Random instead of center crops.
-        random_flip: Flip each pair horizontally with probability 0.5.
         seed: Seed of the random draws.
+        random_flip: Flip each pair horizontally with probability 0.5.
 
     Example:
         ```python
@@ -383,8 +383,8 @@ class DiffusionDPOCollator:
         tokenizer_2=None,
         proportion_empty_prompts: float = 0.0,
         random_crop: bool = False,
-        random_flip: bool = False,
         seed: int = 0,
+        random_flip: bool = False,
     ):
         self.tokenizer = tokenizer
         self.tokenizer_2 = tokenizer_2

@@ -262,11 +262,13 @@ def test_saved_lora_reloads_with_load_lora_weights(tmp_path):
 
 def test_resuming_from_a_checkpoint_reproduces_the_run(tmp_path):
     # Empty-prompt dropout (and the default random flips) must resume too: the same captions in steps 3-4.
+    # Two steps per epoch: checkpoint 1 is in the middle of the first epoch (the resumed run skips one batch), and
+    # the resumed run then crosses into the second epoch.
     kwargs = dict(learning_rate=1e-2, max_steps=4, proportion_empty_prompts=0.5)
-    first = _trainer(tmp_path / "a", save_strategy="steps", save_steps=2, **kwargs)
+    first = _trainer(tmp_path / "a", save_strategy="steps", save_steps=1, **kwargs)
     first.train()
     resumed = _trainer(tmp_path / "b", **kwargs)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-1"))
     assert resumed.state.global_step == 4
 
     def lora(trainer):
