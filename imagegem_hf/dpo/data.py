@@ -129,14 +129,14 @@ class _RowChecker:
 
     def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
         out = {"caption": "", "winner_first": True, "_row": index, "_problem": "", "_detail": ""}
-        first, second, caption, label = _pair(row, self.layout)
+        first, second, raw_caption, raw_label = _pair(row, self.layout)
         try:
-            label = _label(label)
+            label = _label(raw_label)
         except ValueError:
-            return {**out, "_problem": "invalid label", "_detail": repr(row.get("label_0"))[:60]}
-        caption = _caption(caption)
+            return {**out, "_problem": "invalid label", "_detail": repr(raw_label)[:60]}
+        caption = _caption(raw_caption)
         if caption is None:
-            return {**out, "_problem": "invalid caption", "_detail": type(_pair(row, self.layout)[2]).__name__}
+            return {**out, "_problem": "invalid caption", "_detail": type(raw_caption).__name__}
         if label is None:
             return {**out, "_problem": "missing label"}
         if label == 0.5:
@@ -171,6 +171,8 @@ class _PairRows:
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if "_row" not in batch:
             return {key: value for key, value in batch.items() if key not in ("winner_first", "_row")}
+        if not batch["_row"]:
+            return {"caption": [], "image_w": [], "image_l": []}
         first_key, second_key = _IMAGE_COLUMNS[self.layout]
         rows = self.source[list(batch["_row"])]
         pairs = zip(rows[first_key], rows[second_key], batch["winner_first"], strict=True)
@@ -266,7 +268,9 @@ def prepare_dpo_dataset(dataset, num_proc: int | None = None):
         num_proc: Processes for the validation pass (`datasets.Dataset` only).
 
     Returns:
-        `(dataset, dropped)`: the prepared dataset and a `{reason: count}` dict.
+        `(dataset, dropped)`: the prepared dataset (rows `caption, image_w, image_l`; a `datasets.Dataset` keeps
+        only the small columns `caption, winner_first, _row` and reads the images of a row from the input) and a
+        `{reason: count}` dict.
 
     Raises:
         ValueError: If the dataset has none of the layouts, has refused rows, or no pair survives.
