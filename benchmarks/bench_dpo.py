@@ -151,7 +151,7 @@ def run_hand_written(steps: int, resolution: int, batch: int) -> float:
         pairs(batch * steps, resolution),
         batch_size=batch,
         shuffle=True,
-        collate_fn=DiffusionDPOCollator(pipe.tokenizer, resolution=resolution),
+        collate_fn=DiffusionDPOCollator(pipe.tokenizer, resolution=resolution, seed=42, random_flip=True),
     )
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

@@ -8,8 +8,8 @@
 
 The dataset is in the exchange format (`jpg_0, jpg_1, label_0, caption`, e.g. written by
 `imagegem dataset pairs ... --exchange-dir`) or ImageGem's `preference_pairs` with pixels. Every
-`DiffusionDPOConfig` / `TrainingArguments` flag applies (`--mode full`, `--beta_dpo`, `--resume_from_checkpoint`,
-`--push_to_hub`, ...).
+`DiffusionDPOConfig` / `TrainingArguments` flag applies (`--mode full`, `--beta_dpo`, `--lora_alpha`,
+`--proportion_empty_prompts 0.2`, `--random_flip false`, `--resume_from_checkpoint`, `--push_to_hub`, ...).
 """
 
 from __future__ import annotations
@@ -29,15 +29,24 @@ class ScriptArguments:
     dataset: str = field(metadata={"help": "Pair dataset: path, parquet folder or repo id."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset config (e.g. preference_pairs)."})
     split: str = field(default="train", metadata={"help": "Dataset split."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the pairs instead of downloading the dataset first (needs --max_steps)."},
+    )
     max_train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many pairs."})
 
 
 def main() -> None:
     script_args, args = HfArgumentParser((ScriptArguments, DiffusionDPOConfig)).parse_args_into_dataclasses()
     pipeline = DiffusionPipeline.from_pretrained(script_args.pretrained_model)
-    pairs = load_dataset(script_args.dataset, script_args.dataset_config, split=script_args.split)
+    pairs = load_dataset(
+        script_args.dataset, script_args.dataset_config, split=script_args.split, streaming=script_args.streaming
+    )
     if script_args.max_train_pairs:
-        pairs = pairs.select(range(min(script_args.max_train_pairs, len(pairs))))
+        if script_args.streaming:
+            pairs = pairs.take(script_args.max_train_pairs)
+        else:
+            pairs = pairs.select(range(min(script_args.max_train_pairs, len(pairs))))
     trainer = DiffusionDPOTrainer(pipeline, args, train_dataset=pairs)
     if trainer.dropped_pairs:
         print(f"Dropped pairs: {trainer.dropped_pairs}")

@@ -52,6 +52,13 @@ class DiffusionDPOConfig(TrainingArguments):
     random_crop: bool = field(
         default=False, metadata={"help": "Random instead of center crops (the crop offset is an SDXL condition)."}
     )
+    random_flip: bool = field(
+        default=True,
+        metadata={
+            "help": "Flip each pair (winner and loser together) horizontally with probability 0.5, as both "
+            "reference Diffusion-DPO scripts do; turn off when left and right matter to the preference."
+        },
+    )
     proportion_empty_prompts: float = field(
         default=0.0,
         metadata={"help": "Fraction of captions replaced by the empty prompt (0.2 in the Diffusion-DPO paper)."},

@@ -157,15 +157,18 @@ class DiffusionDPOModel(nn.Module):
         return torch.cat([hidden_1, out_2.hidden_states[-2]], dim=-1), out_2.text_embeds
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """VAE latents of `(N, 3, H, W)` images in [−1, 1], scaled by the VAE's scaling factor."""
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """VAE latents of `(N, 3, H, W)` images in [−1, 1] (a posterior sample), scaled by the VAE's scaling
+        factor, in the frozen weights' dtype (the text encoder's: the VAE may run in float32 under fp16)."""
         vae_dtype = next(self.vae.parameters()).dtype
-        latents = self.vae.encode(pixel_values.to(vae_dtype)).latent_dist.sample()
-        return latents * self.vae.config.scaling_factor
+        latents = self.vae.encode(pixel_values.to(vae_dtype)).latent_dist.sample(generator=generator)
+        return (latents * self.vae.config.scaling_factor).to(next(self.text_encoder.parameters()).dtype)
 
     def _mse(self, unet: nn.Module, noisy, timesteps, hidden, added_cond, target) -> torch.Tensor:
         pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added_cond).sample
-        return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        # At least float32 (half-precision predictions are upcast; a float64 model keeps float64).
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        return (pred.to(dtype) - target.to(dtype)).pow(2).mean(dim=(1, 2, 3))
 
     def forward(
         self,
@@ -173,6 +176,7 @@ class DiffusionDPOModel(nn.Module):
         input_ids: torch.Tensor,
         input_ids_2: torch.Tensor | None = None,
         add_time_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> DiffusionDPOOutput:
         """Diffusion-DPO loss of a batch of pairs.
 
@@ -181,6 +185,8 @@ class DiffusionDPOModel(nn.Module):
             input_ids: `(B, L)` token ids of the captions (first tokenizer).
             input_ids_2: `(B, L)` token ids of the second tokenizer (SDXL).
             add_time_ids: `(B, 6)` SDXL size conditioning (original size, crop top-left, target size).
+            generator: A CPU `torch.Generator` for the VAE sample, the noise and the timesteps (evaluation); the
+                global random state when `None` (training: checkpointed and restored by `Trainer`).
 
         Returns:
             A [`DiffusionDPOOutput`].
@@ -189,11 +195,16 @@ class DiffusionDPOModel(nn.Module):
             raise ValueError(f"pixel_values must be (batch, 2, 3, H, W), got {tuple(pixel_values.shape)}.")
         batch = pixel_values.shape[0]
         # Winners then losers: (2B, 3, H, W).
-        latents = self.encode_images(torch.cat([pixel_values[:, 0], pixel_values[:, 1]]))
-        noise = torch.randn_like(latents[:batch]).repeat(2, 1, 1, 1)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (batch,), device=latents.device
-        ).repeat(2)
+        latents = self.encode_images(torch.cat([pixel_values[:, 0], pixel_values[:, 1]]), generator)
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        if generator is None:
+            noise = torch.randn_like(latents[:batch])
+            timesteps = torch.randint(0, num_timesteps, (batch,), device=latents.device)
+        else:
+            noise = torch.randn(latents[:batch].shape, generator=generator, dtype=latents.dtype)
+            timesteps = torch.randint(0, num_timesteps, (batch,), generator=generator)
+            noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+        noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from imagegem_hf.dpo.config import DiffusionDPOConfig
 from imagegem_hf.dpo.data import DiffusionDPOCollator, prepare_dpo_dataset
@@ -22,7 +22,6 @@ from imagegem_hf.hub import read_json, render_card, write_json
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 DPO_CONFIG_NAME = "diffusion_dpo.json"
-_PREPARED_COLUMNS = {"caption", "image_w", "image_l"}
 
 
 def base_fingerprint(unet) -> dict[str, Any]:
@@ -74,23 +73,49 @@ def load_dpo_weights(pipeline, checkpoint_dir: str | os.PathLike) -> None:
         pipeline.unet.load_state_dict(unet.state_dict())
 
 
+class _CollatorEpoch(TrainerCallback):
+    """Tells the collator the epoch that starts, so that its random draws change from epoch to epoch."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(int(state.epoch or 0))  # `state.epoch` is fractional inside a resumed epoch
+
+
+def _copy(module: torch.nn.Module | None, dtype: torch.dtype) -> torch.nn.Module | None:
+    """A copy of `module` in `dtype`: the trainer moves, casts and freezes its own modules, never the caller's."""
+    if module is None:
+        return None
+    module = copy.deepcopy(module)
+    return module if module.dtype == dtype else module.to(dtype=dtype)
+
+
 class DiffusionDPOTrainer(Trainer):
     """Diffusion-DPO on a Stable Diffusion 1.5 or SDXL pipeline (https://huggingface.co/papers/2311.12908).
 
     The trained model is the pipeline's UNet: a peft LoRA on it (`mode="lora"`, reference = the same UNet with
     adapters disabled) or all its weights (`mode="full"`, reference = a frozen copy). VAE and text encoder(s) stay
-    frozen. Each step draws one noise and one timestep per pair, shared by winner and loser, and minimises
-    `−log σ(−½β·((mse_w − mse_l) − (ref_w − ref_l)))`; `rewards/accuracies` (the implicit accuracy) and
-    `rewards/margins` are logged. Checkpoints hold the LoRA in diffusers format (`pytorch_lora_weights.safetensors`,
-    loadable with `pipeline.load_lora_weights`) or the full UNet (`unet/`), plus `diffusion_dpo.json`; training
-    resumes from them with `trainer.train(resume_from_checkpoint=...)`.
+    frozen, in the mixed-precision dtype (the VAE stays in float32 under `fp16=True`, as in the diffusers SDXL
+    script: fp16 VAEs overflow into NaN losses). Each step draws one noise and one timestep per pair, shared by
+    winner and loser, and minimises `−log σ(−½β·((mse_w − mse_l) − (ref_w − ref_l)))`; `rewards/accuracies` (the
+    implicit accuracy) and `rewards/margins` are logged. Evaluation is deterministic: each evaluation draws the
+    same noise and timesteps (from `args.seed`) and uses no augmentation (no empty prompts, center crops, no flips).
+    Checkpoints hold the LoRA in diffusers format with its adapter config (`pytorch_lora_weights.safetensors`,
+    loadable with `pipeline.load_lora_weights(dir)`, alpha included) or the full UNet (`unet/`), plus
+    `diffusion_dpo.json`; training resumes from them exactly with `trainer.train(resume_from_checkpoint=...)`, and
+    `load_best_model_at_end=True` loads the best one.
 
     Args:
-        pipeline: A `StableDiffusionPipeline` or `StableDiffusionXLPipeline` (the base model). Its UNet is trained in
-            place (LoRA mode adds an adapter to it).
+        pipeline: A `StableDiffusionPipeline` or `StableDiffusionXLPipeline` (the base model). It is not modified:
+            the trainer works on copies of its UNet, VAE and text encoder(s) (so, until they move to the
+            accelerator, they take the pipeline's memory once more), and `trainer.pipeline` is the trained pipeline
+            built from them.
         args: A [`DiffusionDPOConfig`].
-        train_dataset: Pairs in the exchange format (`jpg_0, jpg_1, label_0, caption`) or ImageGem's
-            `preference_pairs` with pixels; validated by [`prepare_dpo_dataset`] (drop counts in `dropped_pairs`).
+        train_dataset: Pairs in the exchange format (`jpg_0, jpg_1, label_0, caption`), ImageGem's
+            `preference_pairs` with pixels or the prepared layout (`caption, image_w, image_l`), a
+            `datasets.Dataset` or a streaming `datasets.IterableDataset`; validated by [`prepare_dpo_dataset`]
+            (drop counts in `dropped_pairs`).
         eval_dataset: Optional pairs in the same layouts (evaluation reports the DPO loss and implicit accuracy).
         data_collator: Default: a [`DiffusionDPOCollator`] built from the pipeline's tokenizers and `args`.
         callbacks: `transformers` trainer callbacks.
@@ -123,21 +148,18 @@ class DiffusionDPOTrainer(Trainer):
 
         if not isinstance(args, DiffusionDPOConfig):
             raise TypeError(f"args must be a DiffusionDPOConfig, got {type(args).__name__}.")
-        self.pipeline = pipeline
         self.dropped_pairs: dict[str, int] = {}
         train_dataset = self._prepared(train_dataset, "train")
         eval_dataset = self._prepared(eval_dataset, "eval")
-        unet = pipeline.unet
-        text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
         # Frozen weights run in the mixed-precision dtype (half the memory); trained weights stay in float32.
         frozen_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        vae_dtype = torch.float32 if args.fp16 else frozen_dtype
         reference_unet = None
         if args.mode == "lora":
             from peft import LoraConfig
 
+            unet = _copy(pipeline.unet, frozen_dtype)
             unet.requires_grad_(False)
-            if unet.dtype != frozen_dtype:
-                unet.to(dtype=frozen_dtype)
             unet.add_adapter(
                 LoraConfig(
                     r=args.lora_rank,
@@ -150,23 +172,26 @@ class DiffusionDPOTrainer(Trainer):
                 if param.requires_grad:
                     param.data = param.data.float()
         else:
-            if unet.dtype != torch.float32:
+            if pipeline.unet.dtype != torch.float32:
                 raise ValueError(
-                    f"Full fine-tuning needs the UNet in float32 (got {unet.dtype}); mixed precision comes from "
-                    "bf16=True / fp16=True."
+                    f"Full fine-tuning needs the UNet in float32 (got {pipeline.unet.dtype}); mixed precision comes "
+                    "from bf16=True / fp16=True."
                 )
-            reference_unet = copy.deepcopy(unet)
+            unet = _copy(pipeline.unet, torch.float32)
             unet.requires_grad_(True)
-        for module in (pipeline.vae, pipeline.text_encoder, text_encoder_2, reference_unet):
-            if module is not None and module.dtype != frozen_dtype:
-                module.to(dtype=frozen_dtype)
+            reference_unet = _copy(pipeline.unet, frozen_dtype)
+        frozen = {"vae": _copy(pipeline.vae, vae_dtype), "text_encoder": _copy(pipeline.text_encoder, frozen_dtype)}
+        if getattr(pipeline, "text_encoder_2", None) is not None:
+            frozen["text_encoder_2"] = _copy(pipeline.text_encoder_2, frozen_dtype)
+        self.pipeline = copy.copy(pipeline)
+        self.pipeline.register_modules(unet=unet, **frozen)
         model = DiffusionDPOModel(
             unet,
-            pipeline.vae,
-            pipeline.text_encoder,
+            frozen["vae"],
+            frozen["text_encoder"],
             DDPMScheduler.from_config(pipeline.scheduler.config),
             beta=args.beta_dpo,
-            text_encoder_2=text_encoder_2,
+            text_encoder_2=frozen.get("text_encoder_2"),
             reference_unet=reference_unet,
         )
         if data_collator is None:
@@ -176,9 +201,14 @@ class DiffusionDPOTrainer(Trainer):
                 tokenizer_2=getattr(pipeline, "tokenizer_2", None),
                 proportion_empty_prompts=args.proportion_empty_prompts,
                 random_crop=args.random_crop,
+                random_flip=args.random_flip,
                 seed=args.seed,
             )
+        callbacks = list(callbacks or [])
+        if hasattr(data_collator, "set_epoch"):
+            callbacks.append(_CollatorEpoch(data_collator))
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._eval_generator: torch.Generator | None = None
         super().__init__(
             model=model,
             args=args,
@@ -189,12 +219,31 @@ class DiffusionDPOTrainer(Trainer):
         )
 
     def _prepared(self, dataset, split: str):
-        if dataset is None or _PREPARED_COLUMNS <= set(dataset.column_names):
-            return dataset
+        if dataset is None:
+            return None
         prepared, dropped = prepare_dpo_dataset(dataset)
         if dropped:
             self.dropped_pairs[split] = dropped
         return prepared
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The evaluation DataLoader, batched by the collator without its augmentation (deterministic batches)."""
+        collator = self.data_collator
+        if isinstance(collator, DiffusionDPOCollator):
+            self.data_collator = collator.without_augmentation()
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
+
+    def evaluation_loop(self, *args, **kwargs):
+        """Every evaluation draws the same noise and timesteps (seeded from `args.seed`, one stream per process):
+        the same weights give the same `eval_loss`."""
+        self._eval_generator = torch.Generator().manual_seed(self.args.seed + self.args.process_index)
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self._eval_generator = None
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -222,6 +271,8 @@ class DiffusionDPOTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        if self._eval_generator is not None:
+            inputs = {**inputs, "generator": self._eval_generator}
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
@@ -246,8 +297,13 @@ class DiffusionDPOTrainer(Trainer):
             from peft.utils import get_peft_model_state_dict
 
             lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            # The adapter config (alpha above all) is what `load_lora_weights` reads to rebuild the same LoRA.
             type(self.pipeline).save_lora_weights(
-                output_dir, unet_lora_layers=lora_layers, weight_name=LORA_WEIGHTS_NAME, safe_serialization=True
+                output_dir,
+                unet_lora_layers=lora_layers,
+                weight_name=LORA_WEIGHTS_NAME,
+                safe_serialization=True,
+                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
             )
         else:
             unet.save_pretrained(output_dir / "unet", safe_serialization=True)
@@ -257,6 +313,7 @@ class DiffusionDPOTrainer(Trainer):
                 "mode": self.args.mode,
                 "beta_dpo": self.args.beta_dpo,
                 "lora_rank": self.args.lora_rank if self.args.mode == "lora" else None,
+                "lora_alpha": self.args.lora_alpha if self.args.mode == "lora" else None,
                 "resolution": self.args.resolution,
                 "pipeline_class": type(self.pipeline).__name__,
                 "base_model": getattr(self.pipeline, "name_or_path", None),
@@ -284,6 +341,10 @@ class DiffusionDPOTrainer(Trainer):
 
             saved = UNet2DConditionModel.from_pretrained(Path(resume_from_checkpoint) / "unet")
             model.unet.load_state_dict(saved.state_dict())
+
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end=True`: load the best checkpoint's weights (saved in this trainer's layout)."""
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
         if not self.is_world_process_zero():

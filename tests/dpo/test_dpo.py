@@ -45,7 +45,7 @@ def _deterministic_vae(pipe) -> None:
         conv.bias[half:] = -30.0
 
 
-def _trainer(tmp_path, sdxl=False, mode="lora", beta=5000.0, **kwargs) -> DiffusionDPOTrainer:
+def _trainer(tmp_path, sdxl=False, mode="lora", beta=5000.0, eval_dataset=None, **kwargs) -> DiffusionDPOTrainer:
     pipe = tiny_sd_pipeline(seed=0, sdxl=sdxl)
     _deterministic_vae(pipe)
     defaults = dict(
@@ -62,7 +62,8 @@ def _trainer(tmp_path, sdxl=False, mode="lora", beta=5000.0, **kwargs) -> Diffus
         disable_tqdm=True,
     )
     defaults.update(kwargs)
-    return DiffusionDPOTrainer(pipe, DiffusionDPOConfig(str(tmp_path / "out"), **defaults), train_dataset=_pairs())
+    args = DiffusionDPOConfig(str(tmp_path / "out"), **defaults)
+    return DiffusionDPOTrainer(pipe, args, train_dataset=_pairs(), eval_dataset=eval_dataset)
 
 
 def _batch(trainer: DiffusionDPOTrainer) -> dict[str, torch.Tensor]:
@@ -163,14 +164,28 @@ def test_gradients_vanish_as_beta_goes_to_zero(tmp_path):
 def test_swapping_winner_and_loser_flips_the_margin(tmp_path):
     trainer = _trainer(tmp_path)
     _perturb_trained_weights(trainer)
+    # Swapping moves each image to the other half of the UNet's (2B) batch, and in float32 an output depends on its
+    # batch position at the rounding level (relative 1e-7 on mse ≈ 1); β/2 = 2500 turns that into ~3e-4 in
+    # `inside`. In float64 the same rounding is ~1e-16 · 2500 ≈ 1e-12, so the antisymmetry holds to 1e-6 exactly.
+    # The other difference is the VAE's sampling noise, which swapping hands to the other image: its std cannot go
+    # below e^-15 (diffusers clamps the log-variance at -30), so scale the posterior mean up by 1e6 and the latent
+    # scaling factor down by as much: the same latents, with sampling noise 3e-13 instead of 3e-7.
+    vae = trainer.pipeline.vae
+    half = vae.quant_conv.out_channels // 2
+    with torch.no_grad():
+        vae.quant_conv.weight[:half] *= 1e6
+        vae.quant_conv.bias[:half] *= 1e6
+    vae.register_to_config(scaling_factor=vae.config.scaling_factor * 1e-6)
+    trainer.model.double()
     batch = _batch(trainer)
+    batch["pixel_values"] = batch["pixel_values"].double()
     swapped = dict(batch, pixel_values=batch["pixel_values"].flip(1))
     torch.manual_seed(5)
     out = trainer.model(**batch)
     torch.manual_seed(5)
     out_swapped = trainer.model(**swapped)
-    assert out.inside.abs().min() > 0
-    torch.testing.assert_close(out_swapped.inside, -out.inside, rtol=1e-3, atol=1e-6)
+    assert out.inside.dtype == torch.float64 and out.inside.abs().min() > 1e-3
+    torch.testing.assert_close(out_swapped.inside, -out.inside, rtol=0, atol=1e-6)
 
 
 def test_lora_reference_is_the_base_unet_and_does_not_move(tmp_path):
@@ -224,12 +239,13 @@ def test_a_few_steps_decrease_the_loss_on_a_fixed_batch(tmp_path):
 
 
 def test_saved_lora_reloads_with_load_lora_weights(tmp_path):
-    trainer = _trainer(tmp_path, learning_rate=1e-2, max_steps=2)
+    # alpha ≠ rank: the LoRA's scale alpha/rank = 4 must survive the save (diffusers' adapter metadata).
+    trainer = _trainer(tmp_path, learning_rate=1e-2, max_steps=2, lora_alpha=8)
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / LORA_WEIGHTS_NAME).is_file()
     fresh = tiny_sd_pipeline(seed=0)
-    fresh.load_lora_weights(str(tmp_path / "final"), weight_name=LORA_WEIGHTS_NAME)
+    fresh.load_lora_weights(str(tmp_path / "final"))
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
     hidden = torch.randn(1, 77, 8)
     with torch.no_grad():
@@ -245,10 +261,14 @@ def test_saved_lora_reloads_with_load_lora_weights(tmp_path):
 
 
 def test_resuming_from_a_checkpoint_reproduces_the_run(tmp_path):
-    first = _trainer(tmp_path / "a", learning_rate=1e-2, max_steps=4, save_strategy="steps", save_steps=2)
+    # Empty-prompt dropout (and the default random flips) must resume too: the same captions in steps 3-4.
+    # Two steps per epoch: checkpoint 1 is in the middle of the first epoch (the resumed run skips one batch), and
+    # the resumed run then crosses into the second epoch.
+    kwargs = dict(learning_rate=1e-2, max_steps=4, proportion_empty_prompts=0.5)
+    first = _trainer(tmp_path / "a", save_strategy="steps", save_steps=1, **kwargs)
     first.train()
-    resumed = _trainer(tmp_path / "b", learning_rate=1e-2, max_steps=4)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    resumed = _trainer(tmp_path / "b", **kwargs)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-1"))
     assert resumed.state.global_step == 4
 
     def lora(trainer):
@@ -257,7 +277,7 @@ def test_resuming_from_a_checkpoint_reproduces_the_run(tmp_path):
     a, b = lora(first), lora(resumed)
     assert a.keys() == b.keys() and a
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+        assert torch.equal(b[key], a[key]), key  # bit for bit
 
 
 def test_lora_for_another_base_model_is_refused(tmp_path):
@@ -370,3 +390,159 @@ def test_evaluation_table_win_rates_and_grid(tmp_path):
     assert PILImage.open(paths["grid"]).size[1] == 2 * 128
     with pytest.raises(ValueError, match="prompts"):
         evaluate_pipelines({"base": base}, [], scorers)
+
+
+class _RecordingTrainer(DiffusionDPOTrainer):
+    """Keeps the caption ids of every training batch (the batches come from the DataLoader workers)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.seen = [*getattr(self, "seen", []), inputs["input_ids"].clone()]
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_empty_prompt_masks_differ_across_workers_and_epochs(tmp_path):
+    pipe = tiny_sd_pipeline(seed=0)
+    args = DiffusionDPOConfig(
+        str(tmp_path / "out"),
+        resolution=32,
+        per_device_train_batch_size=8,
+        num_train_epochs=2,
+        dataloader_num_workers=2,
+        dataloader_persistent_workers=True,  # the workers outlive the epoch: they must still see the new one
+        proportion_empty_prompts=0.5,
+        lora_rank=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = _RecordingTrainer(pipe, args, train_dataset=_pairs(16))
+    trainer.train()
+    empty_ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length).input_ids[0]
+    masks = [tuple(row.tolist() == empty_ids for row in ids) for ids in trainer.seen]
+    assert len(masks) == 4  # two epochs of two batches, each batch from another worker
+    assert 0 < sum(map(sum, masks)) < 32  # dropout happened, not everywhere
+    # Each worker used to draw from a copy of one generator: both batches, and every epoch, had the same mask.
+    assert masks[0] != masks[1] and masks[2] != masks[3]
+    # Each pair's draw changes with the epoch (the batches are reshuffled, so compare pairs, not positions).
+    decode = pipe.tokenizer.batch_decode
+    kept = [{c for ids in trainer.seen[e : e + 2] for c in decode(ids, skip_special_tokens=True) if c} for e in (0, 2)]
+    assert kept[0] != kept[1]
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path):
+    trainer = _trainer(
+        tmp_path,
+        learning_rate=1e-2,
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,  # the first step's (highest) loss is the "best": not the last weights
+        eval_dataset=_pairs(),
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-3")
+
+    def unet_output(lora_dir=None):
+        unet = trainer.pipeline.unet
+        if lora_dir is not None:
+            fresh = tiny_sd_pipeline(seed=0)
+            fresh.load_lora_weights(lora_dir)
+            unet = fresh.unet
+        torch.manual_seed(0)
+        x, hidden = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 8)
+        with torch.no_grad():
+            return unet(x, torch.tensor([10]), hidden).sample
+
+    torch.testing.assert_close(unet_output(), unet_output(best))
+    assert not torch.allclose(unet_output(), unet_output(str(tmp_path / "out" / "checkpoint-3")))
+
+
+def test_evaluation_is_deterministic_and_unaugmented(tmp_path):
+    losses = []
+    for augment in (True, False):
+        augmentation = dict(proportion_empty_prompts=1.0, random_flip=True, random_crop=True)
+        trainer = _trainer(tmp_path / str(augment), **(augmentation if augment else {"random_flip": False}))
+        _perturb_trained_weights(trainer)  # a fresh LoRA is zero: every loss would be log 2
+        trainer.eval_dataset = trainer.train_dataset
+        losses += [trainer.evaluate()["eval_loss"], trainer.evaluate()["eval_loss"]]
+    # Same weights, same loss: each evaluation draws the same noise and timesteps, and batches the pairs
+    # without empty prompts, random crops or flips (the augmented trainer evaluates like the plain one).
+    assert losses[0] == losses[1] == losses[2] == losses[3]
+    assert abs(losses[0] - np.log(2)) > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_the_callers_pipeline_is_not_modified(tmp_path, mode):
+    pipe = tiny_sd_pipeline(seed=0)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    before = pipe("a dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+    weights = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
+    args = DiffusionDPOConfig(
+        str(tmp_path / "out"),
+        resolution=32,
+        per_device_train_batch_size=2,
+        max_steps=1,
+        mode=mode,
+        lora_rank=2,
+        bf16=True,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = DiffusionDPOTrainer(pipe, args, train_dataset=_pairs(2))
+    trainer.train()
+    assert trainer.pipeline is not pipe and trainer.pipeline.unet is not pipe.unet
+    assert trainer.pipeline.vae.dtype == torch.bfloat16 and pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    assert not getattr(pipe.unet, "_hf_peft_config_loaded", False)  # no adapter added to the caller's UNet
+    assert {name: p for name, p in pipe.unet.named_parameters()}.keys() == weights.keys()
+    assert all(torch.equal(p, weights[name]) for name, p in pipe.unet.named_parameters())
+    after = pipe("a dog", generator=torch.Generator().manual_seed(0), **kwargs).images  # mixed dtypes used to fail
+    np.testing.assert_array_equal(after, before)
+
+
+def test_fp16_keeps_the_vae_in_float32(tmp_path):
+    trainer = _trainer(tmp_path, fp16=True, max_steps=1)
+    assert trainer.pipeline.vae.dtype == torch.float32
+    assert trainer.pipeline.text_encoder.dtype == torch.float16 and trainer.pipeline.unet.dtype == torch.float16
+    trainer.train()
+    assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_streaming_datasets_train(tmp_path):
+    args = DiffusionDPOConfig(
+        str(tmp_path),
+        resolution=32,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        lora_rank=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(seed=0), args, train_dataset=_pairs(4).to_iterable_dataset())
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_a_prepared_layout_dataset_is_still_validated(tmp_path):
+    prepared, _ = prepare_dpo_dataset(_pairs(4))
+    rows = {key: [row[key] for row in prepared] for key in ("caption", "image_w", "image_l")}
+    rows["image_w"][1] = rows["image_w"][1][:40]  # a truncated file
+    rows["caption"][2] = ""
+    trainer = DiffusionDPOTrainer(
+        tiny_sd_pipeline(seed=0),
+        DiffusionDPOConfig(str(tmp_path), resolution=32, use_cpu=True, report_to=[], lora_rank=2),
+        train_dataset=Dataset.from_dict(rows),
+    )
+    assert trainer.dropped_pairs == {"train": {"unreadable image": 1, "empty prompt": 1}}
+    assert len(trainer.train_dataset) == 2

@@ -23,6 +23,7 @@ def test_example_trains_and_saves_a_loadable_lora(tmp_path):
     command += ["--pretrained_model", str(tmp_path / "base"), "--dataset", str(tmp_path / "pairs")]
     command += ["--output_dir", str(out), "--resolution", "32", "--max_steps", "2", "--lora_rank", "2"]
     command += ["--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none", "--save_strategy", "no"]
+    command += ["--streaming", "--max_train_pairs", "4", "--lora_alpha", "4"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / LORA_WEIGHTS_NAME).is_file() and (out / "README.md").is_file()
