@@ -13,13 +13,16 @@ from safetensors.numpy import load_file, save_file
 
 from imagegem_hf.hub import atomic_directory, push_folder, read_json, render_card, resolve, write_json
 from imagegem_hf.recsys.data import InteractionData
+from imagegem_hf.recsys.metrics import metrics_from_ranks, target_ranks
 
 
 class Recommender:
-    """Base class: `fit(train)`, `score(users)`, `recommend(users, k)`, `save_pretrained`/`from_pretrained`.
+    """Base class: `fit(train, validation=None)`, `score(users)`, `recommend(users, k)`, `save_pretrained` /
+    `from_pretrained`.
 
     Subclasses set `name`, implement `fit` and `score`, list their hyper-parameters in `config_keys` and their
-    learned arrays in `state()` / `load_state()`.
+    learned arrays in `state()` / `load_state()`. Every `fit` takes the same arguments, so that an evaluation loop
+    treats all models alike: models that train iteratively early-stop on `validation`, the others ignore it.
     """
 
     name: ClassVar[str] = "recommender"
@@ -31,7 +34,8 @@ class Recommender:
         self.train: InteractionData | None = None
 
     # -- to implement -------------------------------------------------------------------------------------------
-    def fit(self, train: InteractionData) -> Recommender:
+    def fit(self, train: InteractionData, validation: InteractionData | None = None) -> Recommender:
+        """Fit on `train`; `validation` (next items after `train`, same vocabulary) is used by models that need it."""
         raise NotImplementedError
 
     def score(self, users: np.ndarray) -> np.ndarray:
@@ -64,6 +68,12 @@ class Recommender:
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         order = np.lexsort((top, -np.take_along_axis(scores, top, 1)), axis=1)
         return np.take_along_axis(top, order, 1)
+
+    def validation_ndcg(self, validation: InteractionData) -> float:
+        """NDCG@10 of `validation`'s items given the training history (full ranking, seen items masked)."""
+        users = validation.user_index
+        ranks = target_ranks(self.score(users), validation.item_index, self.train.csr()[users])
+        return metrics_from_ranks(ranks, ks=(10,))["ndcg@10"]
 
     def check_vocabulary(self, data: InteractionData) -> None:
         """Raise if `data` does not use this model's item vocabulary (ids at the same indices)."""

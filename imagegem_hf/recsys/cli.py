@@ -27,6 +27,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--time-col", default="timestamp", help="Timestamp column.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of every model.")
     parser.add_argument("--output-dir", default="recommend_output", help="Where to write the table, JSON and plot.")
+    images = parser.add_argument_group(
+        "Image item embeddings (--item-type image on an ImageGem dataset folder; initialise the Two-Tower's items)"
+    )
+    images.add_argument(
+        "--image-embedding-column", default=None, help="Vector column of the images config holding an embedding."
+    )
+    images.add_argument(
+        "--clip-model",
+        default="openai/clip-vit-large-patch14",
+        help="CLIP path or repo id that embeds the stored pixels when there is no embedding column (cached as "
+        "parquet in <dataset>.image_embeddings/, resumable).",
+    )
+    images.add_argument("--embedding-batch-size", type=int, default=64, help="CLIP batch size.")
+    images.add_argument("--device", default="cpu", help="CLIP device.")
     rerank = parser.add_argument_group("VLM re-ranking (ImageGem §4.2; needs an ImageGem dataset folder)")
     rerank.add_argument("--rerank", choices=["none", "vlm"], default="none", help="Re-rank CF candidates with a VLM.")
     rerank.add_argument("--vlm", default=None, help="Image-text-to-text model path or repo id (e.g. a Qwen2-VL).")
@@ -60,6 +74,8 @@ def _run(args: argparse.Namespace) -> int:
         item_type=args.item_type,
         config=args.config,
     )
+    if args.item_type == "image" and "twotower" in names:
+        available["twotower"] = _image_two_tower(args, data)
     ks = tuple(int(k) for k in args.k.split(","))
     result = evaluate_models(data, {n: available[n] for n in names}, ks=ks)
     title = f"recommendation_{args.item_type or 'all'}"
@@ -70,6 +86,27 @@ def _run(args: argparse.Namespace) -> int:
     if args.rerank == "vlm":
         _rerank(args, result, Path(args.output_dir))
     return 0
+
+
+def _image_two_tower(args: argparse.Namespace, data):
+    from imagegem_hf.hub import resolve
+    from imagegem_hf.recsys import TwoTower
+    from imagegem_hf.recsys.image_features import image_item_features
+
+    features = image_item_features(
+        resolve(args.data, repo_type="dataset"),
+        data.item_ids,
+        embedding_column=args.image_embedding_column,
+        clip_model=args.clip_model,
+        batch_size=args.embedding_batch_size,
+        device=args.device,
+    )
+    if features is None:
+        print(
+            "The dataset stores no pixels and no --image-embedding-column was given: the Two-Tower's image "
+            "embeddings start at random (each image has one interaction, so expect near-random results)."
+        )
+    return TwoTower(item_features=features, seed=args.seed)
 
 
 def _rerank(args: argparse.Namespace, result, output_dir: Path) -> None:

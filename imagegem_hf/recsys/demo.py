@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from imagegem_hf.recsys import InteractionData, Pop, TwoTower
@@ -31,21 +30,10 @@ def run_demo(context) -> list[str]:
     image_models = {
         "random": RandomRecommender(context.seed),
         "pop": Pop(),
-        "twotower": _ContentTwoTower(features, seed=context.seed),
+        "twotower": TwoTower(item_features=pd.DataFrame(features, index=filtered.item_ids), seed=context.seed),
     }
     result = evaluate_models(filtered, image_models, ks=(10, 50, 100))
     print("\nImage recommendation (test, full ranking):\n" + result.table("test"))
     lines += [f"image recommendation {k} → {v}" for k, v in result.save(out, "image_recommendation").items()]
     context.artifacts["cf_candidates"]["image"] = candidates_payload(result, "twotower")
     return lines
-
-
-class _ContentTwoTower(TwoTower):
-    """A Two-Tower whose item embeddings start from the given content vectors."""
-
-    def __init__(self, features: np.ndarray, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.features = features
-
-    def fit(self, train: InteractionData) -> TwoTower:
-        return super().fit(train, item_features=self.features)

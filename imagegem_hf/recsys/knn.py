@@ -51,7 +51,7 @@ class Pop(Recommender):
 
     name = "pop"
 
-    def fit(self, train: InteractionData) -> Pop:
+    def fit(self, train: InteractionData, validation: InteractionData | None = None) -> Pop:
         self._remember(train)
         self.counts = np.bincount(train.item_index, minlength=train.n_items).astype(np.float32)
         return self
@@ -89,7 +89,7 @@ class ItemKNN(Recommender):
         super().__init__()
         self.k, self.shrink = k, shrink
 
-    def fit(self, train: InteractionData) -> ItemKNN:
+    def fit(self, train: InteractionData, validation: InteractionData | None = None) -> ItemKNN:
         self._remember(train)
         self.similarity = cosine_neighbours(train.csr(), self.k, self.shrink)
         return self
@@ -121,7 +121,7 @@ class UserKNN(Recommender):
         super().__init__()
         self.k, self.shrink = k, shrink
 
-    def fit(self, train: InteractionData) -> UserKNN:
+    def fit(self, train: InteractionData, validation: InteractionData | None = None) -> UserKNN:
         self._remember(train)
         self.similarity = cosine_neighbours(train.csr().T.tocsr(), self.k, self.shrink)
         return self

@@ -7,16 +7,13 @@ expanding every prefix into its own example; the loss is a full softmax over the
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from imagegem_hf.recsys.base import Recommender, set_seed
 from imagegem_hf.recsys.data import InteractionData
-from imagegem_hf.recsys.metrics import metrics_from_ranks, target_ranks
+from imagegem_hf.recsys.training import ScheduledTraining, endless_batches, run_schedule, validation_sample
 
 
 class SASRecNetwork(torch.nn.Module):
@@ -37,9 +34,14 @@ class SASRecNetwork(torch.nn.Module):
             self.items.weight[0].zero_()
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """(batch, len) item indices + 1 (0 = pad, left-padded) → (batch, len, dim) hidden states."""
+        """(batch, len ≤ max_len) item indices + 1 (0 = pad, left-padded) → (batch, len, dim) hidden states.
+
+        Positions count from the right end of a `max_len` window, so an input with its all-padding columns cut off
+        (see `trim_padding`) gives the same hidden states as the full-width one.
+        """
         batch, length = seq.shape
-        x = self.items(seq) * self.items.embedding_dim**0.5 + self.positions.weight[:length]
+        max_len = self.positions.num_embeddings
+        x = self.items(seq) * self.items.embedding_dim**0.5 + self.positions.weight[max_len - length :]
         # Query i may see key j when j ≤ i and j is not padding; a padding query sees only itself, so that no
         # row is fully masked (a fully masked row is NaN and would leak NaN into later layers).
         pad = seq == 0
@@ -49,6 +51,13 @@ class SASRecNetwork(torch.nn.Module):
         heads = self.encoder.layers[0].self_attn.num_heads
         blocked = (~allowed).repeat_interleave(heads, dim=0)
         return self.norm(self.encoder(self.dropout(x), mask=blocked))
+
+
+def trim_padding(seq: np.ndarray) -> np.ndarray:
+    """Drop the leading columns that are padding in every row of a left-padded batch (short sequences then cost
+    their own length, not `max_len`)."""
+    filled = np.flatnonzero((seq > 0).any(axis=0))
+    return seq[:, filled[0] :] if len(filled) else seq[:, -1:]
 
 
 def left_pad(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
@@ -61,8 +70,13 @@ def left_pad(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
     return out
 
 
-class SASRec(Recommender):
+class SASRec(ScheduledTraining, Recommender):
     """Self-attentive sequential recommendation.
+
+    Training follows `imagegem_hf.recsys.training`: a step budget scaled to the data (`budget_epochs` epochs of
+    one sequence per user, at least `min_steps`, at most 200,000 steps), linear learning-rate warmup, and, when
+    `fit` gets validation data, early stopping on validation NDCG@10 every `eval_every` steps with `patience`
+    counted in evaluations and never before `min_steps`; the best weights are restored.
 
     Args:
         dim: Hidden size.
@@ -70,17 +84,24 @@ class SASRec(Recommender):
         heads: Attention heads.
         max_len: Sequence length (the most recent items).
         dropout: Dropout.
-        epochs: Maximum training epochs.
         batch_size: Users per step.
-        lr: Adam learning rate.
+        lr: Adam learning rate (after warmup).
         num_negatives: 0 for full softmax; otherwise sampled softmax with this many shared uniform negatives.
-        patience: Stop after this many epochs without a better validation NDCG@10 (when validation is given).
+        max_steps: Step budget; `None` scales it to the data.
+        budget_epochs: Epochs in the scaled budget.
+        min_steps: Steps before early stopping may stop (and the smallest scaled budget).
+        eval_every: Steps between validation evaluations; `None` is one epoch, clipped to [25, 1000].
+        patience: Evaluations without a better validation NDCG@10 before stopping.
+        warmup_steps: Linear learning-rate warmup steps.
+        eval_users: Validation users per evaluation (a fixed random subset when there are more).
         seed: Seed.
 
     Example:
         ```python
         >>> from imagegem_hf.recsys import SASRec
-        >>> model = SASRec(epochs=20).fit(train, validation=val)  # doctest: +SKIP
+        >>> model = SASRec().fit(train, validation=val)  # doctest: +SKIP
+        >>> model.history_[-1]  # doctest: +SKIP
+        {'step': 600, 'loss': 6.1, 'cpu_seconds': 179.6, 'val_ndcg@10': 0.098}
         ```
     """
 
@@ -91,11 +112,10 @@ class SASRec(Recommender):
         "heads",
         "max_len",
         "dropout",
-        "epochs",
         "batch_size",
         "lr",
         "num_negatives",
-        "patience",
+        *ScheduledTraining.SCHEDULE_KEYS,
         "seed",
     )
 
@@ -106,84 +126,80 @@ class SASRec(Recommender):
         heads: int = 2,
         max_len: int = 50,
         dropout: float = 0.2,
-        epochs: int = 30,
         batch_size: int = 128,
         lr: float = 1e-3,
         num_negatives: int = 0,
-        patience: int = 3,
+        max_steps: int | None = None,
+        budget_epochs: float = 100.0,
+        min_steps: int = 500,
+        eval_every: int | None = None,
+        patience: int = 5,
+        warmup_steps: int = 100,
+        eval_users: int = 10_000,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.dim, self.layers, self.heads, self.max_len, self.dropout = dim, layers, heads, max_len, dropout
-        self.epochs, self.batch_size, self.lr, self.num_negatives = epochs, batch_size, lr, num_negatives
-        self.patience, self.seed = patience, seed
+        self.batch_size, self.lr, self.num_negatives = batch_size, lr, num_negatives
+        self.max_steps, self.budget_epochs, self.min_steps, self.eval_every = (
+            max_steps,
+            budget_epochs,
+            min_steps,
+            eval_every,
+        )
+        self.patience, self.warmup_steps, self.eval_users, self.seed = patience, warmup_steps, eval_users, seed
         self.network: SASRecNetwork | None = None
 
     def _new_network(self, n_items: int) -> SASRecNetwork:
         return SASRecNetwork(n_items, self.dim, self.layers, self.heads, self.max_len, self.dropout)
 
-    def train_epoch(self, inputs: np.ndarray, optimizer: torch.optim.Optimizer, rng: np.random.Generator) -> float:
-        """One epoch over (input, next-item) sequences with the loss at every non-pad position."""
-        self.network.train()
+    def training_inputs(self, train: InteractionData) -> np.ndarray:
+        """Left-padded, +1-shifted sequences of users with ≥ 2 items, `max_len + 1` long (inputs `[:, :-1]`,
+        next-item targets `[:, 1:]`)."""
+        inputs = left_pad(train.sequences(), self.max_len + 1)
+        return inputs[(inputs > 0).sum(1) >= 2]
+
+    def loss(self, batch: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """Next-item cross-entropy at every non-pad position of a batch of `training_inputs` rows."""
         n_items = self.network.items.num_embeddings - 1
-        total = 0.0
-        order = rng.permutation(len(inputs))
-        for start in range(0, len(inputs), self.batch_size):
-            batch = torch.from_numpy(inputs[order[start : start + self.batch_size]])
-            x, y = batch[:, :-1], batch[:, 1:]
-            valid = (x > 0) & (y > 0)
-            h = self.network(x)[valid]
-            target = y[valid]  # +1-shifted item indices
-            if self.num_negatives:
-                negatives = torch.from_numpy(rng.integers(1, n_items + 1, self.num_negatives))
-                positive = (h * self.network.items(target)).sum(-1, keepdim=True)
-                # Uniform negatives: the logQ correction subtracts log(num_negatives / n_items) from each.
-                negative = h @ self.network.items(negatives).T - np.log(self.num_negatives / n_items)
-                negative = negative.masked_fill(negatives[None, :] == target[:, None], float("-inf"))
-                logits = torch.cat([positive, negative], dim=1)
-                loss = F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long))
-            else:
-                loss = F.cross_entropy(h @ self.network.items.weight[1:].T, target - 1)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        return total / len(inputs)
+        batch = torch.from_numpy(trim_padding(batch))
+        x, y = batch[:, :-1], batch[:, 1:]
+        valid = (x > 0) & (y > 0)
+        h = self.network(x)[valid]
+        target = y[valid]  # +1-shifted item indices
+        if not self.num_negatives:
+            return F.cross_entropy(h @ self.network.items.weight[1:].T, target - 1)
+        negatives = torch.from_numpy(rng.integers(1, n_items + 1, self.num_negatives))
+        positive = (h * self.network.items(target)).sum(-1, keepdim=True)
+        # Uniform negatives: the logQ correction subtracts log(num_negatives / n_items) from each.
+        negative = h @ self.network.items(negatives).T - np.log(self.num_negatives / n_items)
+        negative = negative.masked_fill(negatives[None, :] == target[:, None], float("-inf"))
+        logits = torch.cat([positive, negative], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long))
 
     def fit(self, train: InteractionData, validation: InteractionData | None = None) -> SASRec:
-        """Train on each user's time-ordered sequence; early-stop on validation NDCG@10 when given."""
+        """Train on each user's time-ordered sequence; early-stop on validation NDCG@10 when given.
+
+        The resolved schedule is kept in `schedule_` and one record per evaluation in `history_`.
+        """
         self._remember(train)
         rng = set_seed(self.seed)
         self.network = self._new_network(train.n_items)
-        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.lr)
-        inputs = left_pad(train.sequences(), self.max_len + 1)
-        inputs = inputs[(inputs > 0).sum(1) >= 2]
+        inputs = self.training_inputs(train)
         if len(inputs) == 0:
             raise ValueError("SASRec needs users with at least 2 training interactions.")
-        best, best_state, stale = -1.0, None, 0
-        self.history_: list[dict[str, float]] = []
-        for epoch in tqdm(range(self.epochs), desc="sasrec", leave=False):
-            loss = self.train_epoch(inputs, optimizer, rng)
-            record = {"epoch": epoch, "loss": loss}
-            if validation is not None:
-                ndcg = self.validation_ndcg(validation)
-                record["val_ndcg@10"] = ndcg
-                if ndcg > best:
-                    best, best_state, stale = ndcg, copy.deepcopy(self.network.state_dict()), 0
-                else:
-                    stale += 1
-            self.history_.append(record)
-            if validation is not None and stale >= self.patience:
-                break
-        if best_state is not None:
-            self.network.load_state_dict(best_state)
-        self.network.eval()
+        self.schedule_ = self.resolve_schedule(len(inputs))
+        val = None if validation is None else validation_sample(validation, self.eval_users, self.seed)
+        self.history_ = run_schedule(
+            self.schedule_,
+            self.network,
+            torch.optim.Adam(self.network.parameters(), lr=self.lr),
+            lambda idx: self.loss(inputs[idx], rng),
+            endless_batches(len(inputs), self.batch_size, rng),
+            validate=None if val is None else lambda: self.validation_ndcg(val),
+            desc="sasrec",
+        )
         return self
-
-    def validation_ndcg(self, validation: InteractionData) -> float:
-        users = validation.user_index
-        ranks = target_ranks(self.score(users), validation.item_index, self.train.csr()[users])
-        return metrics_from_ranks(ranks, ks=(10,))["ndcg@10"]
 
     @torch.no_grad()
     def score(self, users: np.ndarray, history: InteractionData | None = None) -> np.ndarray:
@@ -192,7 +208,8 @@ class SASRec(Recommender):
         sequences = (history or self.train).sequences()
         out = []
         for start in range(0, len(users), 512):
-            seq = torch.from_numpy(left_pad([sequences[u] for u in users[start : start + 512]], self.max_len))
+            seq = left_pad([sequences[u] for u in users[start : start + 512]], self.max_len)
+            seq = torch.from_numpy(trim_padding(seq))
             h = self.network(seq)[:, -1]
             out.append((h @ self.network.items.weight[1:].T).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.item_ids)), np.float32)

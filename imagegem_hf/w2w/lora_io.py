@@ -6,7 +6,10 @@ their canonical diffusers names (`"unet.down_blocks.0.attentions.0.transformer_b
 (out × r[, 1, 1]) factors in float32 and the kohya-style `alpha`, so that ΔW = (alpha / r) · up · down.
 kohya keys are mapped with diffusers' own conversion utilities (`lora_conversion_utils`).
 
-Only plain low-rank LoRAs stored as safetensors are accepted. Anything else is rejected with an error saying
+Files are read with the safetensors library's own `safe_open`, which refuses malformed files (overlapping or
+out-of-file tensor offsets, holes or trailing bytes, duplicate keys, a non-object `__metadata__`, headers over
+100 MB or nested too deeply); the error names the file. Only plain low-rank LoRAs stored as safetensors are
+accepted. Anything else is rejected with an error saying
 what the file is and what to do: LyCORIS variants (LoCon with Tucker `lora_mid`, LoHa, LoKr), DoRA, full model
 checkpoints, pickled files (`.ckpt`, `.pt`, `.bin`), truncated or corrupt files, and LoRAs made for another base
 architecture than the one asked for.
@@ -26,9 +29,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-from imagegem_hf.w2w.safetensors_reader import ReadBuffer, SafetensorsError, SafetensorsFile
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Substrings of keys that identify formats we do not reduce, with the name reported to the user.
@@ -50,6 +52,11 @@ FULL_CHECKPOINT_MARKERS = (
     "conditioner.embedders.",
 )
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# Substrings of the down-factor keys of every layout read: kohya, peft/diffusers, and the attention-processor
+# layouts of older diffusers (`….processor.to_q_lora.down.weight`, `….lora.down.weight`, `….lora_linear_layer…`).
+LORA_KEY_MARKERS = ("lora_down", "lora_A", ".lora.down.", "_lora.down.", "lora_linear_layer")
+OLD_PROCESSOR_KEY = re.compile(r"(\.processor\.|_lora\.(down|up)\.|\.lora\.(down|up)\.)")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # Cross-attention context width (in-features of attn2.to_k) → base architecture.
 CONTEXT_DIM_TO_BASE = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 # kohya trains SDXL on the SGM UNet (input_blocks / output_blocks); its block layout has 2 layers per block.
@@ -186,25 +193,22 @@ def _check_not_pickle(path: Path) -> None:
         )
 
 
-def _read_tensors(
-    path: Path, handle: SafetensorsFile, header_only: bool, buffer: ReadBuffer | None = None
-) -> dict[str, torch.Tensor]:
-    """All tensors of a file as zero-copy views (into `buffer` if given), or with `header_only` meta-device
-    placeholders of the right shapes (alphas are read)."""
-    try:
-        if not header_only:
-            return handle.tensors(buffer=buffer)
-        tensors = {key: torch.empty(entry.shape, device="meta") for key, entry in handle.entries.items()}
-        tensors.update(handle.read([key for key in tensors if key.endswith(".alpha")]))
-        return tensors
-    except SafetensorsError as err:
-        raise _unreadable(path, err) from err
+def _read_file(path: Path, header_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`(tensors, metadata)` of a safetensors file, read with `safetensors.safe_open` (tensors in the file's
+    dtype); with `header_only`, meta-device placeholders of the right shapes (alphas are read).
 
-
-def _open_safetensors(path: Path) -> SafetensorsFile:
+    Raises:
+        ValueError: The library refuses the file (the message names it and says what is wrong).
+    """
     try:
-        return SafetensorsFile(path)
-    except SafetensorsError as err:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if not header_only:
+                return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
+            tensors = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
+            tensors.update({key: handle.get_tensor(key) for key in tensors if key.endswith(".alpha")})
+            return tensors, metadata
+    except SafetensorError as err:
         raise _unreadable(path, err) from err
 
 
@@ -222,7 +226,7 @@ def _reject_unsupported(keys: list[str], path: Path | str) -> None:
                 f"{path} is a {name} file (keys contain {marker!r}); only plain low-rank LoRAs (lora_down/lora_up "
                 "or lora_A/lora_B) are supported. Extract a LoRA from it first (e.g. kohya's extract_lora)."
             )
-    if not any(marker in joined for marker in ("lora_down", "lora_A", ".lora.down.", "lora_linear_layer")):
+    if not any(marker in joined for marker in LORA_KEY_MARKERS):
         if any(key.startswith(FULL_CHECKPOINT_MARKERS) for key in keys) or any(
             key.endswith(("conv_in.weight", "norm1.weight", "proj_in.weight")) for key in keys
         ):
@@ -325,6 +329,31 @@ def _peft_pairs(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Te
     return {name: (down, ups[name]) for name, down in downs.items()}
 
 
+def _old_processor_keys_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys of the attention-processor LoRAs of older diffusers (`….attn1.processor.to_q_lora.down.weight`,
+    `….lora.down.weight`) renamed as diffusers' loaders do: `convert_unet_state_dict_to_peft` for the UNet, the
+    old/new text-encoder mappings for the text encoders. Files without component prefixes are UNet-only (the
+    legacy `pytorch_lora_weights` layout), as diffusers reads them."""
+    from diffusers.utils.state_dict_utils import (
+        DIFFUSERS_OLD_TO_PEFT,
+        DIFFUSERS_TO_PEFT,
+        convert_state_dict,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if not any(key.split(".", 1)[0] in COMPONENTS for key in state):
+        state = {f"unet.{key}": value for key, value in state.items()}
+    converted = {}
+    for component in COMPONENTS:
+        part = {k[len(component) + 1 :]: v for k, v in state.items() if k.split(".", 1)[0] == component}
+        if component == "unet":
+            part = convert_unet_state_dict_to_peft(part)
+        else:
+            part = convert_state_dict(part, {**DIFFUSERS_OLD_TO_PEFT, **DIFFUSERS_TO_PEFT})
+        converted.update({f"{component}.{k}": v for k, v in part.items()})
+    return converted | {k: v for k, v in state.items() if k.split(".", 1)[0] not in COMPONENTS}
+
+
 def _from_diffusers_or_peft(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], peft_config: dict[str, Any] | None
 ) -> tuple[dict[str, LoRAModule], str]:
@@ -332,7 +361,9 @@ def _from_diffusers_or_peft(
 
     fmt = "peft" if peft_config is not None or any(k.startswith("base_model.model.") for k in tensors) else "diffusers"
     state = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
-    if any(".lora.down." in k or "lora_linear_layer" in k for k in state):  # old diffusers attention-processor keys
+    if any(OLD_PROCESSOR_KEY.search(k) for k in state):
+        state = _old_processor_keys_to_peft(state)
+    elif any("lora_linear_layer" in k for k in state):  # diffusers 0.2x text-encoder keys
         state = convert_state_dict_to_peft(state)
     prefix = "base_model.model."
     component = (peft_config or {}).get("component", "unet")
@@ -393,9 +424,9 @@ def load_lora(
         ```
     """
     lora = map_lora(path, base=base, unet_config=unet_config, header_only=header_only)
-    if not header_only:  # copy out of the read-only memory map
+    if not header_only:
         for module in lora.modules.values():
-            module.down, module.up = module.down.to(dtype, copy=True), module.up.to(dtype, copy=True)
+            module.down, module.up = module.down.to(dtype), module.up.to(dtype)
     return lora
 
 
@@ -404,14 +435,9 @@ def map_lora(
     base: str | None = None,
     unet_config: Any | None = None,
     header_only: bool = False,
-    buffer: ReadBuffer | None = None,
 ) -> LoRA:
-    """`load_lora` without the copy: the factors are zero-copy views in the file's dtype (fp16/bf16 as stored). For
-    streaming reductions that read each factor once or twice (`rank1_reduce` upcasts module by module).
-
-    By default the views are read-only, into a memory map of the file: copy a factor before modifying it. With a
-    `ReadBuffer` the file is read into the buffer (past the page cache where the platform allows, for collections
-    read once) and the LoRA is valid only until the buffer's next read.
+    """`load_lora` without the upcast: the factors keep the file's dtype (fp16/bf16 as stored), for streaming
+    reductions that read each factor once or twice (`rank1_reduce` upcasts module by module).
 
     Example:
         ```python
@@ -421,9 +447,8 @@ def map_lora(
         ```
     """
     path, peft_config = _resolve(path)
-    handle = _open_safetensors(path)
-    tensors = _read_tensors(path, handle, header_only, buffer)
-    return _lora_from_tensors(path, tensors, handle.metadata, peft_config, unet_config, base)
+    tensors, metadata = _read_file(path, header_only)
+    return _lora_from_tensors(path, tensors, metadata, peft_config, unet_config, base)
 
 
 def _lora_from_tensors(
@@ -442,9 +467,21 @@ def _lora_from_tensors(
         raise ValueError(f"{path} mixes kohya keys (lora_unet_…) with other keys; re-export it in one format.")
     else:
         modules, fmt = _from_diffusers_or_peft(tensors, metadata, peft_config)
+    for name, module in modules.items():
+        _check_ranks(path, name, tuple(module.down.shape), tuple(module.up.shape))
     lora = LoRA(modules=modules, source_format=fmt, metadata=metadata)
     _check_base(path, lora.base, base)
     return lora
+
+
+def _check_ranks(path: Path, name: str, down: tuple[int, ...], up: tuple[int, ...]) -> None:
+    """Refuse a module whose factors do not chain (`up` is out × r[, 1, 1], `down` r × in[, kh, kw])."""
+    if len(down) < 2 or len(up) < 2 or down[0] != up[1]:
+        raise ValueError(
+            f"{path}: module {name} has a down factor of shape {list(down)} and an up factor of shape {list(up)}; "
+            "their ranks (down's first and up's second dimension) must be equal. The file is inconsistent: "
+            "re-export it."
+        )
 
 
 def _resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
@@ -476,9 +513,12 @@ def save_lora(lora: LoRA, path: str | os.PathLike, format: str = "diffusers", dt
     Args:
         lora: The LoRA to write.
         path: Target `.safetensors` file.
-        format: `"diffusers"` (keys `unet.….lora_A.weight`, scale folded into `lora_B`; loads with
-            `pipe.load_lora_weights`) or `"kohya"` (`lora_unet_…`, with alphas; loads in A1111/ComfyUI and
-            diffusers).
+        format: `"diffusers"` (the default: keys `unet.….lora_A.weight`, scale folded into `lora_B`; every module,
+            text encoders included, loads with `pipe.load_lora_weights`) or `"kohya"` (`lora_unet_…` /
+            `lora_te_…`, with alphas, for A1111/ComfyUI). diffusers reads kohya files too, but with diffusers 0.42
+            and transformers 5 it drops the text-encoder attention modules of a kohya file on load, so an edit
+            saved as kohya loses part of its effect in diffusers: keep the default unless the file is for
+            A1111/ComfyUI.
         dtype: Storage dtype (`torch.float16` halves the size).
 
     Returns:
@@ -523,9 +563,8 @@ def read_lora_header(
 ) -> tuple[str, dict[str, tuple[int, int, tuple[int, ...]]]]:
     """`(detected base, {canonical module: (out_features, in_features, kernel_size)})` from the header alone.
 
-    kohya files (the bulk of Civitai) are resolved from the tensor entries and the memoised key mapping, without
-    creating a tensor; other layouts get meta-tensor placeholders, as `map_lora(header_only=True)`. The same checks
-    as `load_lora` apply.
+    kohya files (the bulk of Civitai) are resolved from the header's shapes and the memoised key mapping; other
+    layouts go through `map_lora(header_only=True)`. The same checks as `load_lora` apply.
 
     Example:
         ```python
@@ -534,19 +573,18 @@ def read_lora_header(
         ```
     """
     file, peft_config = _resolve(path)
-    handle = _open_safetensors(file)
-    keys = sorted(handle.entries)
+    tensors, metadata = _read_file(file, header_only=True)
+    keys = sorted(tensors)
     if peft_config is not None or not all(key.startswith(KOHYA_PREFIXES) for key in keys):
-        tensors = _read_tensors(file, handle, header_only=True)
-        lora = _lora_from_tensors(file, tensors, handle.metadata, peft_config, None, base)
+        lora = _lora_from_tensors(file, tensors, metadata, peft_config, None, base)
         return lora.base, {name: (m.out_features, m.in_features, m.kernel_size) for name, m in lora.modules.items()}
     _reject_unsupported(keys, file)
-    entries = handle.entries
-    signature = tuple(sorted((key, entry.shape) for key, entry in entries.items() if not key.endswith(".alpha")))
+    signature = tuple(sorted((key, tuple(t.shape)) for key, t in tensors.items() if not key.endswith(".alpha")))
     shapes = {}
     for name, down_key, up_key in _kohya_module_keys(signature, SDXL_SGM_UNET_CONFIG.layers_per_block):
-        down = entries[down_key].shape
-        shapes[name] = (entries[up_key].shape[0], math.prod(down[1:]), tuple(down[2:]))
+        down, up = tuple(tensors[down_key].shape), tuple(tensors[up_key].shape)
+        _check_ranks(file, name, down, up)
+        shapes[name] = (up[0], math.prod(down[1:]), down[2:])
     detected = _base_from_shapes(shapes)
     _check_base(file, detected, base)
     return detected, dict(sorted(shapes.items()))

@@ -36,7 +36,15 @@ from tqdm.auto import tqdm
 from imagegem_hf.hub import atomic_directory, push_folder, render_card, resolve
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, read_lora_header
 from imagegem_hf.w2w.reduce import layer_filter
-from imagegem_hf.w2w.vectorize import SharedRows, Vectorizer, WorkerPool, known_base, vectorize_into
+from imagegem_hf.w2w.vectorize import (
+    SharedRows,
+    Vectorizer,
+    WorkerPool,
+    drop_unreadable,
+    known_base,
+    report_missing_modules,
+    vectorize_into,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +257,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
         num_workers: int = 1,
         show_progress: bool = True,
         layers: str | None = None,
+        on_error: str = "raise",
     ) -> WeightSpace:
         """Build the space from N LoRAs in one streaming pass (dual PCA over the N × N Gram matrix).
 
@@ -271,6 +280,8 @@ class WeightSpace(ModelMixin, ConfigMixin):
             layers: Keep only the UNet's `"attn_v"` (attention value projections), `"ff"` (feed-forward) or
                 `"both"` layers: the paper's alternative to rank-1 reduction (with `rank` = the LoRAs' rank, e.g.
                 16). By default every layer of the layout is kept.
+            on_error: `"raise"` stops at the first unreadable LoRA file; `"skip"` leaves out (and logs) every file
+                that cannot be read or is of another base (see `vectorize.drop_unreadable`).
 
         Returns:
             The fitted `WeightSpace` (with the training coefficients in `coefficients`).
@@ -284,6 +295,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
             >>> space.save_pretrained("w2w_space")  # doctest: +SKIP
             ```
         """
+        loras, model_ids = drop_unreadable(loras, model_ids, on_error, base, num_workers)
         n = len(loras)
         if n < 2:
             raise ValueError(f"A weight space needs at least 2 LoRAs, got {n}.")
@@ -328,6 +340,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
                 ignored += len(extra)
                 cache.append(rows.row(index))
             cache.finish()
+            report_missing_modules(names, missing, n)
             pool.close()
             gram = cache.gram(standardize, show_progress)
             total_variance = float(np.trace(gram)) / (n - 1)

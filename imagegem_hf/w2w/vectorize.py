@@ -5,39 +5,32 @@ Kept apart from `space.py` (which needs diffusers) so that worker processes only
 
 from __future__ import annotations
 
+import logging
 import mmap
 import multiprocessing
 import os
-import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from imagegem_hf.w2w.lora_io import LoRA, map_lora
+from imagegem_hf.w2w.lora_io import LoRA, map_lora, read_lora_header
 from imagegem_hf.w2w.reduce import reduced_factors
-from imagegem_hf.w2w.safetensors_reader import ReadBuffer
 
 ModuleSlot = tuple[str, int, int, tuple[int, ...], int]  # (name, out_features, in_features, kernel, offset)
+ON_ERROR = ("raise", "skip")
+
+logger = logging.getLogger(__name__)
 
 
 def known_base(base: str | None) -> str | None:
     return None if base in (None, "unknown") else base
-
-
-_thread_state = threading.local()
-
-
-def _read_buffer() -> ReadBuffer:
-    """This thread's buffer for LoRA files: each file is read, reduced and dropped before the next one."""
-    if not hasattr(_thread_state, "buffer"):
-        _thread_state.buffer = ReadBuffer()
-    return _thread_state.buffer
 
 
 @dataclass(frozen=True)
@@ -95,10 +88,88 @@ class Vectorizer:
                 out[:] = vector
                 vector = out
             return vector, [], []
-        lora = item if isinstance(item, LoRA) else map_lora(item, base=known_base(self.base), buffer=_read_buffer())
+        lora = item if isinstance(item, LoRA) else map_lora(item, base=known_base(self.base))
         if known_base(self.base) and known_base(lora.base) and lora.base != self.base:
             raise ValueError(f"Architecture mismatch: a {lora.base} LoRA in a {self.base} weight space.")
         return self.vectorize(lora, out)
+
+
+def _header_problem(item: Any, base: str | None) -> tuple[str | None, str | None]:
+    """`(detected base, None)` for a readable LoRA file, `(None, why)` for one `load_lora` would refuse."""
+    try:
+        return read_lora_header(item, base=base)[0], None
+    except (ValueError, OSError) as err:
+        return None, str(err)
+
+
+def drop_unreadable(
+    loras: Sequence[Any],
+    model_ids: Sequence[str] | None,
+    on_error: str,
+    base: str | None = None,
+    num_workers: int = 1,
+) -> tuple[Sequence[Any], Sequence[str] | None]:
+    """With `on_error="skip"`, the LoRAs (and their `model_ids`) without the files that cannot be read: corrupt,
+    truncated, not a plain LoRA, or of another base than `base` (by default the first readable file's). Each
+    skipped file is logged with the reason. `on_error="raise"` returns the inputs unchanged (the build then stops
+    at the first bad file). `LoRA` objects and vectors are always kept.
+
+    Only the headers are read (in `num_workers` processes), so the check costs a small fraction of a build.
+
+    Example:
+        ```python
+        >>> loras, ids = drop_unreadable(files, None, on_error="skip", base="sdxl")  # doctest: +SKIP
+        ```
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}.")
+    if model_ids is not None and len(model_ids) != len(loras):
+        raise ValueError(f"Got {len(model_ids)} model_ids for {len(loras)} LoRAs.")
+    if on_error == "raise":  # unchanged: `loras` may be a lazy sequence of vectors
+        return loras, model_ids
+    ids = [Path(item).stem if isinstance(item, (str, os.PathLike)) else str(i) for i, item in enumerate(loras)]
+    ids = ids if model_ids is None else list(model_ids)
+    files = [i for i, item in enumerate(loras) if isinstance(item, (str, os.PathLike))]
+    with WorkerPool(num_workers) as pool:
+        problems = pool.map(partial(_header_problem, base=known_base(base)), [loras[i] for i in files])
+        headers = dict(zip(files, problems, strict=True))
+    skipped = []
+    for index, (detected, problem) in headers.items():
+        if problem is None and known_base(detected):
+            if known_base(base) and detected != base:
+                problem = f"{loras[index]} is a {detected} LoRA, the others are {base} (architecture mismatch)."
+            base = base if known_base(base) else detected
+        if problem is not None:
+            skipped.append(index)
+            logger.warning("Skipping LoRA %s: %s", loras[index], problem)
+    if skipped:
+        logger.warning("Skipped %d of %d LoRA files that cannot be read (listed above).", len(skipped), len(loras))
+    dropped = set(skipped)
+    kept = [i for i in range(len(loras)) if i not in dropped]
+    return [loras[i] for i in kept], [ids[i] for i in kept]
+
+
+def report_missing_modules(names: Sequence[str], missing: np.ndarray, n_loras: int) -> None:
+    """Log the layout modules that some LoRAs lack (their part of the vector is zero-filled), with counts.
+
+    Args:
+        names: Module names of the layout.
+        missing: Per module, how many of the LoRAs lack it.
+        n_loras: LoRAs in the build.
+    """
+    lacking = np.flatnonzero(missing)
+    if not len(lacking):
+        return
+    worst = lacking[np.argsort(-missing[lacking], kind="stable")][:5]
+    logger.warning(
+        "%d of the %d layout modules are missing from some of the %d LoRAs (%d module entries zero-filled); most "
+        "often: %s. Per-module counts: the space's config `missing_counts`.",
+        len(lacking),
+        len(names),
+        n_loras,
+        int(missing.sum()),
+        ", ".join(f"{names[i]} ({int(missing[i])}/{n_loras})" for i in worst),
+    )
 
 
 class SharedRows:

@@ -2,12 +2,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 from imagegem_hf.cli import main
 from imagegem_hf.recsys import MODELS, InteractionData, Item2Vec, ItemKNN, Pop, Recommender, SASRec, TwoTower, UserKNN
 from imagegem_hf.recsys.evaluate import evaluate_models
 from imagegem_hf.recsys.index import RetrievalIndex
 from imagegem_hf.recsys.metrics import metrics_from_ranks, target_ranks
+from imagegem_hf.recsys.training import StepSchedule, run_schedule
 
 
 def test_ranks_are_pessimistic_on_ties_and_respect_masking():
@@ -67,15 +69,15 @@ def test_itemknn_recovers_cooccurrence_neighbours():
     assert user_model.similarity[0, 1] == pytest.approx(1.0, rel=1e-5) and user_model.similarity[0, 15] == 0
 
 
-def test_sasrec_learns_a_deterministic_cycle():
-    data = InteractionData.from_table(_cycle_table(n_users=80, n_items=20, length=8))
-    result = evaluate_models(
-        data,
-        {"pop": Pop(), "sasrec": SASRec(dim=32, epochs=40, lr=5e-3, dropout=0.0, max_len=10, patience=40)},
-        ks=(1, 5),
-    )
+def test_sasrec_defaults_learn_a_deterministic_cycle_on_small_data():
+    # 100 users: one epoch is a single step, so a fixed epoch count (the old default: 30 epochs, patience 3) stops
+    # after 30 steps (Recall@1 0.82 here), far from convergence; the step budget trains at least `min_steps` steps.
+    data = InteractionData.from_table(_cycle_table(n_users=100, n_items=100, length=8))
+    result = evaluate_models(data, {"pop": Pop(), "sasrec": SASRec()}, ks=(1, 5))
     assert result.metrics["sasrec"]["test"]["recall@1"] > 0.95
     assert result.metrics["pop"]["test"]["recall@1"] < 0.3
+    schedule = result.models["sasrec"].schedule_
+    assert schedule.steps_per_epoch == 1 and schedule.max_steps == 500
 
 
 def test_item2vec_and_two_tower_learn_planted_clusters():
@@ -85,20 +87,20 @@ def test_item2vec_and_two_tower_learn_planted_clusters():
         items = rng.choice(np.arange(10) + 10 * (u % 2), 6, replace=False)
         rows += [(u, int(i), t) for t, i in enumerate(items)]
     data = InteractionData.from_table(pd.DataFrame(rows, columns=["userHash", "itemId", "timestamp"]))
-    vectors = Item2Vec(dim=16, epochs=20, window=5).fit(data).item_vectors
+    vectors = Item2Vec(dim=16, window=5, max_steps=200).fit(data).item_vectors
     sim = vectors @ vectors.T
     assert sim[:10, :10].mean() > sim[:10, 10:].mean() + 0.3
-    tower = TwoTower(dim=16, epochs=15, batch_size=64).fit(data)
+    tower = TwoTower(dim=16, batch_size=64, max_steps=150).fit(data)
     scores = tower.score(np.array([0, 1]))  # user 0 likes items 0-9, user 1 likes items 10-19
     assert scores[0, :10].mean() > scores[0, 10:].mean() and scores[1, 10:].mean() > scores[1, :10].mean()
-    with pytest.raises(ValueError, match="rows"):
-        TwoTower().fit(data, item_features=np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="no .*row for 17 of 20 items"):
+        TwoTower(item_features=pd.DataFrame(np.zeros((3, 4)), index=data.item_ids[:3])).fit(data)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_save_load_round_trip_gives_identical_scores(name, tmp_path):
     data = InteractionData.from_table(_cycle_table(n_users=20))
-    small = {"item2vec": dict(epochs=1), "twotower": dict(epochs=1), "sasrec": dict(epochs=1, dim=16)}
+    small = {"item2vec": dict(max_steps=2), "twotower": dict(max_steps=2), "sasrec": dict(max_steps=2, dim=16)}
     model = MODELS[name](**small.get(name, {})).fit(data)
     model.save_pretrained(tmp_path / name)
     loaded = Recommender.from_pretrained(tmp_path / name)
@@ -172,3 +174,80 @@ def test_recommend_example_script_saves_the_best_model(tmp_path):
     ).stdout
     assert "best:" in out and (tmp_path / "best" / "model.safetensors").exists()
     assert Recommender.from_pretrained(tmp_path / "best").item_ids.tolist() == sorted(f"item{i}" for i in range(12))
+
+
+def test_step_schedule_scales_with_the_data():
+    small = StepSchedule.resolve(n_examples=943, batch_size=128)  # MovieLens-100K: 8 steps per epoch
+    assert (small.steps_per_epoch, small.max_steps, small.eval_every, small.min_steps) == (8, 800, 25, 500)
+    large = StepSchedule.resolve(n_examples=1_000_000, batch_size=128)  # 7,813 steps per epoch
+    assert (large.steps_per_epoch, large.max_steps, large.eval_every) == (7813, 200_000, 1000)
+    tiny = StepSchedule.resolve(n_examples=10, batch_size=128, max_steps=40)
+    assert (tiny.max_steps, tiny.min_steps, tiny.eval_every, tiny.warmup_steps) == (40, 40, 25, 4)
+    assert [tiny.lr_factor(s) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
+
+
+def test_early_stopping_counts_evaluations_and_waits_for_min_steps():
+    scores = iter([0.1, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2])  # best at the 2nd evaluation (step 20)
+    weight = torch.nn.Linear(1, 1, bias=False)
+    snapshots = {}
+
+    def validate():
+        snapshots[len(snapshots) + 1] = weight.weight.item()
+        return next(scores)
+
+    schedule = StepSchedule(steps_per_epoch=1, max_steps=1000, eval_every=10, patience=2, min_steps=60, warmup_steps=0)
+    history = run_schedule(
+        schedule,
+        weight,
+        torch.optim.SGD(weight.parameters(), lr=0.01),
+        lambda idx: (weight(torch.ones(1, 1)) - 5).pow(2).sum(),
+        iter(lambda: np.zeros(1), None),
+        validate=validate,
+    )
+    # Patience (2 evaluations without improvement) runs out at step 40, but stopping waits for min_steps = 60.
+    assert [r["step"] for r in history] == [10, 20, 30, 40, 50, 60]
+    assert weight.weight.item() == snapshots[2]  # the best weights are restored
+    no_validation = run_schedule(
+        schedule,
+        weight,
+        torch.optim.SGD(weight.parameters(), lr=0.0),
+        lambda idx: weight.weight.sum(),
+        iter(lambda: np.zeros(1), None),
+    )
+    assert no_validation[-1]["step"] == 1000  # without validation data the whole budget is trained
+
+
+class _RecordsValidation(Pop):
+    name = "records_validation"
+
+    def fit(self, train, validation=None):
+        self.validation_seen = validation
+        return super().fit(train, validation)
+
+
+def test_evaluate_models_passes_validation_to_every_model():
+    data = InteractionData.from_table(_cycle_table(n_users=20))
+    recorder = _RecordsValidation()
+    result = evaluate_models(data, {"pop": recorder}, ks=(1,))
+    validation = result.splits[1]
+    assert recorder.validation_seen is not None
+    np.testing.assert_array_equal(recorder.validation_seen.item_index, validation.item_index)
+    train = result.splits[0]
+    for name, klass in sorted(MODELS.items()):  # the same signature everywhere
+        small = {"item2vec": dict(max_steps=2), "twotower": dict(max_steps=2), "sasrec": dict(max_steps=2)}
+        klass(**small.get(name, {})).fit(train, validation=validation)
+
+
+def test_sasrec_gives_the_same_states_with_padding_columns_cut():
+    from imagegem_hf.recsys.sasrec import SASRecNetwork, left_pad, trim_padding
+
+    torch.manual_seed(0)
+    network = SASRecNetwork(n_items=30, dim=16, layers=2, heads=2, max_len=12, dropout=0.0).eval()
+    full = left_pad([np.array([3, 1, 4, 1, 5]), np.array([9, 2, 6])], max_len=12)
+    trimmed = trim_padding(full)
+    assert trimmed.shape == (2, 5)
+    with torch.no_grad():
+        states_full = network(torch.from_numpy(full))[:, -5:]
+        states_trimmed = network(torch.from_numpy(trimmed))
+    mask = torch.from_numpy(trimmed > 0)
+    torch.testing.assert_close(states_trimmed[mask], states_full[mask], rtol=1e-5, atol=1e-5)

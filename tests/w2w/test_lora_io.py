@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 import torch
@@ -249,3 +250,144 @@ def test_kohya_sdxl_sgm_names_and_text_encoders_map_to_diffusers_names(tmp_path)
     }
     with pytest.raises(ValueError, match="architecture mismatch"):
         read_lora_header(tmp_path / "sdxl.safetensors", base="sd15")
+
+
+def _raw_file(path, header, data: bytes, header_bytes: bytes | None = None):
+    raw = json.dumps(header).encode() if header_bytes is None else header_bytes
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _entry(begin, end, shape):
+    return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+DOWN, UP = (
+    "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight",
+    "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight",
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "header", "data"),
+    [
+        ("overlapping", {DOWN: _entry(0, 8, [1, 2]), UP: _entry(4, 12, [2, 1])}, bytes(12)),
+        ("hole", {DOWN: _entry(0, 8, [1, 2]), UP: _entry(12, 20, [2, 1])}, bytes(20)),
+        ("trailing", {DOWN: _entry(0, 8, [1, 2]), UP: _entry(8, 16, [2, 1])}, bytes(24)),
+        ("metadata_list", {"__metadata__": [], DOWN: _entry(0, 8, [1, 2]), UP: _entry(8, 16, [2, 1])}, bytes(16)),
+    ],
+)
+def test_files_the_safetensors_library_refuses_are_refused_naming_the_file(tmp_path, name, header, data):
+    path = _raw_file(tmp_path / f"{name}.safetensors", header, data)
+    with pytest.raises(ValueError, match=f"{name}.safetensors is not a readable safetensors file"):
+        load_lora(path)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        read_lora_header(path)
+
+
+def test_duplicate_keys_huge_and_deeply_nested_headers_are_refused(tmp_path):
+    # The second DOWN entry wins in a plain JSON parser, leaving bytes 0-8 unused: the library refuses the file.
+    first, up, second = (
+        json.dumps(_entry(*span, shape)) for span, shape in (((0, 8), [1, 2]), ((8, 16), [2, 1]), ((16, 24), [1, 2]))
+    )
+    duplicate = f'{{"{DOWN}": {first}, "{UP}": {up}, "{DOWN}": {second}}}'.encode()
+    nested = ('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}").encode()
+    huge = json.dumps({DOWN: _entry(0, 8, [1, 2]), UP: _entry(8, 16, [2, 1])}).encode()
+    huge += b" " * (100_000_008 - len(huge))  # 8 bytes over the library's limit of 100,000,000
+    for name, raw in (("duplicate", duplicate), ("nested", nested), ("huge", huge)):
+        path = _raw_file(
+            tmp_path / f"{name}.safetensors", None, bytes(24 if name == "duplicate" else 16), header_bytes=raw
+        )
+        with pytest.raises(ValueError, match=f"{name}.safetensors is not a readable safetensors file"):
+            load_lora(path)
+        path.unlink()
+
+
+def test_map_lora_keeps_the_file_dtype_and_reduces_like_load_lora(tmp_path):
+    from imagegem_hf.w2w.lora_io import map_lora
+    from imagegem_hf.w2w.reduce import reduced_factors
+
+    generator = torch.Generator().manual_seed(1)
+    modules = {
+        f"unet.b{i}.attn1.to_q": LoRAModule(
+            down=torch.randn(4, 24, generator=generator), up=torch.randn(16, 4, generator=generator), alpha=2.0
+        )
+        for i in range(3)
+    }
+    path = save_lora(LoRA(modules), tmp_path / "l.safetensors", format="kohya", dtype=torch.float16)
+    mapped, loaded = map_lora(path), load_lora(path)
+    assert {m.down.dtype for m in mapped.modules.values()} == {torch.float16}
+    assert {m.down.dtype for m in loaded.modules.values()} == {torch.float32}
+    for name, (u, vt) in reduced_factors(loaded).items():  # fp16 upcasts exactly: the same reduction
+        assert torch.equal(reduced_factors(mapped)[name][0], u) and torch.equal(reduced_factors(mapped)[name][1], vt)
+        assert mapped.modules[name].alpha == loaded.modules[name].alpha == 2.0
+
+
+def test_down_up_rank_mismatch_names_the_file_and_module(tmp_path):
+    stem = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    kohya = _write(
+        tmp_path,
+        "kohya.safetensors",
+        {f"{stem}.lora_down.weight": torch.zeros(4, 16), f"{stem}.lora_up.weight": torch.zeros(16, 3)},
+    )
+    module = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    for read in (load_lora, read_lora_header):
+        with pytest.raises(
+            ValueError, match=rf"kohya.safetensors: module {module} has a down factor of shape \[4, 16\]"
+        ):
+            read(kohya)
+    diffusers = _write(
+        tmp_path,
+        "diffusers.safetensors",
+        {f"{module}.lora_A.weight": torch.zeros(4, 16), f"{module}.lora_B.weight": torch.zeros(16, 2)},
+    )
+    with pytest.raises(ValueError, match=f"diffusers.safetensors: module {module} .* ranks"):
+        load_lora(diffusers)
+
+
+def test_old_diffusers_attention_processor_keys_load_as_diffusers_loads_them(tmp_path):
+    from imagegem_hf.testing import tiny_sd_pipeline
+    from imagegem_hf.w2w.lora_io import lora_target_shapes
+
+    pipe = tiny_sd_pipeline()
+    shapes = lora_target_shapes(pipe.unet, ["to_q", "to_k", "to_v", "to_out.0"])
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {}
+    for name, (n_out, n_in, _) in shapes.items():
+        block, _, projection = name.removesuffix(".0").rpartition(".")  # to_out.0 is stored as to_out_lora
+        state_dict[f"{block}.processor.{projection}_lora.down.weight"] = torch.randn(2, n_in, generator=generator)
+        state_dict[f"{block}.processor.{projection}_lora.up.weight"] = torch.randn(n_out, 2, generator=generator)
+    path = _write(tmp_path, "old_processor.safetensors", state_dict)
+    lora = load_lora(path)
+    pipe.load_lora_weights(str(path))  # what diffusers itself makes of the file
+    layers = dict(pipe.unet.named_modules())
+    assert sorted(lora.modules) == sorted(shapes)
+    for name, module in lora.modules.items():
+        layer = layers[name.removeprefix("unet.")]
+        adapter = next(iter(layer.lora_A))
+        torch.testing.assert_close(module.down, layer.lora_A[adapter].weight)
+        torch.testing.assert_close(module.up * module.scale, layer.lora_B[adapter].weight * layer.scaling[adapter])
+
+
+def test_save_lora_defaults_to_diffusers_because_diffusers_drops_kohya_text_encoder_attention(tmp_path):
+    import inspect
+
+    from imagegem_hf.testing import tiny_sd_pipeline
+    from imagegem_hf.w2w.lora_io import lora_target_shapes
+
+    assert inspect.signature(save_lora).parameters["format"].default == "diffusers"
+    shapes = lora_target_shapes(tiny_sd_pipeline().text_encoder, ["q_proj", "v_proj", "fc1"], prefix="text_encoder")
+    generator = torch.Generator().manual_seed(0)
+    lora = LoRA(
+        {
+            n: LoRAModule(torch.randn(2, i, generator=generator), torch.randn(o, 2, generator=generator))
+            for n, (o, i, _) in shapes.items()
+        }
+    )
+    loaded = {}
+    for fmt in ("diffusers", "kohya"):
+        pipe = tiny_sd_pipeline()
+        pipe.load_lora_weights(str(save_lora(lora, tmp_path / f"{fmt}.safetensors", format=fmt)))
+        loaded[fmt] = {n for n, m in pipe.text_encoder.named_modules() if len(getattr(m, "lora_A", ()))}
+    assert len(loaded["diffusers"]) == len(shapes) == 6
+    assert {n.rsplit(".", 1)[1] for n in loaded["kohya"]} == {"fc1"}  # q_proj / v_proj edits are lost

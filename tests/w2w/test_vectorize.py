@@ -39,9 +39,8 @@ def test_worker_errors_propagate_and_one_worker_runs_here():
         WorkerPool(0)
 
 
-def test_uncached_files_vectorize_on_workers_through_private_read_buffers(tmp_path, evict):
+def test_uncached_files_vectorize_on_workers_like_in_this_process(tmp_path, evict):
     from imagegem_hf.w2w import LoRA, LoRAModule, WeightSpace, load_lora, save_lora
-    from imagegem_hf.w2w.vectorize import _read_buffer
 
     generator = torch.Generator().manual_seed(0)
     paths = []
@@ -55,14 +54,61 @@ def test_uncached_files_vectorize_on_workers_through_private_read_buffers(tmp_pa
     )
     vectorizer = space.vectorizer()
     expected = [vectorizer(load_lora(path))[0] for path in paths]
-    parent = _read_buffer().read(paths[0], paths[0].stat().st_size)  # the workers fork with this buffer
     for path in paths:
         evict(path)
     with WorkerPool(2) as pool:
         vectors = [vector for vector, _, _ in pool.map(vectorizer, paths[::-1])]
     for vector, reference in zip(vectors, expected[::-1], strict=True):
         np.testing.assert_allclose(vector, reference, rtol=1e-5, atol=1e-6)  # BLAS rounding differs with alignment
-    assert bytes(parent) == paths[0].read_bytes()  # the workers' reads went to their own copies
+
+
+def _small_loras(tmp_path, n=4):
+    from imagegem_hf.w2w import LoRA, LoRAModule, save_lora
+
+    generator = torch.Generator().manual_seed(3)
+    names = ["unet.a.attn1.to_q", "unet.a.attn1.to_v", "unet.b.attn1.to_q"]
+    paths = []
+    for i in range(n):
+        modules = {
+            name: LoRAModule(torch.randn(2, 6, generator=generator), torch.randn(5, 2, generator=generator))
+            for name in (names if i else names[:1])  # the first LoRA lacks two modules
+        }
+        paths.append(save_lora(LoRA(modules), tmp_path / f"lora_{i}.safetensors"))
+    return paths
+
+
+def test_build_can_skip_and_list_unreadable_files(tmp_path, caplog):
+    from imagegem_hf.w2w import WeightSpace
+
+    paths = _small_loras(tmp_path)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(paths[1].read_bytes()[:-10])
+    not_a_lora = tmp_path / "notes.safetensors"
+    not_a_lora.write_bytes(b"not a safetensors file")
+    files = [paths[0], truncated, paths[1], not_a_lora, paths[2], paths[3]]
+    with pytest.raises(ValueError, match="truncated.safetensors"):
+        WeightSpace.build(files, n_components=2, show_progress=False)
+    with caplog.at_level("WARNING", logger="imagegem_hf.w2w.vectorize"):
+        space = WeightSpace.build(files, n_components=2, show_progress=False, on_error="skip")
+    assert space.config.model_ids == ["lora_0", "lora_1", "lora_2", "lora_3"] and space.config.n_models == 4
+    expected = WeightSpace.build(paths, n_components=2, show_progress=False)
+    torch.testing.assert_close(space.components, expected.components)
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipping LoRA")]
+    assert len(skipped) == 2 and "truncated.safetensors" in skipped[0] and "notes.safetensors" in skipped[1]
+    assert any("Skipped 2 of 6 LoRA files" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="on_error"):
+        WeightSpace.build(paths, n_components=2, on_error="ignore")
+
+
+def test_build_reports_the_modules_loras_lack(tmp_path, caplog):
+    from imagegem_hf.w2w import WeightSpace
+
+    with caplog.at_level("WARNING", logger="imagegem_hf.w2w.vectorize"):
+        space = WeightSpace.build(_small_loras(tmp_path), n_components=2, show_progress=False)
+    assert space.config.missing_counts == [0, 1, 1]  # sorted layout: a.to_q, a.to_v, b.to_q
+    message = next(r.getMessage() for r in caplog.records if "missing from some" in r.getMessage())
+    assert message.startswith("2 of the 3 layout modules are missing from some of the 4 LoRAs (2 module entries")
+    assert "unet.a.attn1.to_v (1/4)" in message
 
 
 def _fill_row(rows, index: int) -> int:
