@@ -52,13 +52,13 @@ def chat_completion(text: str) -> tuple[int, bytes]:
 
 def scoring_chat(request: dict) -> tuple[int, bytes]:
     """A stand-in VLM for `LocalServer.chat`: a fixed profile for captioning prompts; for ranking prompts, one JSON
-    object per `image_id: N.` / `version_id: N.` in the text, scored 90 − N (so the right order is known)."""
+    object per `image_id: N.` / `version_id: N.` in the text, scored 90 − (N mod 80) (so the right order is known)."""
     parts = request["messages"][0]["content"]
     text = " ".join(p["text"] for p in parts if p.get("type") == "text")
     found = re.findall(r"(image_id|version_id): (\d+)\.", text)
     if not found:
         return chat_completion("The user likes warm colours and simple shapes.")
-    answer = [{key: item, "similarity_score": 90 - int(item), "explanation": "stand-in"} for key, item in found]
+    answer = [{key: item, "similarity_score": 90 - int(item) % 80, "explanation": "stand-in"} for key, item in found]
     return chat_completion(json.dumps(answer))
 
 

@@ -117,12 +117,14 @@ def rerank_and_evaluate(
     users = users[:max_users] if max_users is not None else users
     if not users:
         raise ValueError("No user has their test item among the CF top-M candidates; nothing to re-rank.")
-    requests, cf_ranks = [], {}
-    for user in tqdm(users, desc="VLM profiles", disable=not show_progress):
+    histories, candidate_items, cf_ranks = [], [], {}
+    for user in tqdm(users, desc="Loading items", disable=not show_progress):
         candidates = list(payload["rankings"][user])[:top_m]
         cf_ranks[user] = candidates.index(payload["targets"][user]) + 1
-        history = [item_loader(i) for i in list(payload["histories"][user])[-history_size:]]
-        requests.append((pipeline.caption(user, history), [item_loader(i) for i in candidates]))
+        histories.append((user, [item_loader(i) for i in list(payload["histories"][user])[-history_size:]]))
+        candidate_items.append([item_loader(i) for i in candidates])
+    profiles = pipeline.caption_batch(histories, show_progress=show_progress)  # one batch / concurrent requests
+    requests = list(zip(profiles, candidate_items, strict=True))
     results = pipeline.rank_batch(requests, seed=seed, show_progress=show_progress)
     vlm_ranks = {
         u: [str(i) for i in r.ranking].index(str(payload["targets"][u])) + 1

@@ -44,6 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rerank = parser.add_argument_group("VLM re-ranking (ImageGem §4.2; needs an ImageGem dataset folder)")
     rerank.add_argument("--rerank", choices=["none", "vlm"], default="none", help="Re-rank CF candidates with a VLM.")
     rerank.add_argument("--vlm", default=None, help="Image-text-to-text model path or repo id (e.g. a Qwen2-VL).")
+    rerank.add_argument(
+        "--vlm-endpoint",
+        default=None,
+        help="Instead of --vlm: an OpenAI-compatible chat-completions API root serving the VLM (vllm serve, TGI), "
+        "e.g. http://localhost:8000/v1.",
+    )
+    rerank.add_argument("--vlm-model", default=None, help="With --vlm-endpoint: the served model's name.")
+    rerank.add_argument("--vlm-concurrency", type=int, default=16, help="With --vlm-endpoint: requests in flight.")
     rerank.add_argument("--rerank-model", default="sasrec", help="CF model whose top-M candidates are re-ranked.")
     rerank.add_argument("--top-m", type=int, default=10, help="CF candidates re-ranked per user (M).")
     rerank.add_argument("--history", type=int, default=5, help="Latest history items in the profile (H).")
@@ -62,8 +70,13 @@ def _run(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - set(available))
     if unknown:
         raise ValueError(f"Unknown model(s) {unknown}; choose from {sorted(available)}.")
-    if args.rerank == "vlm" and (args.vlm is None or args.item_type is None):
-        raise ValueError("--rerank vlm needs --vlm MODEL and --item-type image|model (on an ImageGem dataset).")
+    if args.rerank == "vlm" and ((args.vlm is None) == (args.vlm_endpoint is None) or args.item_type is None):
+        raise ValueError(
+            "--rerank vlm needs either --vlm MODEL or --vlm-endpoint URL --vlm-model NAME, and --item-type "
+            "image|model (on an ImageGem dataset)."
+        )
+    if args.vlm_endpoint is not None and not args.vlm_model:
+        raise ValueError("--vlm-endpoint needs --vlm-model NAME (the name the server serves the model under).")
     if args.rerank == "vlm" and args.rerank_model not in names:
         raise ValueError(f"--rerank-model {args.rerank_model!r} must be one of --models ({', '.join(names)}).")
     data = InteractionData.from_table(
@@ -118,7 +131,12 @@ def _rerank(args: argparse.Namespace, result, output_dir: Path) -> None:
 
     payload = candidates_payload(result, args.rerank_model, top_m=args.top_m, history=args.history)
     config = RankerConfig(item_type=args.item_type, k_subset=args.subset_size, n_trials=args.trials)
-    pipeline = VLMRankerPipeline.from_pretrained(args.vlm, **vars(config))
+    if args.vlm_endpoint is not None:
+        pipeline = VLMRankerPipeline.from_endpoint(
+            args.vlm_endpoint, args.vlm_model, config, concurrency=args.vlm_concurrency
+        )
+    else:
+        pipeline = VLMRankerPipeline.from_pretrained(args.vlm, **vars(config))
     loader = imagegem_item_loader(resolve(args.data, repo_type="dataset"), args.item_type)
     report = rerank_and_evaluate(
         payload,

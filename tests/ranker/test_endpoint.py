@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import threading
 import time
@@ -135,3 +136,21 @@ def test_an_endpoint_ranker_saves_and_loads_its_endpoint(tmp_path, server):
     loaded = VLMRankerPipeline.from_pretrained(tmp_path / "ranker")
     assert (loaded.backend.base_url, loaded.backend.model, loaded.config.n_trials) == (server.url("/v1"), "toy-vlm", 3)
     assert loaded.rank("p", candidates(4), seed=0).ranking == [0, 1, 2, 3]
+
+
+def test_recommend_cli_reranks_through_an_endpoint(tmp_path, server, capsys):
+    from imagegem_hf.cli import main
+
+    server.chat = scoring_chat
+    raw, ds = tmp_path / "raw", tmp_path / "ds"
+    assert main(["dataset", "synth", str(raw), "--users", "40", "--seed", "2"]) == 0
+    assert main(["dataset", "build", str(raw), str(ds)]) == 0
+    capsys.readouterr()
+    args = ["recommend", str(ds), "--item-type", "model", "--models", "pop,itemknn", "--k", "1,5"]
+    args += ["--output-dir", str(tmp_path / "out"), "--rerank", "vlm", "--rerank-model", "itemknn"]
+    args += ["--trials", "4", "--subset-size", "3", "--rerank-users", "3"]  # k·T ≥ M: every candidate scored
+    assert main([*args, "--vlm-endpoint", server.url("/v1"), "--vlm-model", "stand-in"]) == 0
+    assert "| VLM |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "rerank_model.json").read_text())
+    assert report["stability"]["unscored_fraction"] == 0.0
+    assert main([*args, "--vlm-endpoint", server.url("/v1")]) == 2  # no --vlm-model
