@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="CLIP path or repo id that embeds the stored pixels when there is no embedding column (cached as "
         "parquet in <dataset>.image_embeddings/, resumable).",
     )
+    images.add_argument(
+        "--pixels", default=None, help="An `imagegem dataset fetch-images` output folder with the images' pixels."
+    )
     images.add_argument("--embedding-batch-size", type=int, default=64, help="CLIP batch size.")
     images.add_argument("--device", default="cpu", help="CLIP device.")
     rerank = parser.add_argument_group("VLM re-ranking (ImageGem §4.2; needs an ImageGem dataset folder)")
@@ -113,6 +116,7 @@ def _image_two_tower(args: argparse.Namespace, data):
         clip_model=args.clip_model,
         batch_size=args.embedding_batch_size,
         device=args.device,
+        pixels_dir=args.pixels,
     )
     if features is None:
         print(

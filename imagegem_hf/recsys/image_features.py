@@ -50,9 +50,16 @@ def embedding_column_features(dataset_dir: str | os.PathLike, column: str) -> pd
     return pd.DataFrame(np.stack(table[column].to_numpy()).astype(np.float32), index=table["imageId"].to_numpy())
 
 
-def has_pixels(dataset_dir: str | os.PathLike) -> bool:
-    """Whether the dataset has an `images` config that stores pixels (an `image` column, built with images)."""
-    images_dir = Path(dataset_dir) / "images"
+def pixel_dir(dataset_dir: str | os.PathLike, pixels_dir: str | os.PathLike | None = None) -> Path:
+    """The parquet folder holding the pixels: `<pixels_dir>/data` of an `imagegem dataset fetch-images` output
+    when given, else the dataset's own `images` config."""
+    return Path(pixels_dir) / "data" if pixels_dir is not None else Path(dataset_dir) / "images"
+
+
+def has_pixels(dataset_dir: str | os.PathLike, pixels_dir: str | os.PathLike | None = None) -> bool:
+    """Whether there are stored pixels: an `image` column in the `images` config (built with images) or in the
+    `fetch-images` output `pixels_dir`."""
+    images_dir = pixel_dir(dataset_dir, pixels_dir)
     return images_dir.is_dir() and "image" in pq.ParquetDataset(images_dir).schema.names
 
 
@@ -69,6 +76,7 @@ def clip_image_features(
     embedder: ImageEmbedder,
     cache_dir: str | os.PathLike,
     read_batch_size: int = 256,
+    pixels_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Embeddings of the stored pixels of `image_ids`, cached in `cache_dir` as parquet parts (resumable).
 
@@ -82,6 +90,7 @@ def clip_image_features(
         embedder: Any `ImageEmbedder`, e.g. `imagegem_hf.embeddings.CLIPEmbedder` (it batches internally).
         cache_dir: Folder of `part-*.parquet` files with columns `imageId, embedding`.
         read_batch_size: Parquet rows read at a time (bounds the memory of decoded images).
+        pixels_dir: An `imagegem dataset fetch-images` output folder to read the pixels from instead.
 
     Returns:
         A DataFrame indexed by `imageId`, one column per embedding dimension.
@@ -98,11 +107,11 @@ def clip_image_features(
         ... )
         ```
     """
-    images_dir = Path(dataset_dir) / "images"
-    if not has_pixels(dataset_dir):
+    images_dir = pixel_dir(dataset_dir, pixels_dir)
+    if not has_pixels(dataset_dir, pixels_dir):
         raise ValueError(
-            f"{images_dir} stores no pixels (no 'image' column): build the dataset with images, or pass an "
-            "embedding column (--image-embedding-column)."
+            f"{images_dir} stores no pixels (no 'image' column): fetch them (`imagegem dataset fetch-images`, then "
+            "--pixels DIR), or pass an embedding column (--image-embedding-column)."
         )
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +184,7 @@ def image_item_features(
     batch_size: int = 64,
     device: str = "cpu",
     cache_dir: str | os.PathLike | None = None,
+    pixels_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame | None:
     """Item features for image recommendation: `embedding_column` when given, else CLIP embeddings of the stored
     pixels (cached, see `clip_image_features`), else `None` (the dataset has neither).
@@ -187,6 +197,7 @@ def image_item_features(
         batch_size: CLIP batch size.
         device: CLIP device.
         cache_dir: Embedding cache; `None` is `default_cache_dir(dataset_dir, clip_model)`.
+        pixels_dir: An `imagegem dataset fetch-images` output folder holding the pixels.
 
     Returns:
         A DataFrame indexed by imageId (one column per dimension), or `None`.
@@ -199,10 +210,10 @@ def image_item_features(
     """
     if embedding_column is not None:
         return embedding_column_features(dataset_dir, embedding_column)
-    if not has_pixels(dataset_dir):
+    if not has_pixels(dataset_dir, pixels_dir):
         return None
     from imagegem_hf.embeddings import CLIPEmbedder
 
     embedder = CLIPEmbedder.from_pretrained(clip_model, device=device, batch_size=batch_size)
     cache_dir = cache_dir or default_cache_dir(dataset_dir, str(clip_model))
-    return clip_image_features(dataset_dir, image_ids, embedder, cache_dir)
+    return clip_image_features(dataset_dir, image_ids, embedder, cache_dir, pixels_dir=pixels_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
@@ -113,3 +114,18 @@ def test_resize_pairs_and_limit_filters(tmp_path, server):
     assert Image.open(io.BytesIO(table.column("image")[0]["bytes"].as_py())).size == (4, 4)
     report = fetch_images(tmp_path / "ds", tmp_path / "pairs", config=FAST, pairs=True, limit=3, show_progress=False)
     assert _stored(tmp_path / "pairs") == [ids[1], ids[2], ids[3]]
+
+
+def test_fetched_pixels_give_the_image_embeddings_of_retrieval(tmp_path, server):
+    from imagegem_hf.embeddings import CLIPEmbedder
+    from imagegem_hf.recsys.image_features import clip_image_features
+    from imagegem_hf.testing import tiny_clip_model
+
+    ids = write_images(tmp_path / "ds", [server.url(f"/img/{i}.png") for i in range(5)], repeat_first=False)
+    fetch_images(tmp_path / "ds", tmp_path / "px", config=FAST, shard_size=2, show_progress=False)
+    embedder = CLIPEmbedder(*tiny_clip_model(), batch_size=3)
+    features = clip_image_features(
+        tmp_path / "ds", ids[::-1], embedder, tmp_path / "cache", pixels_dir=tmp_path / "px"
+    )
+    direct = embedder.embed_images([Image.open(io.BytesIO(png_bytes(i))).convert("RGB") for i in range(5)])
+    np.testing.assert_allclose(features.loc[ids].to_numpy(), direct, rtol=1e-5, atol=1e-6)
