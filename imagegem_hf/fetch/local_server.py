@@ -78,20 +78,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def _arrive(self, path: str) -> int | None:
+        """Count the request; drop the connection (a dead server) or wait out the latency. Returns the path's hit
+        count, or None when the connection was dropped."""
         server = self.server
         with server.lock:
             server.request_count += 1
             count = server.request_count
-            parts = urlsplit(self.path)
-            server.hits[parts.path] += 1
-            hits = server.hits[parts.path]
+            server.hits[path] += 1
+            hits = server.hits[path]
         if server.fail_after is not None and count > server.fail_after:
             self.close_connection = True
             self.connection.close()
-            return
+            return None
         if server.latency:
             time.sleep(server.latency)
+        return hits
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        server = self.server
+        parts = urlsplit(self.path)
+        hits = self._arrive(parts.path)
+        if hits is None:
+            return
         kind = parts.path.strip("/").split("/")[0]
         name = parts.path.rsplit("/", 1)[-1]
         index = int("".join(ch for ch in name if ch.isdigit()) or 0)
@@ -129,16 +138,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         server = self.server
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        with server.lock:
-            server.request_count += 1
-            count = server.request_count
-            server.hits[self.path] += 1
-        if server.fail_after is not None and count > server.fail_after:
-            self.close_connection = True
-            self.connection.close()
+        if self._arrive(self.path) is None:
             return
-        if server.latency:
-            time.sleep(server.latency)
         if self.path.rstrip("/").endswith("/chat/completions") and server.chat is not None:
             status, answer = server.chat(json.loads(body))
             self._send(status, answer, "application/json")
