@@ -83,8 +83,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--small", action="store_true", help="Fewer users and steps (the slow test's size).")
     parser.add_argument("--output-dir", default="learn_preference_output", help="Stage folders and the table.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the users and the training runs.")
+    parser.add_argument("--stage1-steps", type=int, default=None, help="Override the stage 1 steps.")
+    parser.add_argument("--stage1-learning-rate", type=float, default=None, help="Override the stage 1 peak rate.")
     args = parser.parse_args(argv)
     config = LearningConfig(seed=args.seed, users=SyntheticUsersConfig(seed=args.seed))
+    if args.stage1_steps is not None:
+        config = replace(config, stage1_steps=args.stage1_steps)
+    if args.stage1_learning_rate is not None:
+        config = replace(config, stage1_learning_rate=args.stage1_learning_rate)
     if args.small:
         config = replace(
             config,

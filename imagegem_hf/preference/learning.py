@@ -53,7 +53,7 @@ class LearningConfig:
 
     users: SyntheticUsersConfig = field(default_factory=SyntheticUsersConfig)
     backbone: ToyVLMConfig = field(default_factory=ToyVLMConfig)
-    stage1_steps: int = field(default=600, metadata={"help": "Stage 1 optimizer steps (LoRA on the language model)."})
+    stage1_steps: int = field(default=1500, metadata={"help": "Stage 1 optimizer steps (LoRA on the language model)."})
     stage1_learning_rate: float = field(default=1e-3, metadata={"help": "Stage 1 peak learning rate (cosine)."})
     stage2_steps: int = field(default=100, metadata={"help": "Stage 2 optimizer steps (prototypes only)."})
     stage2_learning_rate: float = field(default=1e-2, metadata={"help": "Stage 2 peak learning rate (cosine)."})

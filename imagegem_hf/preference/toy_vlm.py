@@ -1,23 +1,26 @@
 """A toy VLM that sees the synthetic users' images: a small LLaVA pre-trained on interleaved captions of them.
 
-A randomly initialised tiny VLM cannot read a user's references: its loss stays at `3·ln 2` (50/50 everywhere),
-because reading needs two circuits that gradient descent finds only after a long plateau — a head that copies the
-latest image into the answer that follows it, and a head that matches the target with those answers. A real
-backbone (Idefics2, SmolVLM, LLaVA) brings both from pre-training on interleaved image-text documents. This module
-gives the toy VLM the same kind of pre-training: conversations of several synthetic images, each asked
-"Describe this image." and answered with its caption ("red circle bright striped"). The captions name the
-attributes only; no preference, no `+`/`−`, no user is ever shown. Answering the k-th image's caption needs exactly
-the first circuit (attend to the latest image), and the vision tower learns to encode the attributes.
+Reading a user's references needs two circuits: one that copies each reference image into the answer (`+`/`-`) that
+follows it, and one that matches the target with those answers. A real backbone (Idefics2, SmolVLM, LLaVA) brings
+the first from pre-training on interleaved image-text data. The toy VLM gets the same kind of pre-training on
+conversations of several synthetic images, each asked "Describe this image." and answered with its caption
+("red circle bright striped"); the captions name the attributes only — no preference, no `+`/`−`, no user is shown.
 
-The model is a `LlavaForConditionalGeneration` (CLIP vision tower with one 16×16 patch per image, a Llama language
-model of width 64) with a tokenizer in which the chat markers, the two questions and the attribute words are single
-tokens, so a reference turn is 5 tokens long.
+Measured (`benchmarks/learn_preference.py`): with full attention in every layer (`text_model_type="llama"`) the
+preference loss stays at `3·ln 2` (50/50 everywhere) for the whole stage-1 budget, caption pre-training or not. The
+default language model is a Qwen2 whose first layer attends to the last `local_window` tokens only (one chat turn,
+Qwen2's sliding-window layers) and whose second layer attends to everything: the first layer can then only mix each
+answer with its own image, which gives stage 1 the signal to learn the matching.
+
+The model is a `LlavaForConditionalGeneration` (CLIP vision tower with one 16×16 patch per image, a 2-layer language
+model of width 64) with a tokenizer in which the chat markers, the questions and the attribute words are single
+tokens, so a reference turn is 5 tokens long: `<user> <image> Score for this image? <assistant> +`.
 
 Example:
     ```python
     >>> from imagegem_hf.preference.toy_vlm import ToyVLMConfig, pretrain_toy_vlm, toy_vlm
     >>> model, processor = toy_vlm(ToyVLMConfig())
-    >>> _ = pretrain_toy_vlm(model, processor, ToyVLMConfig(pretrain_steps=2))
+    >>> _ = pretrain_toy_vlm(model, processor, ToyVLMConfig(pretrain_steps=2), progress=False)
     ```
 """
 
@@ -62,15 +65,19 @@ class ToyVLMConfig:
     text_hidden_size: int = field(default=64, metadata={"help": "Width of the Llama language model."})
     text_layers: int = field(default=2, metadata={"help": "Layers of the language model."})
     text_model_type: str = field(
-        default="llama", metadata={"help": "'falcon' (ALiBi positions) or 'llama' (rotary positions)."}
+        default="qwen2",
+        metadata={
+            "help": "'qwen2': a local (sliding-window) first layer, then full attention; 'llama': full attention in "
+            "every layer (measured: stays at 50/50 on the preference task within the benchmark's budget)."
+        },
+    )
+    local_window: int = field(
+        default=4, metadata={"help": "qwen2: the first layer attends to the last this many tokens (one turn) only."}
     )
     pretrain_steps: int = field(default=600, metadata={"help": "Interleaved-caption pre-training steps."})
     pretrain_batch_size: int = field(default=16, metadata={"help": "Conversations per pre-training step."})
     images_per_conversation: int = field(default=8, metadata={"help": "Captioned images per conversation."})
     pretrain_learning_rate: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate (one-cycle)."})
-    pretrain_tasks: tuple[str, ...] = field(
-        default=("caption",), metadata={"help": "Pre-training tasks, alternated by step: 'caption', 'naming'."}
-    )
     seed: int = field(default=0, metadata={"help": "Seed of the weights and of the pre-training images."})
 
     def fingerprint(self) -> str:
@@ -153,13 +160,15 @@ def _text_config(config: ToyVLMConfig, tokenizer) -> dict:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    if config.text_model_type == "falcon":
+    if config.text_model_type == "qwen2":
         return dict(
-            model_type="falcon",
-            alibi=True,
-            multi_query=False,
-            parallel_attn=False,
-            bias=False,
+            model_type="qwen2",
+            intermediate_size=2 * config.text_hidden_size,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            use_sliding_window=True,
+            sliding_window=config.local_window,
+            layer_types=["sliding_attention"] + ["full_attention"] * (config.text_layers - 1),
             tie_word_embeddings=False,
             **common,
         )
@@ -171,7 +180,7 @@ def _text_config(config: ToyVLMConfig, tokenizer) -> dict:
             max_position_embeddings=512,
             **common,
         )
-    raise ValueError(f"text_model_type must be 'falcon' or 'llama', got {config.text_model_type!r}.")
+    raise ValueError(f"text_model_type must be 'qwen2' or 'llama', got {config.text_model_type!r}.")
 
 
 def conversation_batch(
@@ -182,7 +191,8 @@ def conversation_batch(
     `task="caption"`: each image is asked `CAPTION_QUESTION` and answered with its attributes in words.
     `task="naming"`: few-shot naming — the conversation picks one attribute and two made-up names for its two
     values; each image is asked `NAMING_QUESTION` and answered with the name of its value, which can only be
-    inferred from the earlier images of the same conversation.
+    inferred from the earlier images of the same conversation. It is not trained on: its accuracy measures whether
+    the pre-trained model learns in context (chance 0.5).
     """
     if task not in ("caption", "naming"):
         raise ValueError(f"task must be 'caption' or 'naming', got {task!r}.")
@@ -243,10 +253,9 @@ def pretrain_toy_vlm(model, processor, config: ToyVLMConfig | None = None, progr
     )
     model.train()
     bar = tqdm(range(config.pretrain_steps), desc="toy VLM caption pre-training", disable=not progress)
-    for step in bar:
-        task = config.pretrain_tasks[step % len(config.pretrain_tasks)]
+    for _ in bar:
         batch = conversation_batch(
-            processor, task, config.pretrain_batch_size, config.images_per_conversation, rng, config.image_size
+            processor, "caption", config.pretrain_batch_size, config.images_per_conversation, rng, config.image_size
         )
         loss = model(**batch).loss
         optimizer.zero_grad()

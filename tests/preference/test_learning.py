@@ -93,3 +93,24 @@ def test_learning_benchmark_passes_at_a_small_size(tmp_path):
     spec.loader.exec_module(benchmark)
     results = benchmark.main(["--small", "--output-dir", str(tmp_path)])
     assert results and all(r.passed for r in results), [str(r) for r in results]
+
+
+def test_toy_vlm_reference_turn_is_five_tokens_and_shared_prefix_matches_full_sequences(world):
+    import torch
+
+    from imagegem_hf.preference import PreferencePrototypeModel, build_pair_batch
+    from imagegem_hf.preference.toy_vlm import ToyVLMConfig, toy_vlm
+
+    backbone, processor = toy_vlm(ToyVLMConfig())
+    assert backbone.config.text_config.layer_types == ["sliding_attention", "full_attention"]
+    model, builder = PreferencePrototypeModel.from_backbone(
+        backbone, processor, num_prototypes=2, n_ref=world.config.n_ref, use_prompt=False
+    )
+    examples = world.splits["test_unseen"][:3]
+    queries = [[e.query(world.load_image, getattr(e, key)) for e in examples] for key in ("image0", "image1")]
+    full = builder(queries[0] + queries[1])
+    tokens = processor.tokenizer.convert_ids_to_tokens(full["input_ids"][0][:5])
+    assert tokens[:4] == ["<user>", "<image>", "Score for this image?", "<assistant>"] and tokens[4] in ("+", "-")
+    assert full["input_ids"].shape[1] == 5 * 2 * world.config.n_ref + 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(**build_pair_batch(builder, *queries)).logits, model(**full).logits)
