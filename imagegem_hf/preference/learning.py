@@ -54,7 +54,7 @@ class LearningConfig:
     users: SyntheticUsersConfig = field(default_factory=SyntheticUsersConfig)
     backbone: ToyVLMConfig = field(default_factory=ToyVLMConfig)
     stage1_steps: int = field(default=1500, metadata={"help": "Stage 1 optimizer steps (LoRA on the language model)."})
-    stage1_learning_rate: float = field(default=1e-3, metadata={"help": "Stage 1 peak learning rate (cosine)."})
+    stage1_learning_rate: float = field(default=2e-3, metadata={"help": "Stage 1 peak learning rate (cosine)."})
     stage2_steps: int = field(default=100, metadata={"help": "Stage 2 optimizer steps (prototypes only)."})
     stage2_learning_rate: float = field(default=1e-2, metadata={"help": "Stage 2 peak learning rate (cosine)."})
     num_prototypes: int = field(default=10, metadata={"help": "Prototypes added in stage 2 (paper: 10)."})
