@@ -1,74 +1,37 @@
-"""Demo stage `preference`: two-stage training of a tiny LLaVA-backed preference model on synthetic users.
+"""Demo stage `preference`: does a preference model learn to read a user's references?
 
-Every synthetic user prefers images dominated by a planted colour (red) over other colours; the model is trained
-for a few steps (stage 1: LoRA + vision tower, stage 2: prototypes only) and evaluated on users it never saw, next to
-a zero-shot CLIP-score baseline (a tiny random CLIP). The README shows the commands for Pick-a-Pic and a real VLM.
+Synthetic users like signed mixes of four image attributes and come in mirrored couples, so no global score (redness,
+one attribute, the tiny-CLIP score, PickScore on it) beats chance; only reading *this* user's liked and disliked
+references does. A toy LLaVA pre-trained on interleaved captions of such images is trained with both stages of
+paper 003 on training users and evaluated on unseen users, with its references as given and swapped (a model that
+reads them must then fail). `benchmarks/learn_preference.py` runs the same experiment at full size with pass/fail
+targets; the README shows the commands for Pick-a-Pic and a real VLM.
 """
 
 from __future__ import annotations
 
-from imagegem_hf.preference.data import (
-    build_user_splits,
-    group_pickapic_records,
-    save_preference_dataset,
-    synthetic_pickapic_records,
-)
-from imagegem_hf.preference.evaluate import evaluate_preference
-from imagegem_hf.preference.modeling_preference_prototype import PreferencePrototypeModel
-from imagegem_hf.preference.sequence import PreferenceSequenceBuilder
-from imagegem_hf.preference.trainer import PreferencePrototypeTrainingConfig, train_preference_model
-from imagegem_hf.scoring import CLIPScore
-from imagegem_hf.testing import tiny_clip_model, tiny_vlm
+from dataclasses import replace
 
-N_REF = 2
+from imagegem_hf.preference.learning import LearningConfig, run_learning_experiment
+from imagegem_hf.preference.synthetic_users import SyntheticUsersConfig
 
 
-def _args(output_dir, stage: int, seed: int, **kwargs) -> PreferencePrototypeTrainingConfig:
-    return PreferencePrototypeTrainingConfig(
-        output_dir=str(output_dir),
-        stage=stage,
-        n_ref=N_REF,
-        per_device_train_batch_size=4,
-        learning_rate=2e-2,
-        weight_decay=0.0,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        logging_steps=20,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=seed,
-        **kwargs,
+def demo_config(seed: int = 0) -> LearningConfig:
+    """The demo's size: fewer users and steps than the benchmark (about 2 minutes on 2 cores once the toy VLM is
+    cached)."""
+    config = LearningConfig(seed=seed, users=SyntheticUsersConfig(seed=seed))
+    return replace(
+        config,
+        users=replace(config.users, train_users=128, test_users=16, seen_users=16),
+        stage1_steps=config.stage1_steps // 2,
+        stage2_steps=config.stage2_steps // 2,
     )
 
 
 def run_demo(context) -> list[str]:
     out = context.stage_dir("preference")
-    records, images = synthetic_pickapic_records(n_users=16, pairs_per_user=12, tastes=("red",), seed=context.seed)
-    splits = build_user_splits(
-        group_pickapic_records(records), n_ref=N_REF, val_users=1, test_users=5, seen_users=3, seed=context.seed
-    )
-    dataset_dir = save_preference_dataset(
-        splits, out / "dataset", images, source="synthetic users (planted colour)", overwrite=True
-    )
-    backbone, processor = tiny_vlm(seed=context.seed)
-    model, _ = PreferencePrototypeModel.from_backbone(backbone, processor, num_prototypes=0, n_ref=N_REF)
-    load = images.__getitem__
-    train_preference_model(
-        model, processor, splits["train"], load, _args(out / "stage1", 1, context.seed, max_steps=80)
-    )
-    stage2_args = _args(out / "stage2", 2, context.seed, max_steps=10, num_prototypes=4)
-    model = train_preference_model(out / "stage1" / "model", processor, splits["train"], load, stage2_args)
-    clip, clip_processor = tiny_clip_model(seed=context.seed)
-    result = evaluate_preference(
-        model,
-        PreferenceSequenceBuilder.from_config(processor, model.config),
-        {"seen": splits["test_seen"], "unseen": splits["test_unseen"]},
-        load,
-        baselines={"CLIP score (tiny random CLIP)": CLIPScore(clip, clip_processor)},
-        user_similarity_users=5,
-    )
-    print(f"\nPersonal preference prediction on synthetic users (paper 003 Tables 1–3 layout):\n{result.markdown()}")
-    paths = result.save(out, "preference_eval")
-    lines = [f"per-user dataset → {dataset_dir}", f"preference model → {out / 'stage2' / 'model'}"]
-    return lines + [f"preference evaluation {name} → {path}" for name, path in paths.items()]
+    report = run_learning_experiment(demo_config(context.seed), out)
+    print(f"\nLearning to read references (synthetic users, unseen in training):\n{report.markdown()}")
+    paths = report.save(out)
+    lines = [f"stage-1 model → {out / 'stage1' / 'model'}", f"stage-2 model → {out / 'stage2' / 'model'}"]
+    return lines + [f"preference learning table {name} → {path}" for name, path in paths.items()]
