@@ -87,6 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
             count = server.request_count
             server.hits[path] += 1
             hits = server.hits[path]
+            server.arrivals.append((time.monotonic(), path, dict(self.headers)))
         if server.fail_after is not None and count > server.fail_after:
             self.close_connection = True
             self.connection.close()
@@ -189,6 +190,7 @@ class LocalServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.request_count = 0
         self.hits: Counter[str] = Counter()
+        self.arrivals: list[tuple[float, str, dict[str, str]]] = []  # (monotonic time, path, request headers)
         self._thread: threading.Thread | None = None
 
     @property

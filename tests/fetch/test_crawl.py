@@ -37,6 +37,7 @@ def test_crawled_pages_build_the_same_dataset_as_the_source_dump(tmp_path, synth
     monkeypatch.setenv("CIVITAI_API_KEY", "secret")
     report = crawl(tmp_path / "raw", base_url=server.url("/api/v1"), page_size=50, config=FAST, show_progress=False)
     assert report.finished == ["images", "models"] and not report.stopped
+    assert all(headers.get("Authorization") == "Bearer secret" for _, _, headers in server.arrivals)
     assert report.items == {kind: len(v) for kind, v in items.items()}
     assert _items(tmp_path / "raw", "images") == items["images"]
     build_dataset(tmp_path / "source", tmp_path / "a", show_progress=False)

@@ -129,3 +129,13 @@ def test_fetched_pixels_give_the_image_embeddings_of_retrieval(tmp_path, server)
     )
     direct = embedder.embed_images([Image.open(io.BytesIO(png_bytes(i))).convert("RGB") for i in range(5)])
     np.testing.assert_allclose(features.loc[ids].to_numpy(), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_requests_to_one_host_are_spaced_by_the_rate_limit(tmp_path, server):
+    write_images(tmp_path / "ds", [server.url(f"/img/{i}.png") for i in range(6)], repeat_first=False)
+    config = FetchConfig(concurrency=6, requests_per_second=10.0, retries=0, timeout=5.0)
+    fetch_images(tmp_path / "ds", tmp_path / "out", config=config, shard_size=6, show_progress=False)
+    times = sorted(t for t, _, _ in server.arrivals)
+    assert len(times) == 6
+    # The limiter sleeps before each request, so requests can only arrive later than 1 / rate apart, never sooner.
+    assert min(b - a for a, b in zip(times, times[1:], strict=False)) >= 0.09
