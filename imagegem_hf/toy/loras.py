@@ -1,12 +1,13 @@
 """User-made LoRAs of the toy world: a population of styles, fine-tuned together, saved as kohya files.
 
-Each toy "user" has a style along two attributes the toy world measures from pixels and that prompts never name:
-the subject's **size** (small ↔ large) and the palette's **warmth** (cyan/blue ↔ red/yellow subjects, measured as
-mean R − B). The two are correlated across the population (`ToyLoRAConfig.correlation`), as styles are in real
-collections (realistic LoRAs are more often of women on Civitai): a direction learnt for one drags the other
-along, which is what `debias` must undo. Each user's LoRA is fine-tuned from the toy base pipeline on renders of
-that style, with a rank drawn from 1–16 and a kohya alpha of rank, rank/2 or 1 (as Civitai's LoRAs vary), on the
-UNet's attention and feed-forward layers, and saved as a kohya `.safetensors` file.
+Each toy "user" has a style: a colour grade of every image they make, along two axes that are measured back from
+pixels (`style_measures`): **warmth** (a red/blue tint, mean R − B of the image) and **brightness** (an exposure
+curve, mean grey level). Colour grades are among the commonest Civitai LoRA styles, and unlike the content they
+never appear in prompts. The two axes are correlated across the population (`ToyLoRAConfig.correlation`), as styles
+are in real collections: a direction learnt for one drags the other along, which is what `debias` must undo. Each
+user's LoRA is fine-tuned from the toy base pipeline on renders of the toy world graded in that style, with a rank
+drawn from 1–16 and a kohya alpha of rank, rank/2 or 1 (Civitai's LoRAs vary so), on the UNet's attention and
+feed-forward layers, and saved as a kohya `.safetensors` file.
 
 All LoRAs train at once: `StackedLoRA` adds K low-rank updates to the UNet's linear layers through forward hooks
 and applies update k to the batch rows of LoRA k, so one UNet pass trains every LoRA on its own images (K separate
@@ -16,7 +17,6 @@ LoRAs in one batch; a test checks them against diffusers' `load_lora_weights` of
 
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import json
 import os
@@ -28,25 +28,50 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, save_lora
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
-STYLE_ATTRIBUTES = ("size", "warmth")
+STYLE_ATTRIBUTES = ("warmth", "brightness")
+TINT = 0.3  # the red gain (and blue loss) of the warmest style
+EXPOSURE = 0.7  # log2 of the gamma of the darkest style (the brightest: its inverse)
 
 
 @dataclass(frozen=True)
 class UserStyle:
-    """A toy user's style: where their images sit on the two style attributes, each in [−1, 1].
+    """A toy user's colour grade, each axis in [−1, 1].
 
     Attributes:
-        size: −1 draws the smallest subjects of the toy world, +1 the largest.
-        warmth: −1 draws cool subjects (cyan, blue), +1 warm ones (red, yellow), 0 every colour alike.
+        warmth: −1 tints every image blue (R × 0.7, B × 1.3), +1 red (R × 1.3, B × 0.7).
+        brightness: −1 darkens every image (gamma 1.6), +1 brightens it (gamma 0.6).
     """
 
-    size: float
     warmth: float
+    brightness: float
+
+    def grade(self, image: Image.Image) -> Image.Image:
+        """The image in this style."""
+        x = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        x = x * np.array([1 + TINT * self.warmth, 1.0, 1 - TINT * self.warmth], dtype=np.float32)
+        x = np.clip(x, 0.0, 1.0) ** (2.0 ** (-EXPOSURE * self.brightness))
+        return Image.fromarray(np.round(255 * x).astype(np.uint8))
+
+
+def style_measures(images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+    """`{"warmth": mean R − B, "brightness": mean of R, G, B}` of each image (channels in [0, 1]).
+
+    Example:
+        ```python
+        >>> from PIL import Image
+        >>> from imagegem_hf.toy.loras import style_measures
+        >>> style_measures([Image.new("RGB", (4, 4), (255, 128, 0))])["warmth"]
+        array([1.])
+        ```
+    """
+    x = np.stack([np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0 for image in images])
+    return {"warmth": (x[..., 0] - x[..., 2]).mean(axis=(1, 2)), "brightness": x.mean(axis=(1, 2, 3))}
 
 
 @dataclass
@@ -62,7 +87,7 @@ class ToyLoRAConfig:
     """
 
     n_loras: int = field(default=64, metadata={"help": "Number of users, one LoRA each."})
-    correlation: float = field(default=0.6, metadata={"help": "Correlation of size and warmth across users."})
+    correlation: float = field(default=0.6, metadata={"help": "Correlation of warmth and brightness across users."})
     ranks: tuple[int, ...] = field(default=(1, 2, 4, 8, 16), metadata={"help": "Ranks drawn uniformly per LoRA."})
     target_modules: tuple[str, ...] = field(
         default=TARGET_MODULES, metadata={"help": "UNet linear layers the LoRAs adapt (peft's name-suffix rule)."}
@@ -70,16 +95,8 @@ class ToyLoRAConfig:
     images_per_lora: int = field(default=32, metadata={"help": "Rendered training images per user."})
     batch_per_lora: int = field(default=2, metadata={"help": "Images of each LoRA per training step."})
     steps: int = field(default=150, metadata={"help": "Training steps (every LoRA trains in every step)."})
-    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the LoRA factors."})
+    learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate of the LoRA factors."})
     seed: int = field(default=0, metadata={"help": "Seed of the styles, the renders, the initial factors, the noise."})
-
-
-def colour_warmth(colour: str) -> float:
-    """R − B of a toy colour's pure hue: +1 red/yellow, 0 green/magenta, −1 cyan/blue."""
-    from imagegem_hf.toy.world import COLOURS
-
-    red, _, blue = colorsys.hsv_to_rgb(COLOURS[colour] / 360.0, 1.0, 1.0)
-    return float(red - blue)
 
 
 def user_styles(n: int, correlation: float = 0.6, seed: int = 0) -> list[UserStyle]:
@@ -89,7 +106,7 @@ def user_styles(n: int, correlation: float = 0.6, seed: int = 0) -> list[UserSty
         ```python
         >>> from imagegem_hf.toy.loras import user_styles
         >>> styles = user_styles(4, seed=0)
-        >>> all(-1 <= s.size <= 1 and -1 <= s.warmth <= 1 for s in styles)
+        >>> all(-1 <= s.warmth <= 1 and -1 <= s.brightness <= 1 for s in styles)
         True
         ```
     """
@@ -98,39 +115,24 @@ def user_styles(n: int, correlation: float = 0.6, seed: int = 0) -> list[UserSty
     rng = np.random.default_rng(seed)
     z = rng.multivariate_normal([0.0, 0.0], [[1.0, correlation], [correlation, 1.0]], size=n)
     u = 2.0 * norm.cdf(z) - 1.0
-    return [UserStyle(size=float(a), warmth=float(b)) for a, b in u]
+    return [UserStyle(warmth=float(a), brightness=float(b)) for a, b in u]
 
 
-def style_specs(style: UserStyle, n: int, seed: int = 0) -> tuple[list, list[str]]:
-    """`n` toy images in `style` (specs and prompts). Prompts never name the colour (the palette is the style); shape
-    and background are named with probability 0.8 each.
+def style_images(style: UserStyle, n: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """`n` toy world images graded in `style`, with their prompts (the grade is never named).
 
     Example:
         ```python
-        >>> from imagegem_hf.toy.loras import UserStyle, style_specs
-        >>> specs, prompts = style_specs(UserStyle(size=1.0, warmth=1.0), 2)
-        >>> len(specs), "red" in prompts[0]
-        (2, False)
+        >>> from imagegem_hf.toy.loras import UserStyle, style_images
+        >>> images, prompts = style_images(UserStyle(warmth=1.0, brightness=0.0), 2)
+        >>> len(images), images[0].size
+        (2, (32, 32))
         ```
     """
-    from imagegem_hf.toy.world import COLOURS, SIZE_RANGE, prompt_for, random_spec
+    from imagegem_hf.toy.world import render, sample_world
 
-    rng = np.random.default_rng(seed)
-    colours = list(COLOURS)
-    logits = 2.5 * style.warmth * np.array([colour_warmth(c) for c in colours])
-    weights = np.exp(logits - logits.max())
-    low, high = SIZE_RANGE
-    centre = (low + high) / 2 + 0.4 * (high - low) * style.size
-    specs, prompts = [], []
-    for _ in range(n):
-        colour = str(rng.choice(colours, p=weights / weights.sum()))
-        spec = random_spec(rng, colour=colour)
-        size = float(np.clip(centre + rng.uniform(-0.5, 0.5), low, high))
-        spec = type(spec)(**{**asdict(spec), "size": size})
-        keep = rng.random(2) < 0.8
-        prompts.append(prompt_for(None, spec.shape if keep[0] else None, spec.background if keep[1] else None))
-        specs.append(spec)
-    return specs, prompts
+    specs, prompts = sample_world(n, seed=seed)
+    return [style.grade(render(spec)) for spec in specs], prompts
 
 
 class StackedLoRA(torch.nn.Module):
@@ -285,14 +287,11 @@ def _pixels(images) -> torch.Tensor:
 
 @torch.no_grad()
 def _training_pool(pipe, styles: Sequence[UserStyle], config: ToyLoRAConfig, show_progress: bool):
-    """Latents `(K, P, c, h, w)` and text embeddings `(K, P, tokens, width)` of every user's renders."""
-    from imagegem_hf.toy.world import render
-
+    """Latents `(K, P, c, h, w)` and text embeddings `(K, P, tokens, width)` of every user's graded renders."""
     latents, embeddings = [], []
     for k, style in enumerate(tqdm(styles, desc="Render user styles", disable=not show_progress)):
-        specs, prompts = style_specs(style, config.images_per_lora, seed=config.seed * 100_003 + k)
-        pixels = _pixels([render(spec) for spec in specs])
-        latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+        images, prompts = style_images(style, config.images_per_lora, seed=config.seed * 100_003 + k)
+        latents.append(pipe.vae.encode(_pixels(images)).latent_dist.mean * pipe.vae.config.scaling_factor)
         embeddings.append(_encode_prompts(pipe, prompts))
     return torch.stack(latents), torch.stack(embeddings)
 
@@ -375,13 +374,21 @@ class UserLoRAs:
     folder: Path
 
 
+def default_cache_dir() -> Path:
+    """Where toy LoRA collections are kept by default: `$HF_HOME/imagegem_hf/toy_user_loras`."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "imagegem_hf" / "toy_user_loras"
+
+
 def user_lora_collection(
-    pipe, folder: str | os.PathLike, config: ToyLoRAConfig | None = None, show_progress: bool = True
+    pipe, folder: str | os.PathLike | None = None, config: ToyLoRAConfig | None = None, show_progress: bool = True
 ) -> UserLoRAs:
     """The toy users' LoRAs as kohya files in `folder`, trained on the first call and reused afterwards.
 
     `folder/users.json` records the config, the base pipeline's weight fingerprint and each user's style; a folder
-    made with another config or base is retrained.
+    made with another config or base is retrained. By default the folder is named after both, under
+    `default_cache_dir()`, so collections of different configs are kept side by side.
 
     Example:
         ```python
@@ -393,9 +400,11 @@ def user_lora_collection(
         ```
     """
     config = config or ToyLoRAConfig()
+    key = {"config": json.loads(json.dumps(asdict(config))), "base": _base_fingerprint(pipe)}
+    if folder is None:
+        folder = default_cache_dir() / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(folder)
     manifest_path = folder / "users.json"
-    key = {"config": json.loads(json.dumps(asdict(config))), "base": _base_fingerprint(pipe)}
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         files = [folder / name for name in manifest.get("files", [])]
@@ -425,7 +434,8 @@ def generate_with_loras(
     seeds: Sequence[int],
     num_inference_steps: int = 20,
     guidance_scale: float = 4.0,
-    batch_size: int = 128,
+    batch_size: int = 256,
+    show_progress: bool = False,
 ) -> list:
     """One image per row `(loras[lora_index[i]], prompts[i], seeds[i])`, many LoRAs per batch (`StackedLoRA`).
 
@@ -439,7 +449,8 @@ def generate_with_loras(
         raise ValueError("Pass one LoRA index, prompt and seed per image.")
     stacked = StackedLoRA.from_loras(pipe.unet, loras)
     images = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=f"Generate with {len(loras)} LoRAs", disable=not show_progress):
         rows = slice(start, start + batch_size)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[rows]]
         with stacked.apply(pipe.unet, list(lora_index[rows])):
