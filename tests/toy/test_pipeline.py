@@ -1,0 +1,38 @@
+import json
+import subprocess
+import sys
+
+from imagegem_hf.toy import TOY_PIPELINE_PATH, full_prompts, load_toy_pipeline, prompt_following
+
+
+def test_shipped_pipeline_is_small_and_in_the_hub_layout():
+    files = [p for p in TOY_PIPELINE_PATH.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    index = json.loads((TOY_PIPELINE_PATH / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+
+
+def test_shipped_pipeline_loads_with_plain_diffusers():
+    code = (
+        "import sys; from diffusers import StableDiffusionPipeline; "
+        f"pipe = StableDiffusionPipeline.from_pretrained({str(TOY_PIPELINE_PATH)!r}); "
+        "assert 'imagegem_hf' not in sys.modules; "
+        "print(pipe('a red circle', num_inference_steps=2, output_type='np').images.shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "(1, 32, 32, 3)"
+
+
+def test_shipped_base_follows_prompts_above_chance():
+    result = prompt_following(load_toy_pipeline(), full_prompts(), seeds=[0], num_inference_steps=10)
+    accuracy = result.accuracy
+    print(result.summary())
+    # 108 named attributes, chance 1/3: ≥ 0.6 is > 5 binomial standard deviations above chance.
+    assert accuracy["n"] == 108 and abs(accuracy["chance"] - 1 / 3) < 1e-9
+    assert accuracy["mean"] >= 0.6
+    for attribute in ("colour", "shape", "background"):
+        assert accuracy[attribute] > 0.5
