@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="bench_output/learn_w2w", help="Where the figure and numbers go.")
     parser.add_argument("--cache-dir", default=None, help="Folder of the user LoRAs (default: the toy cache).")
     parser.add_argument("--n-loras", type=int, default=64, help="User LoRAs (held out: 12).")
+    parser.add_argument("--base", default=None, help="Toy pipeline folder (default: the shipped toy base).")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = W2WToyConfig()
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     start, cpu = time.time(), time.process_time()
-    effect = run_w2w_effect(load_toy_pipeline(), args.cache_dir, config)
+    effect = run_w2w_effect(load_toy_pipeline(args.base), args.cache_dir, config)
     figure = plot_attribute_vs_strength(effect, config.attribute, config.other, output / "w2w_attribute_vs_alpha.png")
     accuracies = {k: d.accuracy for k, d in effect.directions.items()}
     print(f"strengths α: {[round(float(a), 3) for a in effect.strengths]}")

@@ -49,12 +49,12 @@ class W2WToyConfig:
     n_components: int = field(default=24, metadata={"help": "Principal components of the weight space."})
     prompts: tuple[str, ...] = field(default=PROMPTS, metadata={"help": "Prompts of every measurement."})
     label_seeds: int = field(default=4, metadata={"help": "Seeds per prompt of the samples that label a LoRA."})
-    eval_seeds: int = field(default=2, metadata={"help": "Seeds per prompt of each edited LoRA's images."})
+    eval_seeds: int = field(default=1, metadata={"help": "Seeds per prompt of each edited LoRA's images."})
     n_strengths: int = field(default=9, metadata={"help": "Edit strengths, evenly spaced and symmetric around 0."})
     strength_span: float = field(
         default=3.0, metadata={"help": "Largest |α|, in standard deviations of the LoRAs along the raw direction."}
     )
-    num_inference_steps: int = field(default=20, metadata={"help": "DDIM steps of every image."})
+    num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps of every image."})
     guidance_scale: float = field(default=4.0, metadata={"help": "Classifier-free guidance of every image."})
 
 

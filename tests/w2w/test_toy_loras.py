@@ -66,3 +66,18 @@ def test_stacked_trains_each_lora_on_its_own_rows(stacked_and_files):
         sd.unet(sample, 500, encoder_hidden_states=context).sample.square().mean().backward()
     grads = torch.stack([p.grad.flatten(1).abs().sum(1) for p in stacked.up]).sum(0)
     assert grads[0] > 0 and grads[1] == 0
+
+
+def test_style_grade_and_measures_by_hand():
+    import numpy as np
+    from PIL import Image
+
+    from imagegem_hf.toy.loras import UserStyle, style_measures
+
+    grey = Image.new("RGB", (4, 4), (128, 128, 128))
+    warm, bright = UserStyle(warmth=1.0, brightness=0.0).grade(grey), UserStyle(warmth=0.0, brightness=1.0).grade(grey)
+    x = 128 / 255
+    expected_warm = (round(255 * min(1.4 * x, 1.0)) - round(255 * 0.6 * x)) / 255  # R × 1.4, B × 0.6
+    measured = style_measures([grey, warm, bright])
+    np.testing.assert_allclose(measured["warmth"], [0.0, expected_warm, 0.0], atol=1e-9)
+    np.testing.assert_allclose(measured["brightness"][2], round(255 * x ** (2**-0.7)) / 255, atol=1e-9)  # gamma 0.62
