@@ -91,8 +91,8 @@ def synthetic_loras(
 
 
 def run_demo(context) -> list[str]:
-    from imagegem_hf.toy import captioned_grid, load_toy_pipeline, measure_attributes
-    from imagegem_hf.toy.loras import ToyLoRAConfig
+    from imagegem_hf.toy import captioned_grid, load_toy_pipeline
+    from imagegem_hf.toy.loras import ToyLoRAConfig, style_measures
     from imagegem_hf.toy.w2w_edits import W2WToyConfig, plot_attribute_vs_strength, run_w2w_effect
     from imagegem_hf.w2w.pipeline_w2w import W2WEditPipeline
 
@@ -129,12 +129,11 @@ def run_demo(context) -> list[str]:
                 num_inference_steps=config.num_inference_steps,
                 guidance_scale=config.guidance_scale,
             )
-            measured = measure_attributes(result.images)
+            measured = style_measures(result.images)
             rows.append(result.images)
             labels.append(f"user {user} {key}")
-            captions.append(
-                [f"w{w:+.2f} r{r:.1f}" for w, r in zip(measured["warmth"], measured["radius"], strict=True)]
-            )
+            pairs = zip(measured["warmth"], measured["brightness"], strict=True)
+            captions.append([f"w{w:+.2f} b{b:.2f}" for w, b in pairs])
     titles = [f"a={a:+.2f}" for a in effect.strengths]
     grid_path = out / "w2w_strength_grid.png"
     captioned_grid(rows, labels, captions=captions, column_titles=titles).save(grid_path)
@@ -151,5 +150,5 @@ def run_demo(context) -> list[str]:
         f"weight space over {effect.space.config.n_models} of them, m = {effect.space.n_components} → {out / 'space'}",
         f"{config.attribute} vs α: Spearman {spearman:.2f}; {config.other} per unit α: raw {slopes['raw']:+.4f}, "
         f"debiased {slopes['debiased']:+.4f} → {curves}",
-        f"strength grid (w = measured warmth, r = radius in px under each image) → {grid_path}",
+        f"strength grid (measured warmth w and brightness b under each image) → {grid_path}",
     ]
