@@ -58,6 +58,14 @@ class W2WToyConfig:
     guidance_scale: float = field(default=4.0, metadata={"help": "Classifier-free guidance of every image."})
 
 
+def small_config() -> W2WToyConfig:
+    """The experiment at a smaller size (24 LoRAs, 6 held out, 7 strengths): the slow test's, and
+    `benchmarks/learn_w2w.py --small`."""
+    return W2WToyConfig(
+        loras=ToyLoRAConfig(n_loras=24), n_held_out=6, n_components=12, label_seeds=2, eval_seeds=1, n_strengths=7
+    )
+
+
 @dataclass
 class W2WToyEffect:
     """What the edits did, per direction (`"raw"`, `"debiased"`, `"shuffled"`: labels permuted, the control).

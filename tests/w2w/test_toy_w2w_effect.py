@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from imagegem_hf.toy.loras import ToyLoRAConfig
-from imagegem_hf.toy.w2w_edits import W2WToyConfig, run_w2w_effect
+from imagegem_hf.toy.w2w_edits import run_w2w_effect, small_config
 
 
 @pytest.mark.slow
 def test_toy_w2w_edits_move_the_attribute_and_debias_removes_the_other(tmp_path):
     from imagegem_hf.toy import load_toy_pipeline
 
-    config = W2WToyConfig(
-        loras=ToyLoRAConfig(n_loras=32), n_held_out=6, n_components=12, label_seeds=2, eval_seeds=1, n_strengths=7
-    )
-    effect = run_w2w_effect(load_toy_pipeline(), tmp_path / "loras", config, show_progress=False)
+    effect = run_w2w_effect(load_toy_pipeline(), tmp_path / "loras", small_config(), show_progress=False)
     assert effect.spearman("raw", "warmth") >= 0.9
     assert effect.spearman("debiased", "warmth") >= 0.9
     assert abs(effect.spearman("shuffled", "warmth")) < 0.9  # the control fails
-    assert abs(effect.slope("raw", "size")) >= 5 * abs(effect.slope("debiased", "size"))
+    assert abs(effect.slope("raw", "brightness")) >= 5 * abs(effect.slope("debiased", "brightness"))
