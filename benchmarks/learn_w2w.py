@@ -1,17 +1,17 @@
 """Does a W2W edit do what it says? Measured in the toy world on user-made LoRAs fine-tuned from the toy base.
 
-64 toy users each get a LoRA (kohya files, ranks 1–16) in their own style along two attributes the toy world
-measures from pixels, subject size and palette warmth, which are correlated across users. The LoRAs are labelled by
-the measured attributes of their own samples, a `WeightSpace` is built over 52 of them, a warmth direction is learnt
-and debiased against the size direction, and the 12 held-out LoRAs are edited at 9 strengths, with the same prompts
-and seeds at every strength. Targets:
+64 toy users each get a LoRA (kohya files, ranks 1–16) in their own colour grade along two attributes measured from
+pixels, warmth (mean R − B) and brightness, which are correlated across users. The LoRAs are labelled by the measured
+attributes of their own samples, a `WeightSpace` is built over 52 of them, a warmth direction is learnt and debiased
+against the brightness direction, and the 12 held-out LoRAs are edited at 9 strengths, with the same prompts and
+seeds at every strength. Targets:
 
 - the edited attribute moves monotonically with α along the learnt direction: Spearman ≥ 0.9 over the strengths
   (baseline: a direction learnt from shuffled labels, the control that must fail);
 - after `debias`, the other attribute's change per unit α shrinks ≥ 5× compared with the raw direction, while the
   debiased direction still edits warmth monotonically (Spearman ≥ 0.9).
 
-    python benchmarks/learn_w2w.py [--output-dir bench_output/learn_w2w]
+    python benchmarks/learn_w2w.py [--small] [--base TOY_PIPELINE] [--output-dir bench_output/learn_w2w]
 
 The LoRAs are trained once and cached (`imagegem_hf.toy.loras.default_cache_dir()`).
 """

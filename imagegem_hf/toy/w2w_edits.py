@@ -52,7 +52,7 @@ class W2WToyConfig:
     eval_seeds: int = field(default=1, metadata={"help": "Seeds per prompt of each edited LoRA's images."})
     n_strengths: int = field(default=9, metadata={"help": "Edit strengths, evenly spaced and symmetric around 0."})
     strength_span: float = field(
-        default=3.0, metadata={"help": "Largest |α|, in standard deviations of the LoRAs along the raw direction."}
+        default=1.5, metadata={"help": "Largest |α|, in standard deviations of the LoRAs along the raw direction."}
     )
     num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps of every image."})
     guidance_scale: float = field(default=4.0, metadata={"help": "Classifier-free guidance of every image."})
@@ -78,6 +78,7 @@ class W2WToyEffect:
         space: The weight space.
         label_scores: `{attribute: mean measured value of each LoRA's samples}` (all LoRAs, file order).
         held_out: Indices of the edited LoRAs.
+        files: The user LoRA files (kohya), indexed like `label_scores`.
     """
 
     strengths: np.ndarray
