@@ -1,6 +1,7 @@
 """The toy world's text-to-image model: the Stable Diffusion 1.5 architecture at toy scale, and its shipped weights.
 
-`toy_components()` builds the untrained parts (a `UNet2DConditionModel` with cross-attention, an `AutoencoderKL`
+`toy_components()` builds the untrained parts (a `UNet2DConditionModel` with cross-attention and, through
+`addition_embed_type="text"`, the attention-pooled prompt added to its timestep embedding; an `AutoencoderKL`
 that maps 32×32 images to 4×16×16 latents, a `CLIPTextModel`, a `CLIPTokenizer` over the grammar's words and SD 1.5's
 DDIM schedule); `imagegem_hf.toy.train` trains them; `load_toy_pipeline()` loads the trained pipeline that ships in
 `imagegem_hf/toy/assets/toy-sd` (Hub layout: it loads with plain `StableDiffusionPipeline.from_pretrained(path)`).
@@ -132,6 +133,9 @@ def toy_components(seed: int = 0) -> dict[str, Any]:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    # Unit-scale word embeddings (CLIP initialises them at std 0.02): the prompts' hidden states differ from the
+    # first step, so the UNet's conditioning paths get a signal to learn from within the short training budget.
+    torch.nn.init.normal_(text_encoder.get_input_embeddings().weight, std=1.0)
     return dict(
         unet=unet,
         vae=vae,
@@ -168,6 +172,6 @@ def load_toy_pipeline(path: str | os.PathLike | None = None, device: str | torch
             f"No toy pipeline at {folder} (model_index.json missing); train one with "
             f"`python -m imagegem_hf.toy.train --output-dir {folder}`."
         )
-    pipe = StableDiffusionPipeline.from_pretrained(folder).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder)).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
