@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--score",
         default="hpsv2",
         help="'hpsv2' (default, as in the paper), 'pickscore' or 'clip' (reward models on the image files of "
-        "--image-dir), 'reactions' (implicit feedback), or a numeric column of the images table.",
+        "--image-dir), 'toy' (the toy world's ToyReward, on the image files), 'reactions' (implicit feedback), or a "
+        "numeric column of the images table.",
     )
     pairs.add_argument(
         "--image-dir",
@@ -160,11 +161,15 @@ def _pairs(args: argparse.Namespace) -> int:
     elif args.image_dir:
         locate = image_dir_loader(args.image_dir)
     scorer = None
-    if args.score in _SCORERS:
-        if locate is None:
-            raise ValueError(
-                f"--score {args.score} scores image files: pass --image-dir (or use --score reactions or a column)."
-            )
+    if args.score in (*_SCORERS, "toy") and locate is None:
+        raise ValueError(
+            f"--score {args.score} scores image files: pass --image-dir (or use --score reactions or a column)."
+        )
+    if args.score == "toy":
+        from imagegem_hf.toy import ToyReward
+
+        scorer = ToyReward()
+    elif args.score in _SCORERS:
         import imagegem_hf.scoring as scoring
 
         scorer_class = getattr(scoring, _SCORERS[args.score])

@@ -7,6 +7,7 @@ from imagegem_hf.w2w.labels import (
     StyleLabelConfig,
     StyleLabels,
     VLMDescriber,
+    attribute_labels,
     preference_labels,
     style_labels,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "W2WEditPipeline",
     "W2WEditXLPipeline",
     "WeightSpace",
+    "attribute_labels",
     "debias",
     "load_lora",
     "lora_target_shapes",

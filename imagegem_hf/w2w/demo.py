@@ -1,10 +1,11 @@
-"""Demo stage `w2w`: a LoRA weight space over synthetic LoRAs of the tiny UNet, a planted direction learnt back
-from labels, a LoRA edited along it, reloaded with diffusers' `load_lora_weights`, and a strength grid PNG.
+"""Demo stage `w2w`, in the toy world: user-made LoRAs fine-tuned from the toy base, a weight space over them, a
+warmth direction learnt from the measured warmth of their samples and debiased against subject size, and edits of
+held-out LoRAs: a strength grid with the measured attributes under each image, and both attributes against α for
+the raw and the debiased direction.
 
-The synthetic LoRAs are rank-4 factorisations (arbitrary gauge, alpha ≠ rank, mixed kohya/diffusers files) of
-rank-1 updates scattered around a shared LoRA, shifted by ±`planted_strength` along a hidden unit direction
-according to their label. Recovering that direction from the labels alone checks the whole path: reading,
-rank-1 reduction, the streaming PCA and the classifier.
+`synthetic_loras` (used by the tests and `examples/w2w_personalize.py`) makes LoRAs with a planted direction on any
+layout: rank-4 factorisations (arbitrary gauge, alpha ≠ rank) of rank-1 updates scattered around a shared LoRA,
+shifted by ±`planted_strength` along a hidden unit direction according to their label.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, lora_target_shapes, save_lora
+from imagegem_hf.w2w.lora_io import LoRA, LoRAModule
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEMO_LORAS = 24
 
 
 def synthetic_loras(
@@ -89,53 +91,64 @@ def synthetic_loras(
 
 
 def run_demo(context) -> list[str]:
-    from imagegem_hf.testing import tiny_sd_pipeline
-    from imagegem_hf.w2w.directions import preference_direction
+    from imagegem_hf.toy import captioned_grid, load_toy_pipeline
+    from imagegem_hf.toy.loras import ToyLoRAConfig, style_measures
+    from imagegem_hf.toy.w2w_edits import W2WToyConfig, plot_attribute_vs_strength, run_w2w_effect
     from imagegem_hf.w2w.pipeline_w2w import W2WEditPipeline
-    from imagegem_hf.w2w.space import WeightSpace
 
     out: Path = context.stage_dir("w2w")
-    sd = tiny_sd_pipeline(seed=context.seed)
-    shapes = lora_target_shapes(sd.unet, ATTENTION_TARGETS)
-    loras, labels, planted = synthetic_loras(shapes, n=48, seed=context.seed, planted_strength=1.0)
-    paths = [
-        save_lora(lora, out / "loras" / f"lora_{i:03d}.safetensors", format="kohya" if i % 2 else "diffusers")
-        for i, lora in enumerate(loras)
-    ]
-    space = WeightSpace.build(paths, n_components=16)
-    space.save_pretrained(out / "space")
-    direction = preference_direction(space, None, labels, method="logistic", name="planted")
-    direction.save(out / "direction_planted.safetensors")
-    cosine = abs(float(direction.vector @ planted))
-    print(
-        f"W2W space: {len(paths)} LoRAs, {len(shapes)} modules, vector length {space.vector_length}, "
-        f"{space.n_components} components; planted direction recovered with |cos| = {cosine:.3f}, "
-        f"held-out accuracy {direction.accuracy:.2f}"
+    pipe = load_toy_pipeline()
+    config = W2WToyConfig(
+        loras=ToyLoRAConfig(n_loras=DEMO_LORAS, seed=context.seed),
+        n_held_out=4,
+        n_components=12,
+        label_seeds=2,
+        eval_seeds=1,
+        n_strengths=7,
     )
-    user = int(np.flatnonzero(labels == -1)[0])
-    edited_path = save_lora(space.edit(paths[user], direction, 2.0), out / "edited_lora.safetensors")
-    sd.load_lora_weights(str(edited_path))  # written by us, read back by diffusers
-    sd.unload_lora_weights()
-    components = {k: sd.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-    pipe = W2WEditPipeline(**components, weight_space=space)
-    pipe.set_progress_bar_config(disable=True)
-    result = pipe(
-        "a portrait photo",
-        lora=paths[user],
-        direction=direction,
-        strengths=[-2.0, 0.0, 2.0, 4.0],
-        seed=context.seed,
-        num_inference_steps=4,
-        height=32,
-        width=32,
+    effect = run_w2w_effect(pipe, None, config, show_progress=True)
+    effect.space.save_pretrained(out / "space")
+    for key in ("raw", "debiased"):
+        effect.directions[key].save(out / f"direction_{key}.safetensors")
+    curves = plot_attribute_vs_strength(effect, config.attribute, config.other, out / "w2w_attribute_vs_alpha.png")
+
+    editor = W2WEditPipeline(
+        **{k: pipe.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+        weight_space=effect.space,
     )
-    grid_path = out / "w2w_grid.png"
-    result.grid.resize((result.grid.width * 4, result.grid.height * 4), resample=0).save(grid_path)
+    editor.set_progress_bar_config(disable=True)
+    rows, labels, captions = [], [], []
+    for user in effect.held_out[:2]:
+        for key in ("raw", "debiased"):
+            result = editor(
+                "a circle on a dark background",
+                lora=effect.files[user],
+                direction=effect.directions[key],
+                strengths=[float(a) for a in effect.strengths],
+                seed=context.seed,
+                num_inference_steps=config.num_inference_steps,
+                guidance_scale=config.guidance_scale,
+            )
+            measured = style_measures(result.images)
+            rows.append(result.images)
+            labels.append(f"user {user} {key}")
+            pairs = zip(measured["warmth"], measured["brightness"], strict=True)
+            captions.append([f"w{w:+.2f} b{b:.2f}" for w, b in pairs])
+    titles = [f"a={a:+.2f}" for a in effect.strengths]
+    grid_path = out / "w2w_strength_grid.png"
+    captioned_grid(rows, labels, captions=captions, column_titles=titles).save(grid_path)
+    spearman, slopes = (
+        effect.spearman("raw", config.attribute),
+        {key: effect.slope(key, config.other) for key in ("raw", "debiased")},
+    )
     with open(out / "summary.txt", "w", encoding="utf-8") as handle:
-        handle.write(f"planted_direction_cosine {cosine:.4f}\nheld_out_accuracy {direction.accuracy:.4f}\n")
+        handle.write(f"{config.attribute}_spearman_raw {spearman:.4f}\n")
+        for key, slope in slopes.items():
+            handle.write(f"{config.other}_per_alpha_{key} {slope:.5f}\n")
     return [
-        f"weight space ({len(paths)} synthetic LoRAs, m = {space.n_components}) → {out / 'space'}",
-        f"planted direction recovered, |cos| = {cosine:.3f} → {out / 'direction_planted.safetensors'}",
-        f"edited LoRA (α = 2, loads with load_lora_weights) → {edited_path}",
-        f"strength grid (α = −2, 0, 2, 4) → {grid_path}",
+        f"{len(effect.files)} toy user LoRAs (kohya, ranks 1–16) → {effect.files[0].parent}",
+        f"weight space over {effect.space.config.n_models} of them, m = {effect.space.n_components} → {out / 'space'}",
+        f"{config.attribute} vs α: Spearman {spearman:.2f}; {config.other} per unit α: raw {slopes['raw']:+.4f}, "
+        f"debiased {slopes['debiased']:+.4f} → {curves}",
+        f"strength grid (measured warmth w and brightness b under each image) → {grid_path}",
     ]

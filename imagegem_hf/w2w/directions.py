@@ -3,8 +3,8 @@
 A linear classifier on the PCA coefficients of labelled LoRAs (±1, e.g. anime → realistic, or a user's taste)
 gives a normal vector `w`; mapped to weight space as `(w · V) · σ` and unit-normalised it is the edit direction
 `v`, so that θ + α·v moves a LoRA towards label +1 by `α` in weight-space norm (weights2weights leaves `v`
-unnormalised, which is why its edit strengths are in the thousands). `debias` removes the components along other
-directions (e.g. a gender direction) so that an edit does not drag them along.
+unnormalised, which is why its edit strengths are in the thousands). `debias` projects other directions' normals
+(e.g. a gender direction) out of the coefficient-space normal, so that an edit does not move their classifiers.
 """
 
 from __future__ import annotations
@@ -198,33 +198,61 @@ def preference_direction(
     )
 
 
-def debias(direction: Direction, others: Sequence[Direction | np.ndarray]) -> Direction:
-    """Remove from `direction` its components along `others` (Gram–Schmidt) and renormalise.
+def debias(space: WeightSpace, direction: Direction, others: Sequence[Direction | np.ndarray]) -> Direction:
+    """Remove from `direction` the effect of its edits on other directions' classifiers, in PCA-coefficient space.
 
-    An edit along the result leaves the projections on every direction in `others` unchanged.
+    Moving a LoRA by `α · v` moves its PCA coefficients by `α · c(v)` with `c(v) = (v / σ) · Vᵀ`, so the score
+    `w · p + b` of another linear classifier changes by `α · w · c(v)`. weights2weights therefore debiases in
+    coefficient space: the coefficient normal is orthogonalised (Gram–Schmidt) against the other directions'
+    normals and mapped back to weight space with `space.coefficient_direction_to_weights`. Every classifier in
+    `others` then scores an edited LoRA exactly as the unedited one. (Orthogonalising the σ-scaled weight-space
+    vectors instead does not: it leaves `w · c(v)` nonzero, and can even increase it.)
+
+    Args:
+        space: The weight space the directions live in.
+        direction: The direction to clean.
+        others: Directions whose classifier scores must not move: `Direction`s (their `normal` is used),
+            coefficient-space normals (length `m`), or weight-space vectors (length `space.vector_length`, mapped
+            to `c(v)`). Directions in the span of earlier ones are skipped.
+
+    Returns:
+        A unit `Direction` (`method="debiased"`) whose `normal` is orthogonal to every other normal.
+
+    Raises:
+        ValueError: `direction` lies in the span of `others`.
 
     Example:
         ```python
-        >>> realistic_only = debias(realistic, [gender, age])  # doctest: +SKIP
+        >>> realistic_only = debias(space, realistic, [gender, age])  # doctest: +SKIP
         ```
     """
+    components, std = space.components.detach().double().cpu().numpy(), space.std.detach().double().cpu().numpy()
     basis: list[np.ndarray] = []
     for other in others:
-        vector = np.asarray(getattr(other, "vector", other), dtype=np.float64)
+        normal = np.asarray(getattr(other, "normal", other), dtype=np.float64)
+        if normal.shape == (space.vector_length,):
+            normal = (normal / std) @ components.T
+        if normal.shape != (space.n_components,):
+            raise ValueError(
+                f"Cannot debias against a vector of length {normal.shape[0]}: pass a Direction, a coefficient normal "
+                f"(length {space.n_components}) or a weight-space vector (length {space.vector_length})."
+            )
         for b in basis:
-            vector = vector - (vector @ b) * b
-        norm = np.linalg.norm(vector)
+            normal = normal - (normal @ b) * b
+        norm = np.linalg.norm(normal)
         if norm > 1e-8:
-            basis.append(vector / norm)
-    vector = np.asarray(direction.vector, dtype=np.float64)
+            basis.append(normal / norm)
+    normal = np.asarray(direction.normal, dtype=np.float64)
+    normal = normal / np.linalg.norm(normal)
     for b in basis:
-        vector = vector - (vector @ b) * b
-    norm = np.linalg.norm(vector)
+        normal = normal - (normal @ b) * b
+    norm = np.linalg.norm(normal)
     if norm < 1e-6:
         raise ValueError("The direction lies in the span of the others; nothing is left after debiasing.")
+    normal = normal / norm
     return Direction(
-        vector=(vector / norm).astype(np.float32),
-        normal=direction.normal,
+        vector=space.coefficient_direction_to_weights(normal),
+        normal=normal.astype(np.float32),
         method="debiased",
         accuracy=direction.accuracy,
         train_accuracy=direction.train_accuracy,

@@ -8,6 +8,9 @@ Per user: embed the user's images, cluster them with HDBSCAN, take the 9 images 
 mean, describe them (with a VLM, or a description supplied by the caller), and label the models by how similar
 their example images are to that description: the top fraction +1, the bottom fraction −1.
 
+Measured attributes: `attribute_labels` splits models by a number measured on their samples (the toy world's
+attribute measures), in place of a CLIP score.
+
 Embedders are pluggable: anything with `embed_texts` / `embed_images` returning L2-normalised rows
 (`imagegem_hf.embeddings.CLIPEmbedder` for CLIP).
 """
@@ -139,6 +142,37 @@ def style_labels(
         else:
             dropped[model_id] = "neither style above threshold"
     return StyleLabels(labels=labels, scores=scores, dropped=dropped)
+
+
+def attribute_labels(scores: Mapping[Hashable, float], top_fraction: float = 0.5) -> dict[Hashable, int]:
+    """Label models by a measured attribute of their samples: the highest `top_fraction` +1, the lowest −1.
+
+    The measured counterpart of `style_labels`: where an attribute can be measured on a model's example images
+    (e.g. the toy world's warmth or subject size, `imagegem_hf.toy.measure_attributes`), its mean per model
+    replaces the CLIP score. With the default 0.5 every model is labelled (a median split); ties at the split are
+    broken by model order.
+
+    Args:
+        scores: `{model id: mean measured attribute of its samples}`.
+        top_fraction: Fraction of models labelled +1 and, separately, −1 (at most 0.5).
+
+    Returns:
+        `{model id: ±1}` for the labelled models.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w.labels import attribute_labels
+        >>> attribute_labels({"a": 0.9, "b": -0.2, "c": 0.4, "d": 0.1})
+        {'a': 1, 'c': 1, 'd': -1, 'b': -1}
+        ```
+    """
+    if not 0 < top_fraction <= 0.5:
+        raise ValueError(f"top_fraction must be in (0, 0.5], got {top_fraction}.")
+    if len(scores) < 2:
+        raise ValueError("Need at least 2 models to label.")
+    order = sorted(scores, key=lambda model: scores[model], reverse=True)
+    k = max(1, math.floor(top_fraction * len(order)))
+    return {model: 1 for model in order[:k]} | {model: -1 for model in order[-k:]}
 
 
 def representative_images(

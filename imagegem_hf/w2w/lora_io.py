@@ -57,6 +57,8 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 LORA_KEY_MARKERS = ("lora_down", "lora_A", ".lora.down.", "_lora.down.", "lora_linear_layer")
 OLD_PROCESSOR_KEY = re.compile(r"(\.processor\.|_lora\.(down|up)\.|\.lora\.(down|up)\.)")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# Metadata marking a LoRA whose factors are the coordinates of a weight-space vector (kept as they are on reading).
+W2W_GAUGE_KEY, W2W_GAUGE_VECTOR = "imagegem_hf_w2w_gauge", "weight_space_vector"
 # Cross-attention context width (in-features of attn2.to_k) → base architecture.
 CONTEXT_DIM_TO_BASE = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 # kohya trains SDXL on the SGM UNet (input_blocks / output_blocks); its block layout has 2 layers per block.
@@ -540,7 +542,10 @@ def save_lora(lora: LoRA, path: str | os.PathLike, format: str = "diffusers", dt
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state_dict, str(tmp), metadata={"format": "pt", "imagegem_hf_lora_format": format})
+    metadata = {"format": "pt", "imagegem_hf_lora_format": format}
+    if W2W_GAUGE_KEY in lora.metadata:  # edits of a weight space keep their factors when read back
+        metadata[W2W_GAUGE_KEY] = lora.metadata[W2W_GAUGE_KEY]
+    save_file(state_dict, str(tmp), metadata=metadata)
     tmp.replace(path)
     return path
 

@@ -3,8 +3,8 @@
 ImageGem Figures 4, 11 and 12: the same prompt and seed, the user's LoRA moved by α·v for a range of strengths α,
 shown side by side. The pipeline holds the Stable Diffusion 1.5 components plus a `WeightSpace`, edits the LoRA in
 the space, injects it with diffusers' own `load_lora_weights`, and denoises with the standard Stable Diffusion
-loop. Optional delayed injection uses the unedited LoRA for the early (high-noise) steps and the edited one only
-once the timestep falls below a threshold, which keeps the layout of the unedited image.
+loop. Optional delayed injection uses the unedited LoRA (UNet and text encoders) for the early (high-noise) steps
+and the edited one once the timestep is at or below a threshold, which keeps the layout of the unedited image.
 """
 
 from __future__ import annotations
@@ -122,8 +122,10 @@ class _W2WEditBase(DiffusionPipeline):
             negative_prompt: Optional negative prompt.
             height, width: Image size (default: the UNet's sample size × the VAE factor).
             lora_scale: Adapter weight of the injected LoRA (ImageGem: 1).
-            injection_timestep: If set, the unedited LoRA is used while the timestep is ≥ this value and the
-                edited one below it (delayed injection).
+            injection_timestep: If set, the unedited LoRA is used while the timestep is above this value and the
+                edited one from the first step whose timestep is ≤ it (delayed injection, weights2weights' rule).
+                Text-encoder modules of the LoRA follow the same switch: the prompt is encoded with both LoRAs
+                and the edited embeddings replace the unedited ones at the switch.
             grid_rows: Rows of the grid.
 
         Returns:
@@ -136,25 +138,36 @@ class _W2WEditBase(DiffusionPipeline):
             for strength in strengths:
                 self._unload()
                 self.load_edited_lora(lora, directions, [strength] * len(directions), EDIT_ADAPTER)
-                callback = None
-                if injection_timestep is not None:
-                    self.load_edited_lora(lora, directions, [0.0] * len(directions), BASE_ADAPTER)
-                    callback = self._injection_callback(injection_timestep, lora_scale)
-                    self.scheduler.set_timesteps(num_inference_steps)
-                    first = EDIT_ADAPTER if self.scheduler.timesteps[0] < injection_timestep else BASE_ADAPTER
-                    self.set_adapters(first, lora_scale)
-                else:
+                inputs: dict = {"prompt": prompt, "negative_prompt": negative_prompt}
+                callback, tensor_inputs = None, None
+                if injection_timestep is None:
                     self.set_adapters(EDIT_ADAPTER, lora_scale)
+                else:
+                    self.load_edited_lora(lora, directions, [0.0] * len(directions), BASE_ADAPTER)
+                    self.scheduler.set_timesteps(num_inference_steps)
+                    edited_from_start = bool(self.scheduler.timesteps[0] <= injection_timestep)
+                    prompts = {}  # the text encoders run once per adapter: their edits apply with the UNet's
+                    for adapter in (BASE_ADAPTER, EDIT_ADAPTER):
+                        self.set_adapters(adapter, lora_scale)
+                        prompts[adapter] = self._encode_prompt(
+                            generator_pipe, prompt, negative_prompt, guidance_scale > 1.0
+                        )
+                    first = EDIT_ADAPTER if edited_from_start else BASE_ADAPTER
+                    self.set_adapters(first, lora_scale)
+                    inputs = prompts[first][0]
+                    loop_tensors = prompts[EDIT_ADAPTER][1]
+                    callback = self._injection_callback(injection_timestep, lora_scale, loop_tensors)
+                    tensor_inputs = list(loop_tensors)
                 generator = torch.Generator(device="cpu").manual_seed(seed)
                 result = generator_pipe(
-                    prompt,
-                    negative_prompt=negative_prompt,
+                    **inputs,
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     height=height,
                     width=width,
                     generator=generator,
                     callback_on_step_end=callback,
+                    **({"callback_on_step_end_tensor_inputs": tensor_inputs} if tensor_inputs else {}),
                 )
                 images.append(result.images[0])
         finally:
@@ -163,11 +176,21 @@ class _W2WEditBase(DiffusionPipeline):
         grid = image_grid(images, captions, rows=grid_rows)
         return W2WEditOutput(images=images, grid=grid, strengths=list(strengths))
 
-    def _injection_callback(self, threshold: int, lora_scale: float):
+    def _encode_prompt(
+        self, pipe: DiffusionPipeline, prompt: str, negative_prompt: str | None, guidance: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Encode the prompt with the active adapters: `(pipeline call kwargs, the denoising loop's tensors)`."""
+        raise NotImplementedError
+
+    def _injection_callback(self, threshold: int, lora_scale: float, edited_tensors: dict[str, torch.Tensor]):
+        """Switch the UNet to the edited adapter and the loop to the edited text embeddings before the first step
+        whose timestep is ≤ `threshold` (weights2weights' rule)."""
+
         def switch(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
             timesteps = pipe.scheduler.timesteps
-            if step + 1 < len(timesteps) and timesteps[step + 1] < threshold:
+            if step + 1 < len(timesteps) and timesteps[step] > threshold >= timesteps[step + 1]:
                 self.set_adapters(EDIT_ADAPTER, lora_scale)
+                callback_kwargs.update(edited_tensors)
             return callback_kwargs
 
         return switch
@@ -206,6 +229,11 @@ class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
             scheduler=scheduler,
             weight_space=weight_space,
         )
+
+    def _encode_prompt(self, pipe, prompt, negative_prompt, guidance):
+        positive, negative = pipe.encode_prompt(prompt, pipe._execution_device, 1, guidance, negative_prompt)
+        loop = torch.cat([negative, positive]) if guidance else positive
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}, {"prompt_embeds": loop}
 
     def _generator_pipeline(self) -> StableDiffusionPipeline:
         pipe = StableDiffusionPipeline(
@@ -257,6 +285,28 @@ class W2WEditXLPipeline(_W2WEditBase, StableDiffusionXLLoraLoaderMixin):
             scheduler=scheduler,
             weight_space=weight_space,
         )
+
+    def _encode_prompt(self, pipe, prompt, negative_prompt, guidance):
+        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt,
+            device=pipe._execution_device,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=negative_prompt,
+        )
+        call = {
+            "prompt_embeds": positive,
+            "negative_prompt_embeds": negative,
+            "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
+        if guidance:
+            loop = {
+                "prompt_embeds": torch.cat([negative, positive]),
+                "add_text_embeds": torch.cat([negative_pooled, pooled]),
+            }
+        else:
+            loop = {"prompt_embeds": positive, "add_text_embeds": pooled}
+        return call, loop
 
     def _generator_pipeline(self) -> StableDiffusionXLPipeline:
         pipe = StableDiffusionXLPipeline(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from imagegem_hf.w2w.lora_io import LoRA, LoRAModule
+from imagegem_hf.w2w.lora_io import W2W_GAUGE_KEY, W2W_GAUGE_VECTOR, LoRA, LoRAModule
 
 LAYER_GROUPS = {
     "attn_v": (".to_v",),
@@ -211,6 +211,11 @@ def reduced_factors(
     to apply the singular vectors. Modules missing from `out` are skipped when `out` is given; the results are
     written into its `(up, down)` tensors (e.g. views into a weight-space vector).
 
+    A LoRA written from a weight-space vector (`WeightSpace.vector_to_lora`, e.g. an edit; its metadata holds
+    `W2W_GAUGE_KEY`) keeps the factors of its rank-`rank` modules as they are: an edit θ + α·v is not in the
+    canonical gauge (√s split, sign rule), and re-canonicalising it would move it to other coordinates of the
+    space (ΔW is the same either way). Everything else is reduced to the canonical gauge.
+
     Example:
         ```python
         >>> from imagegem_hf.w2w import load_lora
@@ -222,6 +227,11 @@ def reduced_factors(
         raise ValueError(f"rank must be ≥ 1, got {rank}.")
     names = [n for n in lora.modules if out is None or n in out]
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if lora.metadata.get(W2W_GAUGE_KEY) == W2W_GAUGE_VECTOR:  # a weight-space point: its factors are its coordinates
+        for name in [n for n in names if lora.modules[n].rank == rank]:
+            module = lora.modules[name]
+            results[name] = (module.up_2d().float() * module.scale, module.down_2d().float())
+            names.remove(name)
     if method == "gram":
         groups: dict[int, list[str]] = {}
         for name in names:

@@ -34,7 +34,7 @@ from diffusers.configuration_utils import register_to_config
 from tqdm.auto import tqdm
 
 from imagegem_hf.hub import atomic_directory, push_folder, render_card, resolve
-from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, read_lora_header
+from imagegem_hf.w2w.lora_io import W2W_GAUGE_KEY, W2W_GAUGE_VECTOR, LoRA, LoRAModule, read_lora_header
 from imagegem_hf.w2w.reduce import layer_filter
 from imagegem_hf.w2w.vectorize import (
     SharedRows,
@@ -152,7 +152,11 @@ class WeightSpace(ModelMixin, ConfigMixin):
         return Vectorizer(tuple(self.layout), int(self.config.rank), self.vector_length, self.config.base)
 
     def vector_to_lora(self, vector: np.ndarray | torch.Tensor) -> LoRA:
-        """The LoRA (rank `rank` per module, scale 1) whose flattened factors are `vector`."""
+        """The LoRA (rank `rank` per module, scale 1) whose flattened factors are `vector`.
+
+        Its metadata marks the factors as weight-space coordinates (`W2W_GAUGE_KEY`), and `save_lora` writes the
+        mark, so that vectorizing the LoRA or its file (float32) gives back exactly `vector`.
+        """
         vector = torch.as_tensor(np.asarray(vector, dtype=np.float32))
         if vector.shape != (self.vector_length,):
             raise ValueError(f"Expected a vector of length {self.vector_length}, got shape {tuple(vector.shape)}.")
@@ -164,7 +168,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
                 down = down.reshape(rank, n_in // int(np.prod(kernel)), *kernel)
                 up = up.reshape(n_out, rank, 1, 1)
             modules[name] = LoRAModule(down=down.clone(), up=up.clone(), alpha=None)
-        return LoRA(modules=modules, base=self.config.base)
+        return LoRA(modules=modules, base=self.config.base, metadata={W2W_GAUGE_KEY: W2W_GAUGE_VECTOR})
 
     def _item_vector(self, item: LoRAItem) -> np.ndarray:
         return self.vectorizer()(item)[0]
@@ -219,6 +223,14 @@ class WeightSpace(ModelMixin, ConfigMixin):
 
         Returns:
             The edited LoRA, ready for `save_lora` / `pipe.load_lora_weights(lora.to_diffusers_state_dict())`.
+
+        Round trips: the edited LoRA carries a mark (`W2W_GAUGE_KEY` in its metadata, written by `save_lora`) that
+        its factors are the vector θ + α·v itself, so projecting it, or its float32 file, gives the coefficients
+        of θ + α·v, and editing it by −α gives back θ (the ΔW of the unedited, reduced LoRA). A file from
+        elsewhere (Civitai, another trainer, or one of ours re-saved by a tool that drops the safetensors
+        metadata) has no mark and is reduced to the canonical gauge (top singular component per layer, √s on
+        each side, the largest entry of `up` positive): its ΔW is kept, but an edited LoRA that lost its mark
+        lands on other coordinates. Files saved in float16 round their factors (≈ 1e-3 relative).
 
         Example:
             ```python

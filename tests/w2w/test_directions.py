@@ -71,19 +71,56 @@ def test_multi_direction_edit_is_theta_plus_sum(planted):
         space.edit(loras[3], [v1, v2], [1.0])
 
 
-def test_debias_removes_other_directions(planted):
+def _coefficients(space, vectors: np.ndarray) -> np.ndarray:
+    """((θ − μ) / σ) · Vᵀ written out on the space's buffers, in float64."""
+    mean, std = space.mean.double().numpy(), space.std.double().numpy()
+    return ((np.asarray(vectors, dtype=np.float64) - mean) / std) @ space.components.double().numpy().T
+
+
+def test_debias_leaves_the_other_classifiers_score_unchanged(planted):
+    """weights2weights debiases in PCA-coefficient space: an edit along the debiased direction does not move the
+    other attribute's classifier score (orthogonalising the σ-scaled weight vectors leaves it moving)."""
+    from sklearn.linear_model import LogisticRegression
+
+    space, loras, labels, _ = planted
+    x = space.training_coefficients().astype(np.float64)
+    z = x / x.std(0)
+    mixed = z[:, 1] + 0.5 * z[:, 2] + 0.5 * z[:, 0]  # a second attribute, correlated with the first (PC 1)
+    other_labels = np.where(mixed > np.median(mixed), 1, -1)
+    direction = preference_direction(space, None, labels)
+    other = preference_direction(space, None, other_labels)
+    clean = debias(space, direction, [other])
+    assert np.isclose(np.linalg.norm(clean.vector), 1.0, atol=1e-5) and clean.extra == {"debiased_against": 1}
+
+    classifier = LogisticRegression(max_iter=5000).fit(x, other_labels)  # the other attribute's own classifier
+    theta = np.stack([space.vectorize(lora)[0] for lora in loras[:5]])
+
+    def score_change(vector: np.ndarray) -> np.ndarray:
+        return classifier.decision_function(_coefficients(space, theta + vector)) - classifier.decision_function(
+            _coefficients(space, theta)
+        )
+
+    raw, debiased = score_change(direction.vector), score_change(clean.vector)
+    assert np.abs(raw).min() > 0.05  # the raw direction drags the other attribute along
+    assert np.abs(debiased).max() < 1e-3 * np.abs(raw).max()
+    assert float(clean.vector @ direction.vector) > 0.3  # what is left is still the attribute's direction
+
+
+def test_debias_against_coefficient_and_weight_vectors(planted):
     space, _, labels, _ = planted
     rng = np.random.default_rng(1)
     direction = preference_direction(space, None, labels)
-    others = [rng.normal(size=space.vector_length) for _ in range(2)]
-    others.append(others[0] + others[1])  # dependent: skipped
-    clean = debias(direction, others)
-    assert np.isclose(np.linalg.norm(clean.vector), 1.0, atol=1e-5)
-    for other in others:
-        assert abs(float(clean.vector @ other)) < 1e-3 * np.linalg.norm(other)
+    weights = rng.normal(size=space.vector_length)
+    normal = rng.normal(size=space.n_components)
+    clean = debias(space, direction, [weights, normal, 2 * normal])  # the dependent third one is skipped
     assert clean.extra == {"debiased_against": 2}
+    moved = _coefficients(space, clean.vector) - _coefficients(space, np.zeros(space.vector_length))
+    for other in (_coefficients(space, weights) - _coefficients(space, np.zeros(space.vector_length)), normal):
+        assert abs(float(moved @ other)) < 1e-4 * np.linalg.norm(moved) * np.linalg.norm(other)
     with pytest.raises(ValueError, match="span"):
-        debias(direction, [direction])
+        debias(space, direction, [direction])
+    with pytest.raises(ValueError, match="length 3"):
+        debias(space, direction, [np.ones(3)])
 
 
 def test_direction_save_load(planted, tmp_path):

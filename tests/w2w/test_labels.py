@@ -132,3 +132,13 @@ def test_preference_labels_with_tiny_clip_and_tiny_vlm_description():
     assert sorted(result.labels.values()) == [-1, 1]
     best = max(result.similarities, key=result.similarities.get)
     assert result.labels[best] == 1
+
+
+def test_attribute_labels_split_by_the_measured_value():
+    from imagegem_hf.w2w.labels import attribute_labels
+
+    scores = {"m0": 0.3, "m1": -0.1, "m2": 0.9, "m3": 0.0, "m4": 0.5, "m5": -0.7}
+    assert attribute_labels(scores) == {"m2": 1, "m4": 1, "m0": 1, "m3": -1, "m1": -1, "m5": -1}
+    assert attribute_labels(scores, top_fraction=1 / 3) == {"m2": 1, "m4": 1, "m1": -1, "m5": -1}
+    with pytest.raises(ValueError, match="top_fraction"):
+        attribute_labels(scores, top_fraction=0.7)

@@ -1,0 +1,222 @@
+"""Weights2Weights in the toy world, measured: a weight space over user LoRAs, a direction, and what edits do.
+
+The toy users' LoRAs (`imagegem_hf.toy.loras`) are labelled by the measured attribute of their own samples
+(`attribute_labels`, the role `style_labels` plays with CLIP), a `WeightSpace` is built over most of them, a
+direction is learnt for the edited attribute (warmth by default) and for the other one (brightness), and the
+edited attribute's direction is debiased against the other's. Held-out LoRAs are then edited at a grid of strengths
+along the raw and the debiased direction, and both attributes are measured on images generated with the same
+prompts and seeds at every strength. The benchmark, the slow test and the demo all run `run_w2w_effect`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imagegem_hf.toy.loras import ToyLoRAConfig, generate_with_loras, style_measures, user_lora_collection
+from imagegem_hf.w2w.directions import Direction, debias, preference_direction
+from imagegem_hf.w2w.labels import attribute_labels
+from imagegem_hf.w2w.lora_io import LoRA, load_lora
+from imagegem_hf.w2w.space import WeightSpace
+
+PROMPTS = (
+    "a circle on a dark background",
+    "a square on a light background",
+    "a red triangle on a light background",
+    "a blue shape on a dark background",
+)
+
+
+@dataclass
+class W2WToyConfig:
+    """The toy W2W experiment (the defaults are the benchmark's).
+
+    Example:
+        ```python
+        >>> from imagegem_hf.toy.w2w_edits import W2WToyConfig
+        >>> W2WToyConfig().n_strengths
+        9
+        ```
+    """
+
+    loras: ToyLoRAConfig = field(default_factory=ToyLoRAConfig, metadata={"help": "The user LoRA population."})
+    attribute: str = field(default="warmth", metadata={"help": "The attribute the direction edits."})
+    other: str = field(default="brightness", metadata={"help": "The attribute the direction is debiased against."})
+    n_held_out: int = field(default=12, metadata={"help": "LoRAs left out of the space and edited."})
+    n_components: int = field(default=24, metadata={"help": "Principal components of the weight space."})
+    prompts: tuple[str, ...] = field(default=PROMPTS, metadata={"help": "Prompts of every measurement."})
+    label_seeds: int = field(default=4, metadata={"help": "Seeds per prompt of the samples that label a LoRA."})
+    eval_seeds: int = field(default=1, metadata={"help": "Seeds per prompt of each edited LoRA's images."})
+    n_strengths: int = field(default=9, metadata={"help": "Edit strengths, evenly spaced and symmetric around 0."})
+    strength_span: float = field(
+        default=1.5, metadata={"help": "Largest |α|, in standard deviations of the LoRAs along the raw direction."}
+    )
+    num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps of every image."})
+    guidance_scale: float = field(default=4.0, metadata={"help": "Classifier-free guidance of every image."})
+
+
+def small_config() -> W2WToyConfig:
+    """The experiment at a smaller size (24 LoRAs, 6 held out, 7 strengths): the slow test's, and
+    `benchmarks/learn_w2w.py --small`."""
+    return W2WToyConfig(
+        loras=ToyLoRAConfig(n_loras=24), n_held_out=6, n_components=12, label_seeds=2, eval_seeds=1, n_strengths=7
+    )
+
+
+@dataclass
+class W2WToyEffect:
+    """What the edits did, per direction (`"raw"`, `"debiased"`, `"shuffled"`: labels permuted, the control).
+
+    Attributes:
+        strengths: The α grid (weight-space norm; directions are unit vectors).
+        curves: `{direction: {attribute: mean measured value per strength}}` over held-out LoRAs, prompts, seeds.
+        errors: Standard errors of those means over the held-out LoRAs.
+        directions: The learnt `Direction`s (`"raw"`, `"other"`, `"debiased"`, `"shuffled"`).
+        space: The weight space.
+        label_scores: `{attribute: mean measured value of each LoRA's samples}` (all LoRAs, file order).
+        held_out: Indices of the edited LoRAs.
+        files: The user LoRA files (kohya), indexed like `label_scores`.
+    """
+
+    strengths: np.ndarray
+    curves: dict[str, dict[str, np.ndarray]]
+    errors: dict[str, dict[str, np.ndarray]]
+    directions: dict[str, Direction]
+    space: WeightSpace
+    label_scores: dict[str, np.ndarray]
+    held_out: list[int]
+    files: list[Path]
+
+    def spearman(self, direction: str, attribute: str) -> float:
+        from scipy.stats import spearmanr
+
+        return float(spearmanr(self.strengths, self.curves[direction][attribute]).statistic)
+
+    def slope(self, direction: str, attribute: str) -> float:
+        """Least-squares change of the attribute per unit α."""
+        return float(np.polyfit(self.strengths, self.curves[direction][attribute], 1)[0])
+
+
+def measure_loras(
+    pipe, loras: list[LoRA], config: W2WToyConfig, seeds: int, seed_offset: int = 0, show_progress: bool = True
+) -> dict[str, np.ndarray]:
+    """`{attribute: (n_loras, prompts × seeds)}` measured on images of every LoRA, same prompts and seeds for all."""
+    jobs = [(p, seed_offset + s) for p in config.prompts for s in range(seeds)]
+    images = generate_with_loras(
+        pipe,
+        loras,
+        [k for k in range(len(loras)) for _ in jobs],
+        [p for _ in loras for p, _ in jobs],
+        [s for _ in loras for _, s in jobs],
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        show_progress=show_progress,
+    )
+    return {name: values.reshape(len(loras), len(jobs)) for name, values in style_measures(images).items()}
+
+
+def run_w2w_effect(
+    pipe, cache_dir: str | os.PathLike | None = None, config: W2WToyConfig | None = None, show_progress: bool = True
+) -> W2WToyEffect:
+    """Train (or reuse) the user LoRAs, build the space, learn and debias the direction, edit held-out LoRAs.
+
+    Args:
+        pipe: The toy base `StableDiffusionPipeline`.
+        cache_dir: Where the user LoRAs are kept (default: `user_lora_collection`'s cache folder).
+        config: A `W2WToyConfig`.
+        show_progress: tqdm bars.
+
+    Returns:
+        A `W2WToyEffect`.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.toy import load_toy_pipeline
+        >>> from imagegem_hf.toy.w2w_edits import run_w2w_effect
+        >>> effect = run_w2w_effect(load_toy_pipeline())  # doctest: +SKIP
+        >>> effect.spearman("raw", "warmth") > 0.9  # doctest: +SKIP
+        True
+        ```
+    """
+    config = config or W2WToyConfig()
+    collection = user_lora_collection(pipe, cache_dir, config.loras, show_progress)
+    files = collection.files
+    loras = [load_lora(f) for f in files]  # read back as any user of the files would
+    scores = measure_loras(pipe, loras, config, config.label_seeds, show_progress=show_progress)
+    label_scores = {name: values.mean(axis=1) for name, values in scores.items()}
+    order = np.random.default_rng(config.loras.seed).permutation(len(files))
+    held_out, train = sorted(order[: config.n_held_out].tolist()), sorted(order[config.n_held_out :].tolist())
+    space = WeightSpace.build([files[i] for i in train], n_components=config.n_components, show_progress=show_progress)
+    labels = {
+        name: np.array([attribute_labels({i: label_scores[name][i] for i in train})[i] for i in train])
+        for name in (config.attribute, config.other)
+    }
+    raw = preference_direction(space, None, labels[config.attribute], name=config.attribute)
+    other = preference_direction(space, None, labels[config.other], name=config.other)
+    shuffled_labels = np.random.default_rng(config.loras.seed + 1).permutation(labels[config.attribute])
+    directions = {
+        "raw": raw,
+        "other": other,
+        "debiased": debias(space, raw, [other]),
+        "shuffled": preference_direction(space, None, shuffled_labels, name="shuffled"),
+    }
+    # the LoRAs' spread along the raw direction, in α units (a unit step moves the coefficients by normal / norm)
+    spread = float(np.std(space.training_coefficients() @ raw.normal) * _coefficient_norm(space, raw))
+    strengths = np.linspace(-config.strength_span, config.strength_span, config.n_strengths) * spread
+    curves: dict[str, dict[str, np.ndarray]] = {}
+    errors: dict[str, dict[str, np.ndarray]] = {}
+    for key in ("raw", "debiased", "shuffled"):
+        edited = [space.edit(files[i], directions[key], float(alpha)) for alpha in strengths for i in held_out]
+        measured = measure_loras(
+            pipe, edited, config, config.eval_seeds, seed_offset=1000, show_progress=show_progress
+        )
+        curves[key], errors[key] = {}, {}
+        for name, values in measured.items():
+            per_lora = values.mean(axis=1).reshape(len(strengths), len(held_out))
+            curves[key][name] = per_lora.mean(axis=1)
+            errors[key][name] = per_lora.std(axis=1, ddof=1) / np.sqrt(len(held_out))
+    return W2WToyEffect(strengths, curves, errors, directions, space, label_scores, held_out, files)
+
+
+def _coefficient_norm(space: WeightSpace, direction: Direction) -> float:
+    """|(normal · V) · σ|: a unit step along `direction.vector` moves the coefficients by normal / this."""
+    components, std = space.components.double().numpy(), space.std.double().numpy()
+    return float(np.linalg.norm((direction.normal.astype(np.float64) @ components) * std))
+
+
+def plot_attribute_vs_strength(effect: W2WToyEffect, attribute: str, other: str, path: str | os.PathLike) -> Path:
+    """Both attributes against α for the raw, debiased and shuffled-label directions (mean ± s.e. over held-out
+    LoRAs), as a PNG.
+
+    Example:
+        ```python
+        >>> plot_attribute_vs_strength(effect, "warmth", "brightness", "w2w_attribute_vs_alpha.png")  # doctest: +SKIP
+        ```
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"raw": ("tab:red", "raw direction"), "debiased": ("tab:blue", f"debiased against {other}")}
+    styles["shuffled"] = ("tab:gray", "shuffled labels (control)")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, name in zip(axes, (attribute, other), strict=True):
+        for key, (colour, label) in styles.items():
+            mean, error = effect.curves[key][name], effect.errors[key][name]
+            ax.plot(effect.strengths, mean, marker="o", color=colour, label=label)
+            ax.fill_between(effect.strengths, mean - error, mean + error, color=colour, alpha=0.2)
+        ax.set_xlabel(f"edit strength α along the {attribute} direction")
+        ax.set_ylabel(f"measured {name}")
+        ax.set_title(f"{name}: {'edited' if name == attribute else 'should stay put after debiasing'}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    fig.suptitle(f"W2W edits of {len(effect.held_out)} held-out toy LoRAs (same prompts and seeds at every α)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
