@@ -146,8 +146,8 @@ def test_push_to_hub_uploads_a_folder_that_loads_back(lora_files, tmp_path, monk
         def create_repo(self, repo_id, repo_type, private, exist_ok):
             calls.append(("create", repo_id, repo_type, private, exist_ok, self.token))
 
-        def upload_folder(self, folder_path, repo_id, repo_type, commit_message):
-            shutil.copytree(folder_path, tmp_path / "hub" / repo_id)
+        def upload_folder(self, folder_path, repo_id, repo_type, commit_message, ignore_patterns=()):
+            shutil.copytree(folder_path, tmp_path / "hub" / repo_id, ignore=shutil.ignore_patterns(*ignore_patterns))
             return huggingface_hub.CommitInfo(
                 commit_url=f"https://huggingface.co/{repo_id}/commit/1",
                 commit_message=commit_message,
