@@ -161,6 +161,10 @@ def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, planted):
     first = dict(trained[0].named_parameters())
     changed = 0
     for name, param in trained[1].named_parameters():
+        if name.endswith("k_proj.bias"):
+            # A key bias adds the same q·b to every score of a query, which softmax ignores: its true gradient is
+            # 0, so Adam turns rounding noise (~1e-9) into steps of ~lr/10 whose sign depends on the summation order.
+            continue
         torch.testing.assert_close(param, first[name], rtol=1e-4, atol=1e-5, msg=name)
         changed += not torch.equal(param, dict(untrained.named_parameters())[name])
     assert changed > 0
