@@ -35,7 +35,6 @@ from imagegem_hf.fetch.client import FetchConfig, Fetcher, FetchOutcome
 from imagegem_hf.fetch.storage import (
     FolderLock,
     config_dataset,
-    iter_batches,
     remove_stale_temporaries,
     write_atomic,
     write_json_atomic,
@@ -45,6 +44,7 @@ from imagegem_hf.hub import refresh_dataset_info
 
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 MANIFEST = "fetch_manifest.json"
+ROW_GROUP_IMAGES = 64  # images per parquet row group: bounds what one lookup of `fetched_image_loader` reads
 
 
 @dataclass
@@ -119,7 +119,7 @@ def iter_image_shards(
     seen: set[int] = set()
     pending: list[pa.Table] = []
     count = 0
-    for batch in iter_batches(source, columns):
+    for batch in source.to_batches(columns=columns, batch_size=65_536):
         keep = []
         for index, image_id in enumerate(batch.column("imageId").to_pylist()):
             if limit is not None and len(seen) >= limit:
@@ -344,7 +344,7 @@ async def _run(
             ]
             write_jsonl_atomic(failures_file, failures)  # failures first: the shard file marks the shard done
             buffer = pa.BufferOutputStream()
-            pq.write_table(_shard_table(rows, images, features), buffer)
+            pq.write_table(_shard_table(rows, images, features), buffer, row_group_size=ROW_GROUP_IMAGES)
             write_atomic(shard, buffer.getvalue().to_pybytes())
             report.shards_written += 1
             report.fetched += rows.num_rows - len(failures)
@@ -356,8 +356,10 @@ async def _run(
 def fetched_image_loader(fetch_dir: str | os.PathLike) -> Callable[[int], bytes]:
     """Map an `imageId` to its encoded image bytes in a `fetch_images` output folder.
 
-    The `imageId` column of every shard is read once into an index; bytes are read from one shard row group on
-    demand, so memory holds the index, not the pixels. Raises `FileNotFoundError` for an image that is not there.
+    The `imageId` column of every shard is read once into an index; bytes are read one row group (at most
+    `ROW_GROUP_IMAGES` images) at a time on demand and the last group is kept, so reading in table order reads each
+    group once and memory holds the index and one group, not the pixels. Raises `FileNotFoundError` for an image
+    that is not there.
 
     Example:
         ```python
@@ -378,11 +380,15 @@ def fetched_image_loader(fetch_dir: str | os.PathLike) -> Callable[[int], bytes]
             for row, image_id in enumerate(ids):
                 index[image_id] = (number, group, row)
 
+    last: dict[tuple[int, int], pa.ChunkedArray] = {}  # the row group read last: callers go in table order
+
     def locate(image_id: int) -> bytes:
         if image_id not in index:
             raise FileNotFoundError(f"imageId {image_id} is not in {folder} (not selected, or its fetch failed).")
         number, group, row = index[image_id]
-        image = files[number].read_row_group(group, columns=["image"]).column("image")[row].as_py()
-        return image["bytes"]
+        if (number, group) not in last:
+            last.clear()
+            last[number, group] = files[number].read_row_group(group, columns=["image"]).column("image")
+        return last[number, group][row].as_py()["bytes"]
 
     return locate

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.dataset as ds
 
 from imagegem_hf.hub import resolve
@@ -28,13 +26,6 @@ def config_dataset(dataset: str | os.PathLike, config: str) -> ds.Dataset:
             f"{root} has no {config}/*.parquet files; is it a dataset built by `imagegem dataset build`?"
         )
     return ds.dataset([str(f) for f in files], format="parquet")
-
-
-def iter_batches(
-    dataset: ds.Dataset, columns: list[str] | None = None, batch_size: int = 65_536
-) -> Iterator[pa.RecordBatch]:
-    """Record batches of `dataset` in file and row order (bounded memory)."""
-    yield from dataset.to_batches(columns=columns, batch_size=batch_size)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
