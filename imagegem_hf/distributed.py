@@ -1,9 +1,13 @@
-"""Splitting inference work across the processes of an `accelerate launch` (or `torchrun`) job.
+"""Splitting work across the processes of an `accelerate launch` (or `torchrun`) job.
 
 Scoring and embedding jobs cut their input into batches once, in input order; each process takes every
 `num_processes`-th batch, and the results are gathered back into input order on every process. Batches have the
 same composition whatever the number of processes, so a sharded run gives bit-for-bit the numbers of a single
 process. Without a launcher there is one process and nothing is gathered.
+
+Training collators draw their per-example randomness from `(seed, epoch, example)` instead of one running stream
+(a process only sees its shard of the stream), so a distributed run trains like one process with the same global
+batch; [`CollatorEpochCallback`] tells them the epoch.
 """
 
 from __future__ import annotations
@@ -11,7 +15,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from transformers import TrainerCallback
+
 T = TypeVar("T")
+
+
+class CollatorEpochCallback(TrainerCallback):
+    """Tells a collator with `set_epoch` the epoch that starts, so that its keyed random draws change from epoch to
+    epoch (and a resumed run, which knows its epoch, draws what the uninterrupted run drew).
+
+    Args:
+        collator: The training collator (e.g. `DiffusionDPOCollator`, `PreferenceCollator`).
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(int(state.epoch or 0))  # `state.epoch` is fractional inside a resumed epoch
 
 
 def _state():

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
+from imagegem_hf.distributed import CollatorEpochCallback
 from imagegem_hf.dpo.config import DiffusionDPOConfig
 from imagegem_hf.dpo.data import DiffusionDPOCollator, prepare_dpo_dataset
 from imagegem_hf.dpo.modeling import DiffusionDPOModel
@@ -71,16 +72,6 @@ def load_dpo_weights(pipeline, checkpoint_dir: str | os.PathLike) -> None:
 
         unet = UNet2DConditionModel.from_pretrained(Path(checkpoint_dir) / "unet")
         pipeline.unet.load_state_dict(unet.state_dict())
-
-
-class _CollatorEpoch(TrainerCallback):
-    """Tells the collator the epoch that starts, so that its random draws change from epoch to epoch."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.set_epoch(int(state.epoch or 0))  # `state.epoch` is fractional inside a resumed epoch
 
 
 def _copy(module: torch.nn.Module | None, dtype: torch.dtype) -> torch.nn.Module | None:
@@ -209,7 +200,7 @@ class DiffusionDPOTrainer(Trainer):
             )
         callbacks = list(callbacks or [])
         if hasattr(data_collator, "set_epoch"):
-            callbacks.append(_CollatorEpoch(data_collator))
+            callbacks.append(CollatorEpochCallback(data_collator))
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=model,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed import dpo_worker
+from tests.distributed import dpo_worker, preference_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,3 +98,44 @@ def test_dpo_logged_metrics_are_those_of_the_global_batch(dpo_runs):
             assert got[key] == pytest.approx(expected[key], abs=1e-6), (got["step"], key)
     for key in ("loss", "rewards/margins", "rewards/accuracies", "mse/model_chosen"):
         assert double["eval"][f"eval_{key}"] == pytest.approx(single["eval"][f"eval_{key}"], abs=1e-3), key
+
+
+@pytest.fixture(scope="module")
+def preference_runs(tmp_path_factory):
+    two = tmp_path_factory.mktemp("preference2")
+    launch_two_processes("tests.distributed.preference_worker", two)
+    one = tmp_path_factory.mktemp("preference1")
+    preference_worker.run(one, world_size=1, rank=0)
+    return one, two
+
+
+def test_preference_two_processes_train_like_one(preference_runs):
+    one, two = preference_runs
+    expected = load_file(one / "weights_a_rank0.safetensors")
+    initial = preference_worker.trained_weights(preference_worker.trainer(one / "init", 1))
+    assert max((expected[k] - initial[k]).abs().max() for k in expected) > 1e-3  # the steps moved the weights
+    rank0, rank1 = (load_file(two / f"weights_a_rank{r}.safetensors") for r in (0, 1))
+    assert_same_weights(rank1, rank0, atol=0)
+    assert_same_weights(rank0, expected, atol=1e-6)
+    for rank in (0, 1):  # resuming under 2 processes reproduces the uninterrupted run
+        assert_same_weights(load_file(two / f"weights_b_rank{rank}.safetensors"), rank0, atol=1e-6)
+
+
+def test_preference_checkpoint_is_written_once_and_metrics_are_global(preference_runs):
+    one, two = preference_runs
+    per_rank = {f"checkpoint-{step}/rng_state_{rank}.pth" for step in (2, 4) for rank in (0, 1)}
+    assert files(two / "a") - files(one / "a") == per_rank
+    by_rank = [json.loads((two / f"writes_rank{r}.json").read_text()) for r in (0, 1)]
+    assert {Path(p).name for p in by_rank[1]} <= {"rng_state_1.pth"}, by_rank[1]
+    assert len(by_rank[0]) == len(set(by_rank[0]))
+    single, double = (json.loads((run / "logs.json").read_text()) for run in (one, two))
+    steps = [log for log in single["history"] if "loss" in log]
+    assert len(steps) == preference_worker.STEPS
+    for got, expected in zip((log for log in double["history"] if "loss" in log), steps, strict=True):
+        # The tiny backbone stays near chance (loss ≈ 3 log 2): its examples' losses differ in the 5th decimal only,
+        # and so do one process's mean and the global mean.
+        for key in ("loss", "loss_base", "loss_aux"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-6), (got["step"], key)
+        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), got["step"]
+    for key in ("eval_loss", "eval_pairwise_accuracy"):
+        assert double["eval"][key] == pytest.approx(single["eval"][key], rel=1e-5), key
