@@ -12,12 +12,13 @@ batch; [`CollatorEpochCallback`] tells them the epoch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from transformers import TrainerCallback
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class CollatorEpochCallback(TrainerCallback):
@@ -49,6 +50,17 @@ def process_count_and_index() -> tuple[int, int]:
     return state.num_processes, state.process_index
 
 
+def local_device():
+    """The `torch.device` of this process: its own GPU under `accelerate launch` / `torchrun` on GPUs, else the
+    only GPU, else the CPU."""
+    return _state().device
+
+
+def wait_for_everyone() -> None:
+    """Block until every process gets here (nothing to wait for outside a distributed launch)."""
+    _state().wait_for_everyone()
+
+
 def is_main_process() -> bool:
     """Whether this process should write outputs (always True outside a distributed launch)."""
     return _state().is_main_process
@@ -77,3 +89,30 @@ def gather_batches(results: list[tuple[int, Any]]) -> list[Any]:
 
         results = gather_object(results)
     return [result for _, result in sorted(results, key=lambda pair: pair[0])]
+
+
+def map_batches(
+    function: Callable[[T], R], batches: Sequence[T], desc: str | None = None, progress: bool = True
+) -> list[R]:
+    """`[function(batch) for batch in batches]`, split across processes: each process runs its batches (every
+    `num_processes`-th one) and every process gets all the results back, in batch order.
+
+    Every process must call it with the same batches (it is a collective operation under a distributed launch).
+
+    Args:
+        function: What to do with one batch (results are gathered with `gather_object`: keep them picklable).
+        batches: The batches, cut once in input order.
+        desc: Progress bar label.
+        progress: Show a progress bar over this process's batches.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.distributed import map_batches
+        >>> map_batches(sum, [[1, 2], [3, 4], [5]], progress=False)
+        [3, 7, 5]
+        ```
+    """
+    from tqdm.auto import tqdm
+
+    local = [(number, function(batch)) for number, batch in tqdm(my_batches(batches), desc=desc, disable=not progress)]
+    return gather_batches(local)

@@ -1,4 +1,4 @@
-"""Which files a process opens for writing (Python-level opens, through an audit hook)."""
+"""Which files a process writes (Python-level opens and `os.replace`/`os.rename` targets, through an audit hook)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ def record_writes(folder: Path, report: Path):
     folder, written, active = str(Path(folder).resolve()), [], [True]
 
     def hook(event, args):
-        if not active[0] or event != "open" or not isinstance(args[0], str | os.PathLike):
+        if not active[0] or event not in ("open", "os.rename") or not isinstance(args[0], str | os.PathLike):
             return
-        mode, flags = args[1], args[2]
-        writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & _WRITE_FLAGS)
-        path = os.path.abspath(args[0])
+        if event == "open":
+            mode, flags = args[1], args[2]
+            writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & _WRITE_FLAGS)
+            path = os.path.abspath(args[0])
+        else:  # `os.replace` of a file written elsewhere (e.g. by pyarrow) into place
+            writing, path = True, os.path.abspath(args[1])
         if writing and path.startswith(folder):
             written.append(os.path.relpath(path, folder))
 

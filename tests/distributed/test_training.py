@@ -22,14 +22,17 @@ from tests.distributed import dpo_worker, preference_worker
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch_two_processes(module: str, out: Path) -> None:
+def launch_two_processes(module: str, *arguments: str | Path) -> None:
+    """Run `python -m module *arguments` in 2 processes with `torchrun` (gloo on CPU); fail with their stderr."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", module]
-    result = subprocess.run([*command, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*command, *map(str, arguments)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
