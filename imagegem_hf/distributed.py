@@ -50,10 +50,26 @@ def process_count_and_index() -> tuple[int, int]:
     return state.num_processes, state.process_index
 
 
-def local_device():
-    """The `torch.device` of this process: its own GPU under `accelerate launch` / `torchrun` on GPUs, else the
-    only GPU, else the CPU."""
-    return _state().device
+def local_device(device: str | None = None):
+    """The `torch.device` a job of this process runs on.
+
+    Args:
+        device: `None`: this process's own GPU under `accelerate launch` / `torchrun` on GPUs, else the GPU, else the
+            CPU. `"cuda"`: this process's own GPU (GPU 0 outside a distributed launch). Anything else, as given.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.distributed import local_device
+        >>> local_device("cpu")
+        device(type='cpu')
+        ```
+    """
+    import torch
+
+    if device is None or device == "cuda":
+        local = _state().device
+        return local if device is None or local.type == "cuda" else torch.device(device)
+    return torch.device(device)
 
 
 def wait_for_everyone() -> None:

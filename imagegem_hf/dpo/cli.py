@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--device",
         default=None,
         help="Device of the pipelines and scorers (default: this process's GPU under `accelerate launch`, else the "
-        "GPU, else the CPU).",
+        "GPU, else the CPU; `cuda` is this process's GPU).",
     )
     evaluate.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     evaluate.add_argument("--output-dir", default="dpo_eval", help="Where the table, scores and grid go.")
@@ -54,7 +54,7 @@ def _eval(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"Unknown scorer(s) {unknown}; choose from {sorted(_SCORERS)}.")
     dtype = getattr(torch, args.dtype)
-    device = args.device or local_device()
+    device = local_device(args.device)
     scorers = {}
     for name in names:
         class_name, column = _SCORERS[name]
