@@ -53,15 +53,17 @@ def trained_weights(dpo: DiffusionDPOTrainer) -> dict[str, torch.Tensor]:
 
 
 def run(out: Path, world_size: int, rank: int) -> None:
-    """Train, evaluate, resume; write `weights_{run}_rank{rank}.safetensors` and (main process) `logs.json`."""
+    """Train and evaluate, then (several processes) resume from step 2; write `weights_{run}_rank{rank}.safetensors`
+    and (main process) `logs.json`."""
     with record_writes(out, out / f"writes_rank{rank}.json"):
         first = trainer(out / "a", world_size)
         first.train()
         metrics = first.evaluate()
     save_file(trained_weights(first), str(out / f"weights_a_rank{rank}.safetensors"))
-    resumed = trainer(out / "b", world_size)
-    resumed.train(resume_from_checkpoint=str(out / "a" / "checkpoint-2"))
-    save_file(trained_weights(resumed), str(out / f"weights_b_rank{rank}.safetensors"))
+    if world_size > 1:  # the resumed run is compared with the uninterrupted one of the same launch
+        resumed = trainer(out / "b", world_size)
+        resumed.train(resume_from_checkpoint=str(out / "a" / "checkpoint-2"))
+        save_file(trained_weights(resumed), str(out / f"weights_b_rank{rank}.safetensors"))
     if rank == 0:
         (out / "logs.json").write_text(json.dumps({"history": first.state.log_history, "eval": metrics}))
 
