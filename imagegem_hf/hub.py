@@ -20,7 +20,15 @@ from typing import Any
 
 import jinja2
 
-MODEL_CARDS_DIR = Path(__file__).parent / "model_cards"
+
+def _model_cards_dir() -> Path:
+    """The card templates: `imagegem_hf/model_cards/` in an installed package (the build copies them there), the
+    repository's top-level `model_cards/` in a source checkout or an editable install."""
+    installed = Path(__file__).parent / "model_cards"
+    return installed if installed.is_dir() else Path(__file__).parent.parent / "model_cards"
+
+
+MODEL_CARDS_DIR = _model_cards_dir()
 logger = logging.getLogger(__name__)
 
 
@@ -74,7 +82,7 @@ def resolve(path_or_repo_id: str | os.PathLike, repo_type: str = "model", revisi
 
 
 def render_card(template_name: str, **context: Any) -> str:
-    """Render a model or dataset card from `imagegem_hf/model_cards/<template_name>`.
+    """Render a model or dataset card from the template `model_cards/<template_name>` (see `MODEL_CARDS_DIR`).
 
     Args:
         template_name: File name of the Jinja template, e.g. `"dataset_card.md"`.
