@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagegem_hf.hub import atomic_directory, read_json, render_card, resolve, write_json
+from imagegem_hf.hub import atomic_directory, card_license, hub_repo_id, read_json, render_card, resolve, write_json
 from imagegem_hf.ranker.backends import FailedReply, OpenAIChatBackend, TransformersBackend
 from imagegem_hf.ranker.parsing import parse_scores
 from imagegem_hf.ranker.prompts import RankerTemplates
@@ -242,9 +242,13 @@ class VLMRankerPipeline:
             if self.model_name_or_path is None and self.model is not None:
                 self.model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
+            vlm = self.model_name_or_path or (getattr(self.model, "name_or_path", None) or None)
             (tmp / "README.md").write_text(
                 render_card(
                     "ranker_card.md",
+                    base_model=hub_repo_id(vlm),
+                    # the folder holds settings and templates (Apache-2.0) unless the VLM's weights are saved in it
+                    license=card_license(vlm) if self.model is not None else {"license": "apache-2.0"},
                     config=asdict(self.config),
                     templates_version=self.templates.version,
                     model_name_or_path=self.model_name_or_path
