@@ -274,12 +274,28 @@ def _imagegem_dataset(tmp_path: Path) -> Path:
     return tmp_path / "imagegem"
 
 
+def _pixels_dataset(tmp_path: Path) -> Path:
+    from datasets import Dataset, Features, Image, Value
+
+    from imagegem_hf.fetch.images import _card
+    from imagegem_hf.testing import random_images
+
+    folder = tmp_path / "pixels"
+    features = Features({"imageId": Value("int64"), "image": Image()})
+    Dataset.from_dict({"imageId": [11, 12], "image": random_images(2, size=16)}, features=features).to_parquet(
+        folder / "data" / "train-00000-of-00001.parquet"
+    )
+    (folder / "README.md").write_text(_card(folder, shards=1))
+    return folder
+
+
 def test_every_card_has_hub_metadata_and_a_snippet_that_runs(hub_cache, tmp_path):
     dpo = _dpo_folder(tmp_path, hub_cache)
     space, w2w = _w2w_folders(tmp_path, hub_cache)
     pref_data, pref_model = _preference_folders(tmp_path, hub_cache)
     recommender, ranker = _recommender_and_ranker(tmp_path, hub_cache)
     imagegem = _imagegem_dataset(tmp_path)
+    pixels = _pixels_dataset(tmp_path)
 
     sd_tags = ("text-to-image", "diffusers", "lora", "diffusers-training")
     data = check_model_card(dpo, "diffusers", "text-to-image", SD_REPO, sd_tags)
@@ -299,6 +315,7 @@ def test_every_card_has_hub_metadata_and_a_snippet_that_runs(hub_cache, tmp_path
     assert data["source_datasets"] == ["imagegem-test/pickapic-like"] and data["size_categories"] == ["n<1K"]
     data = check_dataset_card(imagegem, ["images", "loras", "interactions"], {"text-to-image"})
     assert data["license_link"] == "https://civitai.com/content/tos"
+    check_dataset_card(pixels, ["default"], {"text-to-image"})
 
     # The W2W pipeline reloaded from its folder keeps its base (model_index.json) and writes the same card.
     from imagegem_hf.w2w import W2WEditPipeline
@@ -307,7 +324,7 @@ def test_every_card_has_hub_metadata_and_a_snippet_that_runs(hub_cache, tmp_path
 
     folders = dict(
         dpo=dpo, w2w=w2w, space=space, pref_model=pref_model, pref_data=pref_data, recommender=recommender,
-        ranker=ranker, imagegem=imagegem,
+        ranker=ranker, imagegem=imagegem, pixels=pixels,
     )  # fmt: skip
     run_snippets({name: snippet(folder) for name, folder in folders.items()}, tmp_path, hub_cache)
     assert (tmp_path / "w2w" / "w2w_grid.png").is_file() and (
