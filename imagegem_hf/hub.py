@@ -174,10 +174,10 @@ def base_model_license(name_or_path: str | os.PathLike | None, repo_type: str = 
 
     card: str | os.PathLike | None = None
     local = Path(name_or_path).expanduser()
-    for folder in (local, local.parent):  # a component folder's card is its pipeline's
-        if (folder / "README.md").is_file():
-            card = folder / "README.md"
-            break
+    if (local / "README.md").is_file():
+        card = local / "README.md"
+    elif (local.parent / "model_index.json").is_file() and (local.parent / "README.md").is_file():
+        card = local.parent / "README.md"  # a pipeline component's card is its pipeline's
     repo_id = hub_repo_id(name_or_path)
     if card is None and repo_id is not None:
         cached = try_to_load_from_cache(repo_id, "README.md", repo_type=repo_type)

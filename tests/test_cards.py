@@ -166,6 +166,10 @@ def test_hub_repo_id_and_license_helpers(hub_cache, tmp_path):
     assert hub_repo_id(tmp_path) is None and hub_repo_id(None) is None and hub_repo_id("./rel/path") is None
     assert card_license(SD_REPO) == {"license": "creativeml-openrail-m"}  # read from the cached card
     assert card_license(snapshot) == {"license": "creativeml-openrail-m"}
+    assert card_license(snapshot / "unet") == {"license": "creativeml-openrail-m"}  # a component: its pipeline's
+    (tmp_path / "project" / "model").mkdir(parents=True)
+    (tmp_path / "project" / "README.md").write_text("---\nlicense: mit\n---\n")  # not the model's card
+    assert card_license(tmp_path / "project" / "model") == {"license": "other", "license_name": "base-model-license"}
     assert card_license("someone/uncached") == {
         "license": "other",
         "license_name": "base-model-license",

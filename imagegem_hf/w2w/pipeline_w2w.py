@@ -72,12 +72,12 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = N
 
 
 def _base_of(unet) -> str | None:
-    """The base pipeline a UNet was loaded from: the folder or repo holding its `unet/` subfolder (its config's
-    `_name_or_path`), or None for a UNet built in code."""
+    """The base pipeline a UNet was loaded from (its config's `_name_or_path` without the `unet/` subfolder): the
+    repo id for a Hub download, else the folder; None for a UNet built in code."""
     path = getattr(unet.config, "_name_or_path", None) or None
     if path is not None and Path(path).name == "unet":
-        return Path(path).parent.as_posix()
-    return path
+        path = Path(path).parent.as_posix()
+    return hub_repo_id(path) or path
 
 
 class _W2WEditBase(DiffusionPipeline):
