@@ -29,7 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Hub id of the records' dataset (e.g. yuvalkirstain/pickapic_v2): the card's source_datasets, and "
         "its license when cached.",
     )
-    build.add_argument("--license", default=None, help="The card's license (a Hub license id, e.g. mit).")
+    build.add_argument(
+        "--license",
+        default=None,
+        help="The card's license (a Hub license id, e.g. mit); default: the source dataset's, apache-2.0 for "
+        "--synthetic-users.",
+    )
     build.set_defaults(func=_build)
 
     train = commands.add_parser("train", help="One training stage (1: LoRA + vision tower, 2: prototypes only).")
@@ -96,7 +101,12 @@ def _build(args: argparse.Namespace) -> int:
         splits = build_user_splits(group_pickapic_records(records), **split_args)
         source = "synthetic users with a planted colour"
         folder = save_preference_dataset(
-            splits, args.output_dir, images, source=source, overwrite=args.overwrite, license=args.license
+            splits,
+            args.output_dir,
+            images,
+            source=source,
+            overwrite=args.overwrite,
+            license=args.license or "apache-2.0",  # generated here, from no one else's data
         )
         counts = {name: (len(examples), len({e.user_id for e in examples})) for name, examples in splits.items()}
     else:

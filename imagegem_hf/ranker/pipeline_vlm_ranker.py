@@ -239,7 +239,8 @@ class VLMRankerPipeline:
                     "endpoint": self._endpoint(),
                 },
             )
-            if self.model_name_or_path is None and self.model is not None:
+            weights_saved = self.model_name_or_path is None and self.model is not None
+            if weights_saved:
                 self.model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
             vlm = self.model_name_or_path or (getattr(self.model, "name_or_path", None) or None)
@@ -247,8 +248,8 @@ class VLMRankerPipeline:
                 render_card(
                     "ranker_card.md",
                     base_model=hub_repo_id(vlm),
-                    # the folder holds settings and templates (Apache-2.0) unless the VLM's weights are saved in it
-                    license=card_license(vlm) if self.model is not None else {"license": "apache-2.0"},
+                    # settings and templates are Apache-2.0; saved VLM weights keep the VLM's license
+                    license=card_license(vlm) if weights_saved else {"license": "apache-2.0"},
                     config=asdict(self.config),
                     templates_version=self.templates.version,
                     model_name_or_path=self.model_name_or_path
