@@ -188,7 +188,7 @@ def test_hub_repo_id_and_license_helpers(hub_cache, tmp_path):
 # ----------------------------------------------------------------------------------------------- artifacts
 
 
-def _dpo_folder(tmp_path: Path, hub_cache: Path) -> Path:
+def _dpo_folder(tmp_path: Path, hub_cache: Path, mode: str = "lora") -> Path:
     from diffusers import StableDiffusionPipeline
 
     from imagegem_hf.dpo import DiffusionDPOConfig, DiffusionDPOTrainer
@@ -196,7 +196,8 @@ def _dpo_folder(tmp_path: Path, hub_cache: Path) -> Path:
 
     pipe = StableDiffusionPipeline.from_pretrained(SD_REPO, cache_dir=hub_cache, local_files_only=True)
     args = DiffusionDPOConfig(
-        str(tmp_path / "dpo"),
+        str(tmp_path / f"dpo-{mode}-run"),
+        mode=mode,
         max_steps=1,
         per_device_train_batch_size=2,
         resolution=32,
@@ -208,8 +209,8 @@ def _dpo_folder(tmp_path: Path, hub_cache: Path) -> Path:
     )
     trainer = DiffusionDPOTrainer(pipe, args, train_dataset=_pairs())
     trainer.train()
-    trainer.save_model(str(tmp_path / "dpo-lora"))
-    return tmp_path / "dpo-lora"
+    trainer.save_model(str(tmp_path / f"dpo-{mode}"))
+    return tmp_path / f"dpo-{mode}"
 
 
 def _w2w_folders(tmp_path: Path, hub_cache: Path) -> tuple[Path, Path]:
@@ -294,7 +295,7 @@ def _pixels_dataset(tmp_path: Path) -> Path:
 
 
 def test_every_card_has_hub_metadata_and_a_snippet_that_runs(hub_cache, tmp_path):
-    dpo = _dpo_folder(tmp_path, hub_cache)
+    dpo, dpo_full = _dpo_folder(tmp_path, hub_cache), _dpo_folder(tmp_path, hub_cache, mode="full")
     space, w2w = _w2w_folders(tmp_path, hub_cache)
     pref_data, pref_model = _preference_folders(tmp_path, hub_cache)
     recommender, ranker = _recommender_and_ranker(tmp_path, hub_cache)
@@ -306,6 +307,7 @@ def test_every_card_has_hub_metadata_and_a_snippet_that_runs(hub_cache, tmp_path
     assert data["license"] == "creativeml-openrail-m"  # the base's, read from its card
     assert data["datasets"] == ["imagegem-test/dpo-pairs"]
     assert "pipe.load_lora_weights(" in snippet(dpo)
+    check_model_card(dpo_full, "diffusers", "text-to-image", SD_REPO, ("text-to-image", "full-fine-tune"))
     data = check_model_card(w2w, "diffusers", "text-to-image", SD_REPO, ("text-to-image", "diffusers", "lora"))
     assert data["license"] == "creativeml-openrail-m"
     data = check_model_card(pref_model, "transformers", "image-text-to-text", VLM_REPO, ("preference",))
@@ -327,8 +329,8 @@ def test_every_card_has_hub_metadata_and_a_snippet_that_runs(hub_cache, tmp_path
     assert W2WEditPipeline.from_pretrained(w2w).model_card() == _front_matter(w2w)
 
     folders = dict(
-        dpo=dpo, w2w=w2w, space=space, pref_model=pref_model, pref_data=pref_data, recommender=recommender,
-        ranker=ranker, imagegem=imagegem, pixels=pixels,
+        dpo=dpo, dpo_full=dpo_full, w2w=w2w, space=space, pref_model=pref_model, pref_data=pref_data,
+        recommender=recommender, ranker=ranker, imagegem=imagegem, pixels=pixels,
     )  # fmt: skip
     run_snippets({name: snippet(folder) for name, folder in folders.items()}, tmp_path, hub_cache)
     assert (tmp_path / "w2w" / "w2w_grid.png").is_file() and (
