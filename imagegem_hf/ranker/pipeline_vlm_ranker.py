@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagegem_hf.hub import atomic_directory, read_json, render_card, resolve, write_json
+from imagegem_hf.hub import atomic_directory, card_license, hub_repo_id, read_json, render_card, resolve, write_json
 from imagegem_hf.ranker.backends import FailedReply, OpenAIChatBackend, TransformersBackend
 from imagegem_hf.ranker.parsing import parse_scores
 from imagegem_hf.ranker.prompts import RankerTemplates
@@ -239,12 +239,17 @@ class VLMRankerPipeline:
                     "endpoint": self._endpoint(),
                 },
             )
-            if self.model_name_or_path is None and self.model is not None:
+            weights_saved = self.model_name_or_path is None and self.model is not None
+            if weights_saved:
                 self.model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
+            vlm = self.model_name_or_path or (getattr(self.model, "name_or_path", None) or None)
             (tmp / "README.md").write_text(
                 render_card(
                     "ranker_card.md",
+                    base_model=hub_repo_id(vlm),
+                    # settings and templates are Apache-2.0; saved VLM weights keep the VLM's license
+                    license=card_license(vlm) if weights_saved else {"license": "apache-2.0"},
                     config=asdict(self.config),
                     templates_version=self.templates.version,
                     model_name_or_path=self.model_name_or_path

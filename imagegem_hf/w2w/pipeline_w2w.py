@@ -9,8 +9,11 @@ and the edited one once the timestep is at or below a threshold, which keeps the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageDraw
 
+from imagegem_hf.hub import card_license, hub_repo_id, render_card
 from imagegem_hf.w2w.space import LoRAItem, WeightSpace
 
 EDIT_ADAPTER = "w2w_edit"
@@ -67,8 +71,37 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = N
     return grid
 
 
+def _base_of(unet) -> str | None:
+    """The base pipeline a UNet was loaded from (its config's `_name_or_path` without the `unet/` subfolder): the
+    repo id for a Hub download, else the folder; None for a UNet built in code."""
+    path = getattr(unet.config, "_name_or_path", None) or None
+    if path is not None and Path(path).name == "unet":
+        path = Path(path).parent.as_posix()
+    return hub_repo_id(path) or path
+
+
 class _W2WEditBase(DiffusionPipeline):
     """What the SD 1.5 and SDXL editing pipelines share: edit, inject, denoise per strength, grid."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' `save_pretrained`, plus a model card `README.md` (see `model_card`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        Path(save_directory, "README.md").write_text(self.model_card(), encoding="utf-8")
+
+    def model_card(self) -> str:
+        """The pipeline's card: `base_model` (the base pipeline's repo id), `library_name: diffusers`, the base's
+        license, text-to-image tags and a usage snippet for the saved folder."""
+        base_path = self.config.base_model
+        return render_card(
+            "w2w_pipeline_card.md",
+            pipeline_class=type(self).__name__,
+            base_model=hub_repo_id(base_path),
+            base_path=base_path,
+            license=card_license(base_path),
+            sdxl=isinstance(self, StableDiffusionXLLoraLoaderMixin),
+            n_models=self.weight_space.config.n_models,
+            n_components=self.weight_space.n_components,
+        )
 
     def _generator_pipeline(self) -> DiffusionPipeline:
         raise NotImplementedError
@@ -202,6 +235,8 @@ class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
     Args:
         vae, text_encoder, tokenizer, unet, scheduler: The Stable Diffusion 1.5 components.
         weight_space: The `WeightSpace` the LoRA and the directions live in (same base model as the UNet).
+        base_model: Path or repo id of the base pipeline the components come from (the card's `base_model`);
+            by default the folder the UNet was loaded from.
 
     Example:
         ```python
@@ -219,7 +254,9 @@ class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, weight_space: WeightSpace) -> None:
+    def __init__(
+        self, vae, text_encoder, tokenizer, unet, scheduler, weight_space: WeightSpace, base_model: str | None = None
+    ) -> None:
         super().__init__()
         self.register_modules(
             vae=vae,
@@ -229,6 +266,7 @@ class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
             scheduler=scheduler,
             weight_space=weight_space,
         )
+        self.register_to_config(base_model=base_model or _base_of(unet))
 
     def _encode_prompt(self, pipe, prompt, negative_prompt, guidance):
         positive, negative = pipe.encode_prompt(prompt, pipe._execution_device, 1, guidance, negative_prompt)
@@ -256,6 +294,8 @@ class W2WEditXLPipeline(_W2WEditBase, StableDiffusionXLLoraLoaderMixin):
     Args:
         vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler: The SDXL components.
         weight_space: The `WeightSpace` of SDXL LoRAs.
+        base_model: Path or repo id of the base pipeline (the card's `base_model`); by default the folder the UNet
+            was loaded from.
 
     Example:
         ```python
@@ -272,7 +312,16 @@ class W2WEditXLPipeline(_W2WEditBase, StableDiffusionXLLoraLoaderMixin):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
 
     def __init__(
-        self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, weight_space: WeightSpace
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        weight_space: WeightSpace,
+        base_model: str | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -285,6 +334,7 @@ class W2WEditXLPipeline(_W2WEditBase, StableDiffusionXLLoraLoaderMixin):
             scheduler=scheduler,
             weight_space=weight_space,
         )
+        self.register_to_config(base_model=base_model or _base_of(unet))
 
     def _encode_prompt(self, pipe, prompt, negative_prompt, guidance):
         positive, negative, pooled, negative_pooled = pipe.encode_prompt(
@@ -337,10 +387,12 @@ def w2w_pipeline_from_base(
     if sdxl:
         base = StableDiffusionXLPipeline.from_pretrained(base_model)
         names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
-        return W2WEditXLPipeline(**{k: base.components[k] for k in names}, weight_space=weight_space)
+        return W2WEditXLPipeline(
+            **{k: base.components[k] for k in names}, weight_space=weight_space, base_model=base_model
+        )
     base = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
     names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-    return W2WEditPipeline(**{k: base.components[k] for k in names}, weight_space=weight_space)
+    return W2WEditPipeline(**{k: base.components[k] for k in names}, weight_space=weight_space, base_model=base_model)
 
 
 def strengths_grid(low: float, high: float, count: int) -> list[float]:
