@@ -1,0 +1,171 @@
+"""Check that saved artifacts load with the plain Hugging Face libraries, in a fresh process without imagegem_hf.
+
+Every artifact imagegem_hf writes is a Hub-shaped folder that its users load with `load_dataset`,
+`AutoModel.from_pretrained`, `DiffusionPipeline.from_pretrained` and the like. `run_without_imagegem` runs a snippet
+in a new interpreter whose `sys.path` holds the environment's site-packages but not imagegem_hf (site customisation,
+and so the editable install's import hook, is skipped); `check_artifacts` runs one such process per artifact and
+`artifact_table` prints what the demo's summary ends with: artifact · folder · how to load it · loaded OK.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+# first lines of every snippet: refuse to run where imagegem_hf is importable (the check would prove nothing)
+_PRELUDE = """\
+import importlib.util
+import sys
+
+sys.path[:0] = {paths!r}
+if importlib.util.find_spec("imagegem_hf") is not None:
+    raise RuntimeError("imagegem_hf is importable here, so this is no check of plain Hugging Face loading")
+"""
+
+
+@dataclass
+class FreshProcessResult:
+    """Outcome of `run_without_imagegem`.
+
+    Attributes:
+        ok: The snippet exited with status 0 within the timeout.
+        output: Its stdout and stderr together.
+        error: The last non-empty line of the output when it failed (the exception), `""` otherwise.
+    """
+
+    ok: bool
+    output: str
+    error: str
+
+
+def library_paths() -> list[str]:
+    """The site-packages folders of this environment (where transformers, diffusers, datasets ... live)."""
+    paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return list(dict.fromkeys(path for path in paths if os.path.isdir(path)))
+
+
+def run_without_imagegem(code: str, timeout: float = 180.0, env: dict[str, str] | None = None) -> FreshProcessResult:
+    """Run Python `code` in a new interpreter that has the installed libraries but cannot import imagegem_hf.
+
+    The interpreter runs with `-S -E` (no `site` module, so no `.pth` import hooks such as an editable install's,
+    and no `PYTHONPATH`) in an empty working directory, with this environment's site-packages on `sys.path`, the
+    Hub offline and a private `HF_MODULES_CACHE` (where transformers and diffusers copy remote code). It first
+    checks that `imagegem_hf` is not importable.
+
+    Args:
+        code: The snippet (dedented before it runs).
+        timeout: Seconds before the process is killed (then `ok` is False).
+        env: Extra environment variables.
+
+    Returns:
+        `FreshProcessResult`.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.artifacts import run_without_imagegem
+        >>> run_without_imagegem("import imagegem_hf").error
+        "ModuleNotFoundError: No module named 'imagegem_hf'"
+        ```
+    """
+    script = _PRELUDE.format(paths=library_paths()) + textwrap.dedent(code)
+    with tempfile.TemporaryDirectory(prefix="fresh_process_") as scratch:
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        child_env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(Path(scratch) / "modules")}
+        child_env |= env or {}
+        try:
+            done = subprocess.run(
+                [sys.executable, "-S", "-E", "-c", script],
+                cwd=scratch,
+                env=child_env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as expired:
+            output = (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else expired.stdout or ""
+            return FreshProcessResult(False, output, f"timed out after {timeout:g} s")
+    output = done.stdout + done.stderr
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    error = "" if done.returncode == 0 else (lines[-1] if lines else f"exit status {done.returncode}")
+    return FreshProcessResult(done.returncode == 0, output, error)
+
+
+@dataclass
+class Artifact:
+    """A saved artifact, the one-line plain Hugging Face call that loads it, and a snippet that checks the load.
+
+    Attributes:
+        name: What it is (`"dataset"`, `"DPO LoRA"`, ...).
+        folder: Its Hub-shaped folder.
+        load: The one-line call a user runs, with `{folder}` standing for the folder (or repo id).
+        imports: The import line(s) `load` needs.
+        check: A snippet run by `run_without_imagegem` with `folder` defined; it must raise if the load is wrong.
+            Defaults to `imports` then `load`.
+    """
+
+    name: str
+    folder: Path
+    load: str
+    imports: str = ""
+    check: str | None = None
+
+    def load_call(self) -> str:
+        """The load call with the folder filled in."""
+        return self.load.format(folder=repr(str(self.folder)))
+
+    def check_code(self) -> str:
+        """The snippet that checks the load, with `folder` defined."""
+        body = self.check if self.check is not None else f"{self.imports}\n{self.load.format(folder='folder')}"
+        return f"folder = {str(self.folder)!r}\n" + textwrap.dedent(body)
+
+
+@dataclass
+class ArtifactCheck:
+    """An `Artifact` and the outcome of loading it in a fresh process."""
+
+    artifact: Artifact
+    result: FreshProcessResult
+
+
+def check_artifacts(
+    artifacts: Sequence[Artifact], timeout: float = 180.0, show_progress: bool = True
+) -> list[ArtifactCheck]:
+    """Load each artifact in its own fresh process without imagegem_hf (`run_without_imagegem`).
+
+    Missing folders fail without starting a process.
+    """
+    checks = []
+    for artifact in tqdm(artifacts, desc="loading artifacts in fresh processes", disable=not show_progress):
+        if not Path(artifact.folder).exists():
+            result = FreshProcessResult(False, "", f"{artifact.folder} does not exist")
+        else:
+            result = run_without_imagegem(artifact.check_code(), timeout=timeout)
+        checks.append(ArtifactCheck(artifact, result))
+    return checks
+
+
+def artifact_table(checks: Sequence[ArtifactCheck]) -> str:
+    """A markdown table: artifact · folder · how to load it · loaded OK in a fresh process (or the error's last line).
+
+    Example:
+        ```python
+        >>> from imagegem_hf.artifacts import Artifact, artifact_table, check_artifacts
+        >>> dataset = Artifact("dataset", "demo_output/data/dataset", "load_dataset({folder}, 'images')")
+        >>> print(artifact_table(check_artifacts([dataset])))  # doctest: +SKIP
+        ```
+    """
+    rows = ["| artifact | folder | how to load it | loaded in a fresh process |", "|---|---|---|---|"]
+    for check in checks:
+        status = "OK" if check.result.ok else f"FAIL: {check.result.error}"
+        load = check.artifact.load_call().replace("|", "\\|")
+        rows.append(f"| {check.artifact.name} | {check.artifact.folder} | `{load}` | {status.replace('|', '/')} |")
+    return "\n".join(rows)
