@@ -197,8 +197,8 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
             from imagegem_hf.preference.sequence import PreferenceSequenceBuilder
         except ImportError as error:
             raise ImportError(
-                "PreferencePrototypeModel.from_backbone builds its inputs with imagegem_hf's PreferenceSequenceBuilder; "
-                "install imagegem_hf (`pip install imagegem_hf`) to wrap a new backbone."
+                "PreferencePrototypeModel.from_backbone builds its inputs with imagegem_hf's "
+                "PreferenceSequenceBuilder; install imagegem_hf (`pip install imagegem_hf`) to wrap a new backbone."
             ) from error
 
         config = PreferencePrototypeConfig(backbone_config=backbone.config, **config_kwargs)

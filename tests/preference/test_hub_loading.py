@@ -51,7 +51,7 @@ def test_preference_model_loads_with_trust_remote_code_without_imagegem(tmp_path
     backbones = {"llava": (tiny_vlm, "LlavaForConditionalGeneration")}
     backbones["idefics2"] = (tiny_idefics2, "Idefics2ForConditionalGeneration")
     expected = {}
-    for name, (make_backbone, backbone_class) in backbones.items():
+    for name, (make_backbone, _) in backbones.items():
         model, batch = _model_and_batch(make_backbone)
         model.save_pretrained(tmp_path / name)
         save_file({k: v.contiguous() for k, v in batch.items()}, tmp_path / f"{name}_inputs.safetensors")
