@@ -12,7 +12,8 @@ from imagegem_hf.w2w.labels import (
     style_labels,
 )
 from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora, lora_target_shapes, save_lora
-from imagegem_hf.w2w.pipeline_w2w import W2WEditOutput, W2WEditPipeline, W2WEditXLPipeline
+from imagegem_hf.w2w.pipeline_w2w import W2WEditOutput, W2WEditPipeline
+from imagegem_hf.w2w.pipeline_w2w_xl import W2WEditXLPipeline, w2w_pipeline_from_base
 from imagegem_hf.w2w.reduce import rank1_reduce, reduce_rank, select_layers
 from imagegem_hf.w2w.space import WeightSpace
 
@@ -39,4 +40,5 @@ __all__ = [
     "save_lora",
     "select_layers",
     "style_labels",
+    "w2w_pipeline_from_base",
 ]

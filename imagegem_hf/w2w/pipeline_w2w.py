@@ -5,22 +5,32 @@ shown side by side. The pipeline holds the Stable Diffusion 1.5 components plus 
 the space, injects it with diffusers' own `load_lora_weights`, and denoises with the standard Stable Diffusion
 loop. Optional delayed injection uses the unedited LoRA (UNet and text encoders) for the early (high-noise) steps
 and the edited one once the timestep is at or below a threshold, which keeps the layout of the unedited image.
+
+This file is also the pipeline's Hub code: `save_pretrained` copies it (and the weight space's modules) into the
+saved folder, so it imports only the libraries and defines one `DiffusionPipeline` (the SDXL variant lives in
+`pipeline_w2w_xl.py`).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils import logging as diffusers_logging
+from diffusers.utils.dynamic_modules_utils import get_relative_imports
 from PIL import Image, ImageDraw
-
-from imagegem_hf.w2w.space import LoRAItem, WeightSpace
 
 EDIT_ADAPTER = "w2w_edit"
 BASE_ADAPTER = "w2w_base"
@@ -67,13 +77,105 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = N
     return grid
 
 
-class _W2WEditBase(DiffusionPipeline):
-    """What the SD 1.5 and SDXL editing pipelines share: edit, inject, denoise per strength, grid."""
+def copy_module_code(module_file: str | os.PathLike, folder: str | os.PathLike) -> list[Path]:
+    """Copy a module file and, recursively, the sibling modules it imports relatively (`from .x import ...`) into
+    `folder`, the way diffusers copies them back when it loads the folder's code.
+
+    Returns:
+        The copied files.
+    """
+    source_dir, folder = Path(module_file).parent, Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pending, copied = [Path(module_file).name], []
+    while pending:
+        name = pending.pop()
+        if any(path.name == name for path in copied):
+            continue
+        copied.append(Path(shutil.copyfile(source_dir / name, folder / name)))
+        pending += [f"{module}.py" for module in get_relative_imports(source_dir / name)]
+    return copied
+
+
+class W2WEditMixin:
+    """What the SD 1.5 and SDXL editing pipelines share: edit, inject, denoise per strength, grid, and saving and
+    loading with the pipeline's and the weight space's code beside the weights."""
 
     def _generator_pipeline(self) -> DiffusionPipeline:
         raise NotImplementedError
 
-    def load_edited_lora(self, lora: LoRAItem, direction, strength: float, adapter_name: str = EDIT_ADAPTER) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the components in diffusers' layout, plus this pipeline's code at the top of the folder and the
+        weight space's code in `weight_space/`, with `model_index.json` pointing at both, so that
+        `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` loads it with diffusers alone.
+
+        Args:
+            save_directory: The folder (laid out like the Hub repo).
+            **kwargs: Passed to `DiffusionPipeline.save_pretrained`.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        pipeline_file = Path(inspect.getfile(type(self)))
+        copy_module_code(pipeline_file, folder)
+        index["_class_name"] = [pipeline_file.stem, type(self).__name__]
+        space_file = Path(inspect.getfile(type(self.weight_space)))
+        copy_module_code(space_file, folder / "weight_space")
+        index["weight_space"] = [space_file.stem, type(self.weight_space).__name__]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **components: Any):
+        """Load a saved pipeline with this library's classes, without running the code saved in the folder.
+
+        The components listed in `model_index.json` are loaded from their subfolders; those whose code is saved
+        beside them (the weight space) are built with the class of the same name from the library this pipeline
+        class belongs to. A pipeline class that was itself loaded as Hub code defers to diffusers' loader
+        (`DiffusionPipeline.from_pretrained`, which needs `trust_remote_code=True`).
+
+        Args:
+            pretrained_model_name_or_path: A folder written by `save_pretrained` or a Hub repo id.
+            **components: Already built components to use instead of loading them (e.g. `unet=...`).
+
+        Returns:
+            The pipeline.
+
+        Example:
+            ```python
+            >>> from imagegem_hf.w2w import W2WEditPipeline
+            >>> pipe = W2WEditPipeline.from_pretrained("demo_output/w2w/pipeline")  # doctest: +SKIP
+            ```
+        """
+        library = importlib.import_module(cls.__module__.split(".")[0])
+        if getattr(library, cls.__name__, None) is not cls:
+            return super().from_pretrained(pretrained_model_name_or_path, **components)
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path)))
+        index = cls.load_config(folder)
+        expected, _ = cls._get_signature_keys(cls)
+        unknown = sorted(set(components) - set(expected))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained got {unknown}, which are not components of the pipeline; pass "
+                f"components by name ({', '.join(sorted(expected))}) and move or cast the pipeline after loading."
+            )
+        for name in sorted(set(expected) - set(components)):
+            if name not in index:
+                raise ValueError(f"{folder / 'model_index.json'} lists no {name!r} component; re-save the pipeline.")
+            library_name, class_name = index[name]
+            if library_name is None or class_name is None:
+                components[name] = None
+                continue
+            if (folder / name / f"{library_name}.py").is_file():  # code saved beside it: this library's class
+                component_class = getattr(library, class_name)
+            else:
+                component_class = getattr(importlib.import_module(library_name), class_name)
+            components[name] = component_class.from_pretrained(folder / name)
+        return cls(**components)
+
+    def load_edited_lora(self, lora: Any, direction, strength: float, adapter_name: str = EDIT_ADAPTER) -> None:
         """Edit `lora` by `strength` along `direction` (or several) and inject it as adapter `adapter_name`."""
         edited = self.weight_space.edit(lora, direction, strength)
         unet_only = all(name.startswith("unet.") for name in edited.modules)  # text encoders get no keys
@@ -95,7 +197,7 @@ class _W2WEditBase(DiffusionPipeline):
     def __call__(
         self,
         prompt: str,
-        lora: LoRAItem,
+        lora: Any,
         direction,
         strengths: Sequence[float] = (-2.0, 0.0, 2.0),
         seed: int = 0,
@@ -196,7 +298,7 @@ class _W2WEditBase(DiffusionPipeline):
         return switch
 
 
-class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
+class W2WEditPipeline(W2WEditMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Stable Diffusion 1.5 with a weight-space LoRA editor (weights2weights, ImageGem §4.3).
 
     Args:
@@ -219,7 +321,7 @@ class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, weight_space: WeightSpace) -> None:
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, weight_space) -> None:
         super().__init__()
         self.register_modules(
             vae=vae,
@@ -248,99 +350,6 @@ class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
         )
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
-
-
-class W2WEditXLPipeline(_W2WEditBase, StableDiffusionXLLoraLoaderMixin):
-    """Stable Diffusion XL with a weight-space LoRA editor (ImageGem's setting: SDXL, 30 steps, guidance 5).
-
-    Args:
-        vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler: The SDXL components.
-        weight_space: The `WeightSpace` of SDXL LoRAs.
-
-    Example:
-        ```python
-        >>> from diffusers import StableDiffusionXLPipeline
-        >>> from imagegem_hf.w2w import W2WEditXLPipeline, WeightSpace
-        >>> repo = "stabilityai/stable-diffusion-xl-base-1.0"
-        >>> xl = StableDiffusionXLPipeline.from_pretrained(repo)  # doctest: +SKIP
-        >>> names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
-        >>> pipe = W2WEditXLPipeline(**{k: xl.components[k] for k in names},
-        ...                          weight_space=WeightSpace.from_pretrained("me/w2w-sdxl"))  # doctest: +SKIP
-        ```
-    """
-
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-
-    def __init__(
-        self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, weight_space: WeightSpace
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-            weight_space=weight_space,
-        )
-
-    def _encode_prompt(self, pipe, prompt, negative_prompt, guidance):
-        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt,
-            device=pipe._execution_device,
-            do_classifier_free_guidance=guidance,
-            negative_prompt=negative_prompt,
-        )
-        call = {
-            "prompt_embeds": positive,
-            "negative_prompt_embeds": negative,
-            "pooled_prompt_embeds": pooled,
-            "negative_pooled_prompt_embeds": negative_pooled,
-        }
-        if guidance:
-            loop = {
-                "prompt_embeds": torch.cat([negative, positive]),
-                "add_text_embeds": torch.cat([negative_pooled, pooled]),
-            }
-        else:
-            loop = {"prompt_embeds": positive, "add_text_embeds": pooled}
-        return call, loop
-
-    def _generator_pipeline(self) -> StableDiffusionXLPipeline:
-        pipe = StableDiffusionXLPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer=self.tokenizer,
-            tokenizer_2=self.tokenizer_2,
-            unet=self.unet,
-            scheduler=self.scheduler,
-        )
-        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
-        return pipe
-
-
-def w2w_pipeline_from_base(
-    base_model: str, weight_space: WeightSpace, sdxl: bool = False
-) -> W2WEditPipeline | W2WEditXLPipeline:
-    """A W2W edit pipeline made of a base Stable Diffusion 1.5 (or, with `sdxl`, SDXL) model's components and a
-    weight space of the same base.
-
-    Example:
-        ```python
-        >>> space = WeightSpace.from_pretrained("me/w2w-sd15")  # doctest: +SKIP
-        >>> pipe = w2w_pipeline_from_base("stable-diffusion-v1-5/stable-diffusion-v1-5", space)  # doctest: +SKIP
-        ```
-    """
-    if sdxl:
-        base = StableDiffusionXLPipeline.from_pretrained(base_model)
-        names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
-        return W2WEditXLPipeline(**{k: base.components[k] for k in names}, weight_space=weight_space)
-    base = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
-    names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-    return W2WEditPipeline(**{k: base.components[k] for k in names}, weight_space=weight_space)
 
 
 def strengths_grid(low: float, high: float, count: int) -> list[float]:
