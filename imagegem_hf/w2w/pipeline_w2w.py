@@ -29,7 +29,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils import logging as diffusers_logging
-from diffusers.utils.dynamic_modules_utils import get_relative_imports
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from PIL import Image, ImageDraw
 
 EDIT_ADAPTER = "w2w_edit"
@@ -77,25 +77,6 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = N
     return grid
 
 
-def copy_module_code(module_file: str | os.PathLike, folder: str | os.PathLike) -> list[Path]:
-    """Copy a module file and, recursively, the sibling modules it imports relatively (`from .x import ...`) into
-    `folder`, the way diffusers copies them back when it loads the folder's code.
-
-    Returns:
-        The copied files.
-    """
-    source_dir, folder = Path(module_file).parent, Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    pending, copied = [Path(module_file).name], []
-    while pending:
-        name = pending.pop()
-        if any(path.name == name for path in copied):
-            continue
-        copied.append(Path(shutil.copyfile(source_dir / name, folder / name)))
-        pending += [f"{module}.py" for module in get_relative_imports(source_dir / name)]
-    return copied
-
-
 class W2WEditMixin:
     """What the SD 1.5 and SDXL editing pipelines share: edit, inject, denoise per strength, grid, and saving and
     loading with the pipeline's and the weight space's code beside the weights."""
@@ -115,11 +96,12 @@ class W2WEditMixin:
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-        pipeline_file = Path(inspect.getfile(type(self)))
-        copy_module_code(pipeline_file, folder)
-        index["_class_name"] = [pipeline_file.stem, type(self).__name__]
+        pipeline_file = inspect.getfile(type(self))
+        for code in [pipeline_file, *get_relative_import_files(pipeline_file)]:
+            shutil.copyfile(code, folder / Path(code).name)
+        index["_class_name"] = [Path(pipeline_file).stem, type(self).__name__]
+        # the weight space saves its own code beside its weights (`WeightSpace.save_pretrained`)
         space_file = Path(inspect.getfile(type(self.weight_space)))
-        copy_module_code(space_file, folder / "weight_space")
         index["weight_space"] = [space_file.stem, type(self.weight_space).__name__]
         (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

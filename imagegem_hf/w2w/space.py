@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -32,6 +34,7 @@ import scipy.linalg
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from tqdm.auto import tqdm
 
 from .lora_io import W2W_GAUGE_KEY, W2W_GAUGE_VECTOR, LoRA, LoRAModule, read_lora_header
@@ -400,13 +403,25 @@ class WeightSpace(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ hub
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = True, **kwargs: Any) -> None:
-        """Write `config.json`, `diffusion_pytorch_model.safetensors`, a model card `README.md` and its figure
-        `explained_variance.png` atomically."""
+        """Write `config.json` (with an `auto_map`), `diffusion_pytorch_model.safetensors`, this module's code and
+        the sibling modules it imports, a model card `README.md` and its figure `explained_variance.png`, atomically.
+
+        The code makes the folder loadable with diffusers alone:
+        `diffusers.AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True)`.
+        """
         kwargs.pop("safe_serialization", None)
         with _hub().atomic_directory(save_directory, overwrite=overwrite) as tmp:
             super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            module_file = inspect.getfile(type(self))
+            for code in [module_file, *get_relative_import_files(module_file)]:
+                shutil.copyfile(code, tmp / Path(code).name)
             self.plot_explained_variance(tmp / "explained_variance.png")
             (tmp / "README.md").write_text(self.model_card(), encoding="utf-8")
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        # `auto_map` (read by diffusers' AutoModel) says where the code is; it is no argument of the space
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> WeightSpace:
@@ -477,6 +492,10 @@ class WeightSpace(ModelMixin, ConfigMixin):
             top_variance=[round(float(v), 4) for v in ratio[:10]],
             explained=round(100 * float(ratio.sum()), 1),
         )
+
+
+# `save_pretrained` writes `auto_map` into config.json (the code is copied beside it)
+WeightSpace.register_for_auto_class("AutoModel")
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -1,6 +1,7 @@
 """A saved W2WEditPipeline loads with plain diffusers: `DiffusionPipeline.from_pretrained(folder,
 trust_remote_code=True)` in a process that cannot import imagegem_hf (the pipeline file and the WeightSpace code are
-saved in the folder), and gives the same edited weights and images as the in-process pipeline."""
+saved in the folder), and gives the same edited weights and images as the in-process pipeline; its weight space
+folder alone loads with `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ CALL = dict(prompt="a portrait", strengths=[-1.0, 0.0, 2.0], seed=0, num_inferen
 REMOTE_LOAD = """
 import json
 import numpy as np
-from diffusers import DiffusionPipeline
+from diffusers import AutoModel, DiffusionPipeline
 from diffusers.utils.dynamic_modules_utils import get_class_from_dynamic_module
 from safetensors.torch import save_file
 
@@ -41,6 +42,9 @@ np.save(f"{{root}}/remote_images.npy", np.stack([np.asarray(image) for image in 
 # the saved file defines exactly one pipeline, so it also loads as a custom_pipeline file without a class name
 found = get_class_from_dynamic_module(f"{{root}}/pipe", module_file="pipeline_w2w.py", trust_remote_code=True)
 assert found.__name__ == "W2WEditPipeline", found
+# the weight space folder alone loads with diffusers' AutoModel (its config.json has an auto_map)
+space = AutoModel.from_pretrained(f"{{root}}/pipe/weight_space", trust_remote_code=True)
+np.save(f"{{root}}/remote_projection.npy", space.project(f"{{root}}/user.safetensors"))
 """
 
 
@@ -59,6 +63,8 @@ def test_w2w_pipeline_loads_with_trust_remote_code_without_imagegem(tmp_path):
     assert index["_class_name"] == ["pipeline_w2w", "W2WEditPipeline"]
     assert index["weight_space"] == ["space", "WeightSpace"]
     assert SPACE_CODE == {p.name for p in (tmp_path / "pipe" / "weight_space").glob("*.py")}
+    space_config = json.loads((tmp_path / "pipe" / "weight_space" / "config.json").read_text())
+    assert space_config["auto_map"] == {"AutoModel": "space.WeightSpace"}
     saved_code = [tmp_path / "pipe" / "pipeline_w2w.py", *(tmp_path / "pipe" / "weight_space").glob("*.py")]
     assert not any(re.search(r"^\s*(from|import) imagegem_hf", p.read_text(), re.MULTILINE) for p in saved_code)
 
@@ -79,3 +85,5 @@ def test_w2w_pipeline_loads_with_trust_remote_code_without_imagegem(tmp_path):
     remote_images = np.load(tmp_path / "remote_images.npy")
     np.testing.assert_array_equal(remote_images, expected_images)
     assert len({image.tobytes() for image in expected_images}) == 3  # the strengths change the image
+    projection = space.project(tmp_path / "user.safetensors")
+    np.testing.assert_array_equal(np.load(tmp_path / "remote_projection.npy"), projection)
