@@ -4,7 +4,7 @@ Every artifact imagegem_hf writes is a Hub-shaped folder that its users load wit
 `AutoModel.from_pretrained`, `DiffusionPipeline.from_pretrained` and the like. `run_without_imagegem` runs a snippet
 in a new interpreter whose `sys.path` holds the environment's site-packages but not imagegem_hf (site customisation,
 and so the editable install's import hook, is skipped); `check_artifacts` runs one such process per artifact and
-`artifact_table` prints what the demo's summary ends with: artifact · folder · how to load it · loaded OK.
+`artifact_table` prints what the demo's summary ends with: artifact · folder · how to load it · card · loaded OK.
 """
 
 from __future__ import annotations
@@ -118,6 +118,9 @@ class Artifact:
     imports: str = ""
     check: str | None = None
 
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+
     def load_call(self) -> str:
         """The load call with the folder filled in."""
         return self.load.format(folder=repr(str(self.folder)))
@@ -154,7 +157,8 @@ def check_artifacts(
 
 
 def artifact_table(checks: Sequence[ArtifactCheck]) -> str:
-    """A markdown table: artifact · folder · how to load it · loaded OK in a fresh process (or the error's last line).
+    """A markdown table: artifact · folder · how to load it · card (README.md present) · loaded OK in a fresh process
+    (or the last line of the error).
 
     Example:
         ```python
@@ -163,9 +167,97 @@ def artifact_table(checks: Sequence[ArtifactCheck]) -> str:
         >>> print(artifact_table(check_artifacts([dataset])))  # doctest: +SKIP
         ```
     """
-    rows = ["| artifact | folder | how to load it | loaded in a fresh process |", "|---|---|---|---|"]
+    rows = [
+        "| artifact | folder | how to load it | card | loaded in a fresh process |",
+        "|---|---|---|---|---|",
+    ]
     for check in checks:
+        artifact = check.artifact
+        card = "README.md" if (artifact.folder / "README.md").is_file() else "missing"
         status = "OK" if check.result.ok else f"FAIL: {check.result.error}"
-        load = check.artifact.load_call().replace("|", "\\|")
-        rows.append(f"| {check.artifact.name} | {check.artifact.folder} | `{load}` | {status.replace('|', '/')} |")
+        load = artifact.load_call().replace("|", "\\|")
+        rows.append(f"| {artifact.name} | {artifact.folder} | `{load}` | {card} | {status.replace('|', '/')} |")
     return "\n".join(rows)
+
+
+def demo_artifacts(output_dir: str | os.PathLike, stages: Sequence[str] | None = None) -> list[Artifact]:
+    """The artifacts `imagegem demo` saves under `output_dir`, each with its plain Hugging Face load call.
+
+    Args:
+        output_dir: The demo's output folder (`demo_output/`).
+        stages: Only the artifacts of these demo stages (default: all).
+
+    Returns:
+        `Artifact`s: the dataset, a recommender, the VLM ranker, the DPO LoRA, the W2W space and pipeline, the
+        preference model.
+    """
+    from imagegem_hf.toy.pipeline import TOY_PIPELINE_PATH
+
+    out = Path(output_dir)
+    by_stage = {
+        "data": Artifact(
+            "dataset",
+            out / "dataset",
+            "load_dataset({folder}, 'images')",
+            check="""
+            from datasets import load_dataset
+            for config in ("images", "loras", "interactions", "preference_pairs"):
+                assert len(load_dataset(folder, config, split="train")) > 0, f"config {config} is empty"
+            """,
+        ),
+        "recsys": Artifact(
+            "recommender (SASRec)",
+            out / "recsys" / "sasrec",
+            "safetensors.numpy.load_file({folder} + '/model.safetensors')",
+            check="""
+            import json
+            from safetensors.numpy import load_file
+            state = load_file(folder + "/model.safetensors")
+            with open(folder + "/vocab.json") as handle:
+                items = json.load(handle)["item_ids"]
+            assert state and items, "no weights or no item vocabulary"
+            """,
+        ),
+        "ranker": Artifact(
+            "VLM ranker",
+            out / "ranker" / "ranker",
+            "AutoModelForImageTextToText.from_pretrained({folder}); AutoProcessor.from_pretrained({folder})",
+            imports="from transformers import AutoModelForImageTextToText, AutoProcessor",
+        ),
+        "dpo": Artifact(
+            "DPO LoRA",
+            out / "dpo" / "lora",
+            f"StableDiffusionPipeline.from_pretrained({str(TOY_PIPELINE_PATH)!r}).load_lora_weights({{folder}})",
+            check=f"""
+            from diffusers import StableDiffusionPipeline
+            pipe = StableDiffusionPipeline.from_pretrained({str(TOY_PIPELINE_PATH)!r})
+            pipe.load_lora_weights(folder)
+            assert pipe.get_list_adapters().get("unet"), "no LoRA adapter was loaded into the UNet"
+            """,
+        ),
+        "w2w": [
+            Artifact(
+                "W2W weight space",
+                out / "w2w" / "space",
+                "AutoModel.from_pretrained({folder}, trust_remote_code=True)",
+                imports="from diffusers import AutoModel",
+            ),
+            Artifact(
+                "W2W edit pipeline",
+                out / "w2w" / "pipeline",
+                "DiffusionPipeline.from_pretrained({folder}, trust_remote_code=True)",
+                imports="from diffusers import DiffusionPipeline",
+            ),
+        ],
+        "preference": Artifact(
+            "preference model",
+            out / "preference" / "stage2" / "model",
+            "AutoModel.from_pretrained({folder}, trust_remote_code=True)",
+            imports="from transformers import AutoModel",
+        ),
+    }
+    artifacts = []
+    for stage, entry in by_stage.items():
+        if stages is None or stage in stages:
+            artifacts += entry if isinstance(entry, list) else [entry]
+    return artifacts

@@ -77,6 +77,18 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = N
     return grid
 
 
+def _hub():
+    """imagegem_hf's Hub helpers (card templates), imported when a pipeline is saved: this file is also the
+    pipeline's Hub code, which loads and runs with diffusers alone."""
+    try:
+        return importlib.import_module("imagegem_hf.hub")
+    except ImportError as error:
+        raise ImportError(
+            "Saving a W2W pipeline writes its model card from imagegem_hf's templates; install imagegem_hf "
+            "(`pip install imagegem_hf`)."
+        ) from error
+
+
 class W2WEditMixin:
     """What the SD 1.5 and SDXL editing pipelines share: edit, inject, denoise per strength, grid, and saving and
     loading with the pipeline's and the weight space's code beside the weights."""
@@ -85,8 +97,8 @@ class W2WEditMixin:
         raise NotImplementedError
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save the components in diffusers' layout, plus this pipeline's code at the top of the folder and the
-        weight space's code in `weight_space/`, with `model_index.json` pointing at both, so that
+        """Save the components in diffusers' layout, this pipeline's code at the top of the folder and the weight
+        space's code in `weight_space/`, with `model_index.json` pointing at both, and a model card, so that
         `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` loads it with diffusers alone.
 
         Args:
@@ -104,6 +116,15 @@ class W2WEditMixin:
         space_file = Path(inspect.getfile(type(self.weight_space)))
         index["weight_space"] = [space_file.stem, type(self.weight_space).__name__]
         (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        card = _hub().render_card(
+            "w2w_pipeline_card.md",
+            pipeline_class=type(self).__name__,
+            pipeline_file=Path(pipeline_file).name,
+            n_models=self.weight_space.config.n_models,
+            n_components=self.weight_space.n_components,
+            vector_length=self.weight_space.vector_length,
+        )
+        (folder / "README.md").write_text(card, encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **components: Any):

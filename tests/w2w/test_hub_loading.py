@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from imagegem_hf.artifacts import run_without_imagegem
@@ -63,6 +64,9 @@ def test_w2w_pipeline_loads_with_trust_remote_code_without_imagegem(tmp_path):
     assert index["_class_name"] == ["pipeline_w2w", "W2WEditPipeline"]
     assert index["weight_space"] == ["space", "WeightSpace"]
     assert SPACE_CODE == {p.name for p in (tmp_path / "pipe" / "weight_space").glob("*.py")}
+    card = ModelCard.load(tmp_path / "pipe" / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert "trust_remote_code=True" in card.text
     space_config = json.loads((tmp_path / "pipe" / "weight_space" / "config.json").read_text())
     assert space_config["auto_map"] == {"AutoModel": "space.WeightSpace"}
     saved_code = [tmp_path / "pipe" / "pipeline_w2w.py", *(tmp_path / "pipe" / "weight_space").glob("*.py")]
