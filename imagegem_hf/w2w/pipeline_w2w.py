@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +104,11 @@ class W2WEditMixin:
 
         Args:
             save_directory: The folder (laid out like the Hub repo).
-            **kwargs: Passed to `DiffusionPipeline.save_pretrained`.
+            **kwargs: Passed to `DiffusionPipeline.save_pretrained`; with `push_to_hub=True` the complete folder
+                (code and card included) is uploaded to `repo_id` (default: the folder's name).
         """
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message") if k in kwargs}
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
@@ -125,6 +129,27 @@ class W2WEditMixin:
             vector_length=self.weight_space.vector_length,
         )
         (folder / "README.md").write_text(card, encoding="utf-8")
+        if push_to_hub:
+            self.push_to_hub(hub_kwargs.pop("repo_id", folder.name), **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str | None = None,
+        **_: Any,
+    ) -> str:
+        """Save the pipeline (code and card included) to a temporary folder and upload it to `repo_id`.
+
+        Returns:
+            The URL of the commit.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(Path(tmp) / "pipeline")
+            return _hub().push_folder(
+                Path(tmp) / "pipeline", repo_id, private=private, commit_message=commit_message, token=token
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **components: Any):

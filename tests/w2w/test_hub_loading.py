@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
+import huggingface_hub
 import numpy as np
 import torch
 from huggingface_hub import ModelCard
@@ -49,7 +51,7 @@ np.save(f"{{root}}/remote_projection.npy", space.project(f"{{root}}/user.safeten
 """
 
 
-def test_w2w_pipeline_loads_with_trust_remote_code_without_imagegem(tmp_path):
+def test_w2w_pipeline_loads_with_trust_remote_code_without_imagegem(tmp_path, monkeypatch):
     sd = tiny_sd_pipeline(seed=0)
     loras, labels, _ = synthetic_loras(lora_target_shapes(sd.unet, ATTENTION_TARGETS), n=12, seed=2)
     space = WeightSpace.build(loras, n_components=5, show_progress=False)
@@ -91,3 +93,23 @@ def test_w2w_pipeline_loads_with_trust_remote_code_without_imagegem(tmp_path):
     assert len({image.tobytes() for image in expected_images}) == 3  # the strengths change the image
     projection = space.project(tmp_path / "user.safetensors")
     np.testing.assert_array_equal(np.load(tmp_path / "remote_projection.npy"), projection)
+
+    # push_to_hub uploads the same complete folder (code and card included)
+    class FakeHub:  # "uploads" by copying the folder
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, repo_type, private, exist_ok):
+            pass
+
+        def upload_folder(self, folder_path, repo_id, repo_type, commit_message, ignore_patterns=()):
+            shutil.copytree(folder_path, tmp_path / "hub" / repo_id, ignore=shutil.ignore_patterns(*ignore_patterns))
+            return f"https://huggingface.co/{repo_id}/commit/1"
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    assert pipe.push_to_hub("me/w2w") == "https://huggingface.co/me/w2w/commit/1"
+    pushed = tmp_path / "hub" / "me/w2w"
+    assert json.loads((pushed / "model_index.json").read_text()) == index
+    assert (pushed / "pipeline_w2w.py").is_file() and (pushed / "weight_space" / "space.py").is_file()
+    assert ModelCard.load(pushed / "README.md").data.library_name == "diffusers"
