@@ -21,14 +21,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-# first lines of every snippet: refuse to run where imagegem_hf is importable (the check would prove nothing)
+# first lines of every snippet: the libraries on sys.path; a copy of imagegem_hf installed into site-packages itself
+# (not an editable install, whose import hook `-S` already skips) is made unimportable
 _PRELUDE = """\
 import importlib.util
 import sys
 
 sys.path[:0] = {paths!r}
 if importlib.util.find_spec("imagegem_hf") is not None:
-    raise RuntimeError("imagegem_hf is importable here, so this is no check of plain Hugging Face loading")
+    sys.modules["imagegem_hf"] = None
 """
 
 
@@ -58,8 +59,8 @@ def run_without_imagegem(code: str, timeout: float = 180.0, env: dict[str, str] 
 
     The interpreter runs with `-S -E` (no `site` module, so no `.pth` import hooks such as an editable install's,
     and no `PYTHONPATH`) in an empty working directory, with this environment's site-packages on `sys.path`, the
-    Hub offline and a private `HF_MODULES_CACHE` (where transformers and diffusers copy remote code). It first
-    checks that `imagegem_hf` is not importable.
+    Hub offline and a private `HF_MODULES_CACHE` (where transformers and diffusers copy remote code). A copy of
+    imagegem_hf installed into site-packages itself is made unimportable (`sys.modules["imagegem_hf"] = None`).
 
     Args:
         code: The snippet (dedented before it runs).
@@ -78,8 +79,7 @@ def run_without_imagegem(code: str, timeout: float = 180.0, env: dict[str, str] 
     """
     script = _PRELUDE.format(paths=library_paths()) + textwrap.dedent(code)
     with tempfile.TemporaryDirectory(prefix="fresh_process_") as scratch:
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        child_env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(Path(scratch) / "modules")}
+        child_env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(Path(scratch) / "modules")}
         child_env |= env or {}
         try:
             done = subprocess.run(
@@ -91,7 +91,7 @@ def run_without_imagegem(code: str, timeout: float = 180.0, env: dict[str, str] 
                 timeout=timeout,
             )
         except subprocess.TimeoutExpired as expired:
-            output = (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else expired.stdout or ""
+            output = expired.stdout.decode() if isinstance(expired.stdout, bytes) else expired.stdout or ""
             return FreshProcessResult(False, output, f"timed out after {timeout:g} s")
     output = done.stdout + done.stderr
     lines = [line.strip() for line in output.splitlines() if line.strip()]

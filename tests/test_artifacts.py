@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from imagegem_hf.artifacts import Artifact, artifact_table, check_artifacts, demo_artifacts
+from imagegem_hf.artifacts import Artifact, artifact_table, check_artifacts, demo_artifacts, run_without_imagegem
 from imagegem_hf.w2w import WeightSpace
 
 LOAD = "AutoModel.from_pretrained({folder}, trust_remote_code=True)"
@@ -66,3 +66,8 @@ def test_demo_artifacts_cover_every_kind(tmp_path):
         "W2W edit pipeline",
     ]
     assert all(str(artifact.folder).startswith(str(tmp_path)) for artifact in demo_artifacts(tmp_path))
+
+
+def test_fresh_process_cannot_import_imagegem():
+    result = run_without_imagegem("import imagegem_hf")
+    assert not result.ok and result.error == "ModuleNotFoundError: No module named 'imagegem_hf'"

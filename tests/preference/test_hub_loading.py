@@ -77,8 +77,3 @@ def test_preference_model_loads_with_trust_remote_code_without_imagegem(tmp_path
     for name, logits in expected.items():
         remote = load_file(tmp_path / f"{name}_remote_logits.safetensors")["logits"]
         torch.testing.assert_close(remote, logits, atol=0, rtol=0)
-
-
-def test_fresh_process_cannot_import_imagegem():
-    result = run_without_imagegem("import imagegem_hf")
-    assert not result.ok and result.error == "ModuleNotFoundError: No module named 'imagegem_hf'"
