@@ -30,7 +30,12 @@ def test_artifact_table_loads_each_folder_in_a_fresh_process(tmp_path):
     (tmp_path / "broken" / "config.json").write_text(json.dumps(config))
     artifacts = [
         Artifact("space", tmp_path / "space", LOAD, check=PROJECT),
-        Artifact("broken space", tmp_path / "broken", LOAD, imports="from diffusers import AutoModel"),
+        Artifact(
+            "broken space",
+            tmp_path / "broken",
+            "json.load(open({folder} + '/config.json'))['auto_map']",
+            "import json",
+        ),
         Artifact("never saved", tmp_path / "missing", LOAD, imports="from diffusers import AutoModel"),
     ]
     checks = check_artifacts(artifacts, show_progress=False)
@@ -38,7 +43,7 @@ def test_artifact_table_loads_each_folder_in_a_fresh_process(tmp_path):
     # ((θ − μ) / σ) · Vᵀ with μ = 1, σ = 1, written out
     expected = (np.arange(8, dtype=np.float32) - 1.0) @ np.arange(16, dtype=np.float32).reshape(2, 8).T
     np.testing.assert_allclose(np.load(tmp_path / "space" / "projection.npy"), expected)
-    assert "does not appear to have any custom code" in checks[1].result.error
+    assert checks[1].result.error == "KeyError: 'auto_map'"
 
     lines = artifact_table(checks).splitlines()
     assert lines[0] == "| artifact | folder | how to load it | card | loaded in a fresh process |"
