@@ -6,51 +6,47 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from imagegem_hf.artifacts import Artifact, artifact_table, check_artifacts, demo_artifacts, run_without_imagegem
-from imagegem_hf.w2w import WeightSpace
 
-LOAD = "AutoModel.from_pretrained({folder}, trust_remote_code=True)"
-PROJECT = """
+LOAD = "safetensors.numpy.load_file({folder} + '/model.safetensors')"
+CHECK = """
 import numpy as np
-from diffusers import AutoModel
-space = AutoModel.from_pretrained(folder, trust_remote_code=True)
-np.save(folder + "/projection.npy", space.project(np.arange(8, dtype=np.float32)))
+from safetensors.numpy import load_file
+state = load_file(folder + "/model.safetensors")
+np.save(folder + "/loaded.npy", state["weight"] @ state["bias"])
 """
 
 
 def test_artifact_table_loads_each_folder_in_a_fresh_process(tmp_path):
-    space = WeightSpace(module_names=["unet.a", "unet.b"], module_shapes=[[2, 2], [1, 3]], n_components=2)
-    space.mean.copy_(space.mean + 1.0)
-    space.components.copy_(space.components.new_tensor(np.arange(16, dtype=np.float32).reshape(2, 8)))
-    space.save_pretrained(tmp_path / "space")
-    space.save_pretrained(tmp_path / "broken")  # the control: its config no longer says where the code is
-    config = json.loads((tmp_path / "broken" / "config.json").read_text())
-    del config["auto_map"]
-    (tmp_path / "broken" / "config.json").write_text(json.dumps(config))
+    weight, bias = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1.0, -1.0, 0.5], dtype=np.float32)
+    for name in ("model", "broken"):
+        (tmp_path / name).mkdir()
+        save_file({"weight": weight, "bias": bias}, tmp_path / name / "model.safetensors")
+    (tmp_path / "model" / "README.md").write_text("---\nlibrary_name: safetensors\n---\n# model\n")
+    (tmp_path / "broken" / "config.json").write_text(json.dumps({"model_type": "x"}))  # the control: no auto_map
     artifacts = [
-        Artifact("space", tmp_path / "space", LOAD, check=PROJECT),
+        Artifact("model", tmp_path / "model", LOAD, check=CHECK),
         Artifact(
-            "broken space",
-            tmp_path / "broken",
-            "json.load(open({folder} + '/config.json'))['auto_map']",
-            "import json",
+            "broken", tmp_path / "broken", "json.load(open({folder} + '/config.json'))['auto_map']", "import json"
         ),
-        Artifact("never saved", tmp_path / "missing", LOAD, imports="from diffusers import AutoModel"),
+        Artifact("never saved", tmp_path / "missing", LOAD, imports="import safetensors.numpy"),
     ]
     checks = check_artifacts(artifacts, show_progress=False)
     assert [check.result.ok for check in checks] == [True, False, False]
-    # ((θ − μ) / σ) · Vᵀ with μ = 1, σ = 1, written out
-    expected = (np.arange(8, dtype=np.float32) - 1.0) @ np.arange(16, dtype=np.float32).reshape(2, 8).T
-    np.testing.assert_allclose(np.load(tmp_path / "space" / "projection.npy"), expected)
+    np.testing.assert_array_equal(np.load(tmp_path / "model" / "loaded.npy"), [0 - 1 + 1.0, 3 - 4 + 2.5])
     assert checks[1].result.error == "KeyError: 'auto_map'"
 
     lines = artifact_table(checks).splitlines()
     assert lines[0] == "| artifact | folder | how to load it | card | loaded in a fresh process |"
-    folder = tmp_path / "space"
-    load = f"AutoModel.from_pretrained('{folder}', trust_remote_code=True)"
-    assert lines[2] == f"| space | {folder} | `{load}` | README.md | OK |"
-    assert lines[3].startswith("| broken space |") and "| FAIL: " in lines[3]
+    model, broken = tmp_path / "model", tmp_path / "broken"
+    assert (
+        lines[2]
+        == f"| model | {model} | `safetensors.numpy.load_file('{model}' + '/model.safetensors')` | README.md | OK |"
+    )
+    load_broken = f"json.load(open('{broken}' + '/config.json'))['auto_map']"
+    assert lines[3] == f"| broken | {broken} | `{load_broken}` | missing | FAIL: KeyError: 'auto_map' |"
     assert lines[4].endswith(f"| missing | FAIL: {tmp_path / 'missing'} does not exist |")
 
 
