@@ -10,6 +10,9 @@ code set the whole mask to ones); position ids are computed from that mask, so a
 logits as the same row unpadded. Qwen2-VL's 3-D rotary positions are those of its `get_rope_index`, shifted past the
 prototypes. Backbones whose positions or masks cannot be laid out around the prototypes raise `NotImplementedError`
 (`check_backbone_supported`).
+
+This file and `configuration_preference_prototype.py` are also the model's Hub code: `save_pretrained` copies both
+beside the weights (with an `auto_map` in `config.json`), so they import only the libraries and each other.
 """
 
 from __future__ import annotations
