@@ -32,4 +32,5 @@ def run_demo(context) -> list[str]:
         )
         print("Stability: " + ", ".join(f"{k} {v:.3f}" for k, v in report.stability.items()))
         lines += [f"{item_type} re-ranking {k} → {v}" for k, v in report.save(out, f"{item_type}_rerank").items()]
+    lines.append(f"ranker (config, templates, VLM weights) → {pipeline.save_pretrained(out / 'ranker')}")
     return lines
