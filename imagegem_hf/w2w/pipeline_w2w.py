@@ -129,12 +129,19 @@ class W2WEditMixin:
         space_file = Path(inspect.getfile(type(self.weight_space)))
         index["weight_space"] = [space_file.stem, type(self.weight_space).__name__]
         (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (folder / "README.md").write_text(self.model_card(), encoding="utf-8")
+        if push_to_hub:
+            self.push_to_hub(hub_kwargs.pop("repo_id", folder.name), **hub_kwargs)
+
+    def model_card(self) -> str:
+        """The pipeline's card: `base_model` (the base pipeline's repo id), `library_name: diffusers`, the base's
+        license, text-to-image tags and a usage snippet for the saved folder."""
         hub = _hub()
         base_path = self.config.get("base_model")
-        card = hub.render_card(
+        return hub.render_card(
             "w2w_pipeline_card.md",
             pipeline_class=type(self).__name__,
-            pipeline_file=Path(pipeline_file).name,
+            pipeline_file=Path(inspect.getfile(type(self))).name,
             base_model=hub.hub_repo_id(base_path),
             base_path=base_path,
             license=hub.card_license(base_path),
@@ -143,9 +150,6 @@ class W2WEditMixin:
             n_components=self.weight_space.n_components,
             vector_length=self.weight_space.vector_length,
         )
-        (folder / "README.md").write_text(card, encoding="utf-8")
-        if push_to_hub:
-            self.push_to_hub(hub_kwargs.pop("repo_id", folder.name), **hub_kwargs)
 
     def push_to_hub(
         self,
