@@ -5,7 +5,8 @@ attributes) with a popularity. Items and users belong to communities. A user has
 attributes and picks items one after another, without repeats, with probability
 `∝ exp(taste_strength · w·a + community_bonus · [same community] + popularity)`: collaborative filtering learns the
 communities and the popular items from co-occurrences (and some of the taste), but the taste itself is visual, so a
-VLM that reads the user's latest images can re-rank the CF candidates better. The last pick is the test item (leave-one-last).
+VLM that reads the user's latest images can re-rank the CF candidates better. The last pick is the test item
+(leave-one-last).
 
 `table7` runs CF retrieval (any `imagegem_hf.recsys` model) → top-M → VLM re-ranking with the latest H items
 through `rerank_and_evaluate`, plus the control in which each user's profile is written from another user's history.

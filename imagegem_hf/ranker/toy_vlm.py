@@ -190,8 +190,12 @@ class ToyRankerVLMConfig:
     )
     train_steps: int = field(default=1500, metadata={"help": "Training steps (captioning and ranking batches)."})
     batch_size: int = field(default=24, metadata={"help": "Conversations per step."})
-    caption_fraction: float = field(default=0.25, metadata={"help": "Share of the steps that train captioning (the others: ranking)."})
-    learning_rate: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate (5% warmup, cosine decay)."})
+    caption_fraction: float = field(
+        default=0.25, metadata={"help": "Share of the steps that train captioning (the others: ranking)."}
+    )
+    learning_rate: float = field(
+        default=3e-3, metadata={"help": "Peak AdamW learning rate (5% warmup, cosine decay)."}
+    )
     taste_concentration: float = field(
         default=0.5, metadata={"help": "Dirichlet α of the tastes that draw the training histories."}
     )
@@ -221,8 +225,10 @@ def toy_ranker_tokenizer(templates: RankerTemplates | None = None):
     markers, the image templates and the pipeline's fixed phrases, the JSON syntax of the answers, the
     explanations, the profile fields, attribute words and counts, and the integers 0–999.
 
-    Every answer object is then six tokens (`id`, `, "similarity_score": `, score, `, "explanation": "`,
-    explanation, `"}, {"image_id": ` or `"}]`), so the model finds an object's candidate at fixed offsets."""
+    Every answer object is then five tokens (`id`, `, "similarity_score": `, score, `, "explanation": "` with the
+    explanation, and `"}, {"image_id": ` or `"}]`), as long as a candidate's part of the prompt (`image_id: `, id,
+    `. `, `<image>`) plus one: the token that asks for the next id has the previous id four tokens back, as the next
+    id has in the prompt, so one attention pattern finds it."""
     from imagegem_hf.testing import tiny_vlm_tokenizer
 
     templates = templates or RankerTemplates()
@@ -240,10 +246,9 @@ def toy_ranker_tokenizer(templates: RankerTemplates | None = None):
             "\n\n",
             '[{"image_id": ',
             ', "similarity_score": ',
-            ', "explanation": "',
+            *(f', "explanation": "{phrase}' for phrase in explanation_phrases()),
             '"}, {"image_id": ',
             '"}]',
-            *explanation_phrases(),
             *(title for title, _ in PROFILE_FIELDS),
             "\n",
             *(f" {w}" for w in words),
@@ -462,7 +467,8 @@ def pretrained_toy_ranker_vlm(
     Example:
         ```python
         >>> from imagegem_hf.ranker import VLMRankerPipeline
-        >>> ranker = VLMRankerPipeline.from_pretrained(pretrained_toy_ranker_vlm(), max_new_tokens=128)  # doctest: +SKIP
+        >>> folder = pretrained_toy_ranker_vlm()  # doctest: +SKIP
+        >>> ranker = VLMRankerPipeline.from_pretrained(folder, max_new_tokens=128)  # doctest: +SKIP
         ```
     """
     config = config or ToyRankerVLMConfig()
@@ -493,8 +499,8 @@ def evaluate_toy_ranker_vlm(
 ) -> dict[str, float]:
     """How well the toy VLM answers through `VLMRankerPipeline` (greedy) on fresh images.
 
-    Each of `n_users` fresh users gets a history of `history_size` images and `k` candidates: the VLM captions the history,
-    then scores the candidates in one trial against its own profile.
+    Each of `n_users` fresh users gets a history of `history_size` images and `k` candidates: the VLM captions the
+    history, then scores the candidates in one trial against its own profile.
 
     Returns:
         `profile_exact` (share of profiles equal to the true one), `parse_rate` (share of candidates that got a

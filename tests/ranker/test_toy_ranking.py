@@ -60,7 +60,10 @@ def test_randomized_scoring_stabilises_a_position_biased_noisy_scorer():
     requests, relevance = _requests()
     scorer = PositionBiasedScorer(relevance, position_bias=3.0, noise_std=6.0)
     stable = {}
-    for name, overrides in {"randomized": dict(k_subset=5, n_trials=4), "single": dict(k_subset=10, n_trials=1)}.items():
+    for name, overrides in {
+        "randomized": dict(k_subset=5, n_trials=4),
+        "single": dict(k_subset=10, n_trials=1),
+    }.items():
         pipeline = VLMRankerPipeline(backend=scorer, config=RankerConfig(temperature=1.0, **overrides))
         stable[name] = rank_stability(pipeline, requests, seeds=list(range(5)))
     assert stable["randomized"]["unscored_fraction"] == stable["single"]["unscored_fraction"] == 0
