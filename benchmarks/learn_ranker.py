@@ -109,7 +109,23 @@ def main(argv=None) -> list[Result]:
         cf = rank_metrics(list(result.reports[name].cf_ranks.values()))
         vlm = rank_metrics(list(result.reports[name].vlm_ranks.values()))
         control = rank_metrics(list(result.controls[name].vlm_ranks.values()))
+        truth = rank_metrics(list(result.ground_truth[name].values()))
+        truth_control = rank_metrics(list(result.ground_truth_controls[name].values()))
         results += [
+            Result(
+                f"table7_{name}_true_agreement_ndcg@5",
+                truth["ndcg@5"],
+                cf["ndcg@5"],
+                ">=baseline+0.05 (the toy world's headroom)",
+                truth["ndcg@5"] >= cf["ndcg@5"] + 0.05,
+            ),
+            Result(
+                f"table7_{name}_true_agreement_other_history_ndcg@5",
+                truth_control["ndcg@5"],
+                cf["ndcg@5"],
+                "<=baseline",
+                truth_control["ndcg@5"] <= cf["ndcg@5"],
+            ),
             Result(
                 f"table7_{name}_ndcg@5",
                 vlm["ndcg@5"],

@@ -155,15 +155,33 @@ def other_users_histories(payload: Mapping[str, Any], seed: int = 0) -> dict[str
     return {**payload, "histories": {u: payload["histories"][donor[u]] for u in users}}
 
 
+def ground_truth_ranks(
+    world: ToyRankingWorld, payload: Mapping[str, Any], users: list[str], top_m: int = 10, history_size: int = 5
+) -> dict[str, int]:
+    """The test item's rank after re-ranking the CF top-M by the toy VLM's training target computed on the true
+    attributes (`ToyProfile` agreement with the latest `history_size` items; ties keep the CF order): the ceiling
+    of a toy VLM that answers perfectly."""
+    ranks = {}
+    for user in users:
+        candidates = list(payload["rankings"][user])[:top_m]
+        profile = ToyProfile.of(world.attributes[list(payload["histories"][user])[-history_size:]])
+        scores = [profile.score(world.attributes[int(c)]) for c in candidates]
+        order = sorted(range(len(candidates)), key=lambda i: (-scores[i], i))
+        ranks[user] = order.index(candidates.index(payload["targets"][user])) + 1
+    return ranks
+
+
 @dataclass
 class Table7:
     """Table 7 in miniature: per CF model, the VLM re-ranking report, the other-user-history control and the CF
-    payload (top-M candidates, histories, test items) they were computed from."""
+    payload (top-M candidates, histories, test items) they were computed from, and the true-agreement ceiling."""
 
     reports: dict[str, TwoStageReport]
     controls: dict[str, TwoStageReport]
     parse_rate: float
     payloads: dict[str, dict[str, Any]]
+    ground_truth: dict[str, dict[str, int]]
+    ground_truth_controls: dict[str, dict[str, int]]
 
     def table(self, k: int = 5) -> str:
         """One markdown table: CF, CF → VLM and CF → VLM with another user's history, per CF model."""
@@ -175,6 +193,8 @@ class Table7:
                 (name, report.cf_ranks),
                 (f"{name} → toy VLM", report.vlm_ranks),
                 (f"{name} → toy VLM, other user's history", self.controls[name].vlm_ranks),
+                (f"{name} → true agreement (ceiling)", self.ground_truth[name]),
+                (f"{name} → true agreement, other user's history", self.ground_truth_controls[name]),
             )
             for label, ranks in rows:
                 m = rank_metrics(list(ranks.values()), k)
@@ -209,15 +229,17 @@ def table7(
 
     Returns:
         A [`Table7`] with the reports, the controls, the share of candidates the VLM scored (parse rate) and the
-        CF payloads.
+        CF payloads, and the ranks under the true-attribute agreement (with the user's and with another user's
+        history).
     """
     result = evaluate_models(world.interaction_data(), dict(cf_models), ks=(top_m,))
-    reports, controls, payloads, scored = {}, {}, {}, []
+    reports, controls, payloads, scored, truth, truth_controls = {}, {}, {}, [], {}, {}
     for name in cf_models:
         payload = candidates_payload(result, name, top_m=top_m, history=history_size)
         payload["model_name"] = name
         payloads[name] = payload
-        for runs, data in ((reports, payload), (controls, other_users_histories(payload, seed))):
+        control = other_users_histories(payload, seed)
+        for runs, data in ((reports, payload), (controls, control)):
             runs[name] = rerank_and_evaluate(
                 data,
                 make_pipeline(),
@@ -230,7 +252,10 @@ def table7(
                 show_progress=show_progress,
             )
             scored.append(1.0 - runs[name].stability["unscored_fraction"])
-    return Table7(reports, controls, float(np.mean(scored)), payloads)
+        users = list(reports[name].cf_ranks)
+        truth[name] = ground_truth_ranks(world, payload, users, top_m, history_size)
+        truth_controls[name] = ground_truth_ranks(world, control, users, top_m, history_size)
+    return Table7(reports, controls, float(np.mean(scored)), payloads, truth, truth_controls)
 
 
 _CANDIDATE_LABEL = re.compile(r"(?:image_id|version_id): (.*?)\.(?: |$)")

@@ -177,7 +177,7 @@ class ToyRankerVLMConfig:
 
     image_size: int = field(default=16, metadata={"help": "Image side; one patch of this size per image."})
     vision_hidden_size: int = field(default=48, metadata={"help": "Width of the CLIP vision tower (2 layers)."})
-    text_hidden_size: int = field(default=96, metadata={"help": "Width of the Llama language model."})
+    text_hidden_size: int = field(default=64, metadata={"help": "Width of the Llama language model."})
     text_layers: int = field(default=4, metadata={"help": "Layers of the language model."})
     text_heads: int = field(
         default=2, metadata={"help": "Attention heads of the language model (wide heads tell the 1,000 ids apart)."}
@@ -189,12 +189,12 @@ class ToyRankerVLMConfig:
         default=10, metadata={"help": "Ranking prompts show 1 to this many candidates (single-pass scoring of M)."}
     )
     train_steps: int = field(default=1500, metadata={"help": "Training steps (captioning and ranking batches)."})
-    batch_size: int = field(default=24, metadata={"help": "Conversations per step."})
+    batch_size: int = field(default=16, metadata={"help": "Conversations per step."})
     caption_fraction: float = field(
         default=0.25, metadata={"help": "Share of the steps that train captioning (the others: ranking)."}
     )
     learning_rate: float = field(
-        default=3e-3, metadata={"help": "Peak AdamW learning rate (5% warmup, cosine decay)."}
+        default=1.5e-3, metadata={"help": "Peak AdamW learning rate (5% warmup, cosine decay)."}
     )
     taste_concentration: float = field(
         default=0.5, metadata={"help": "Dirichlet α of the tastes that draw the training histories."}
