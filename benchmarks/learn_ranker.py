@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=4, help="Randomized trials per user (T).")
     parser.add_argument("--seeds", type=int, default=5, help="Scoring seeds of the stability study.")
     parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature of the stability study.")
+    parser.add_argument("--max-users", type=int, default=None, help="Eligible users re-ranked per CF model.")
     parser.add_argument("--stability-users", type=int, default=24, help="Users of the stability study.")
     parser.add_argument("--cache-dir", default=None, help="Cache of the trained toy VLM (default: $HF_HOME).")
     parser.add_argument("--output-dir", default=None, help="Also write the tables and results as JSON here.")
@@ -81,6 +82,7 @@ def main(argv=None) -> list[Result]:
     world_config = ToyRankingWorldConfig()
     if args.small:
         world_config = replace(world_config, n_users=360)
+        args.stability_users = min(args.stability_users, 12)
     vlm_config = ToyRankerVLMConfig()
 
     start_cpu = time.process_time()
@@ -99,7 +101,8 @@ def main(argv=None) -> list[Result]:
 
     world = toy_ranking_world(world_config)
     cf_models = {"ItemKNN": ItemKNN(), "SASRec": SASRec(dim=32, max_len=20, seed=0)}
-    result = table7(world, make_pipeline, cf_models, top_m=args.top_m, history_size=args.history)
+    max_users = args.max_users or (40 if args.small else None)
+    result = table7(world, make_pipeline, cf_models, top_m=args.top_m, history_size=args.history, max_users=max_users)
     print("\nTable 7 in miniature (users whose test item is in the CF top-M):\n" + result.table())
 
     results = [
