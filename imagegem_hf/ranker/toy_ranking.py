@@ -357,6 +357,10 @@ def toy_profile_relevance(world: ToyRankingWorld) -> Callable[[str, str], float]
     return relevance
 
 
+def _score_label(scored: Mapping[str, Any]) -> str:
+    return f"score {scored['score']:.0f}" if scored["trials"] else "unscored (CF order)"
+
+
 def plot_reranking(
     world: ToyRankingWorld, payload: Mapping[str, Any], report: TwoStageReport, user: str, path, top_m: int = 10
 ):
@@ -390,7 +394,7 @@ def plot_reranking(
         (f"CF top-{top_m} ({payload.get('model_name', 'CF')})", [(i, f"CF #{r + 1}") for r, i in enumerate(cf)]),
         (
             "toy VLM order",
-            [(s["item_id"], f"#{r + 1} score {s['score']:.0f}\n{s['explanation']}") for r, s in enumerate(vlm)],
+            [(s["item_id"], f"#{r + 1} {_score_label(s)}\n{s['explanation']}") for r, s in enumerate(vlm)],
         ),
     )
     for row, (title, items) in enumerate(rows):
