@@ -2,7 +2,8 @@
 
 The toy VLM (`imagegem_hf.ranker.toy_vlm`, trained on first use and cached) reads the toy world's images, so this
 stage re-ranks the toy world's ItemKNN candidates, not the sample dataset's (whose items have no pixels); the
-README shows the commands for a real VLM on a real dataset.
+README shows the commands for a real VLM on a real dataset. The figure shows one user's history, the CF top-M and
+the VLM order with each score and first explanation (candidates the VLM did not score keep their CF order).
 """
 
 from __future__ import annotations
