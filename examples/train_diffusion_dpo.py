@@ -38,6 +38,7 @@ class ScriptArguments:
 
 def main() -> None:
     script_args, args = HfArgumentParser((ScriptArguments, DiffusionDPOConfig)).parse_args_into_dataclasses()
+    args.dataset_name = args.dataset_name or script_args.dataset  # the card's `datasets` (when a Hub id)
     pipeline = DiffusionPipeline.from_pretrained(script_args.pretrained_model)
     pairs = load_dataset(
         script_args.dataset, script_args.dataset_config, split=script_args.split, streaming=script_args.streaming

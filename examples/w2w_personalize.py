@@ -27,8 +27,8 @@ from imagegem_hf.w2w import (
     preference_labels,
     save_lora,
     style_labels,
+    w2w_pipeline_from_base,
 )
-from imagegem_hf.w2w.pipeline_w2w import w2w_pipeline_from_base
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

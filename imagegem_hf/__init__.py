@@ -6,12 +6,11 @@ recommenders) does not import torch-heavy others (diffusers pipelines, VLMs).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from imagegem_hf._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_LAZY: dict[str, str] = {
+_EXPORTS: dict[str, str] = {
     # hub and data
     "resolve": "imagegem_hf.hub",
     "features_for": "imagegem_hf.data.schema",
@@ -61,16 +60,4 @@ _LAZY: dict[str, str] = {
     "PreferencePrototypeTrainingConfig": "imagegem_hf.preference",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'imagegem_hf' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -2,7 +2,8 @@
 
 Stages run in order; each one lives next to the code it shows (`<area>/demo.py: run_demo(context)`) and
 returns summary lines (what was produced, where). Later stages read what earlier ones wrote (the built
-dataset, the recommendation subsets) from `context`.
+dataset, the recommendation subsets) from `context`. The summary ends with a table of the saved artifacts, each
+loaded with its plain Hugging Face call in a fresh process (`imagegem_hf.artifacts`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from imagegem_hf.artifacts import artifact_table, check_artifacts, demo_artifacts
 
 # (stage name, module with `run_demo(context) -> list[str]`)
 STAGES: tuple[tuple[str, str], ...] = (
@@ -81,6 +84,10 @@ def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, users: int =
         print(f"[{name}]")
         for line in lines:
             print(f"  {line}")
+    table = artifact_table(check_artifacts(demo_artifacts(context.output_dir, stages=list(summary))))
+    (context.output_dir / "artifacts.md").write_text(table + "\n", encoding="utf-8")
+    print("\n=== artifacts, loaded with the plain Hugging Face libraries in fresh processes without imagegem_hf ===")
+    print(table)
     return summary
 
 

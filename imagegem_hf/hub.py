@@ -20,7 +20,17 @@ from typing import Any
 
 import jinja2
 
-MODEL_CARDS_DIR = Path(__file__).parent / "model_cards"
+
+def _model_cards_dir() -> Path:
+    """The card templates: `imagegem_hf/model_cards/` in an installed package (the build copies them there), the
+    repository's top-level `model_cards/` in a source checkout or an editable install."""
+    installed = Path(__file__).parent / "model_cards"
+    return installed if installed.is_dir() else Path(__file__).parent.parent / "model_cards"
+
+
+MODEL_CARDS_DIR = _model_cards_dir()
+PLACEHOLDER_REPO = "<this repo or folder>"
+"""What the cards' usage snippets load: replace it with the repo id (or the local folder) of the artifact."""
 logger = logging.getLogger(__name__)
 
 
@@ -74,7 +84,7 @@ def resolve(path_or_repo_id: str | os.PathLike, repo_type: str = "model", revisi
 
 
 def render_card(template_name: str, **context: Any) -> str:
-    """Render a model or dataset card from `imagegem_hf/model_cards/<template_name>`.
+    """Render a model or dataset card from the template `model_cards/<template_name>` (see `MODEL_CARDS_DIR`).
 
     Args:
         template_name: File name of the Jinja template, e.g. `"dataset_card.md"`.
@@ -97,6 +107,126 @@ def render_card(template_name: str, **context: Any) -> str:
         lstrip_blocks=True,
     )
     return env.get_template(template_name).render(**context)
+
+
+_CACHE_SNAPSHOT = re.compile(r"(?:models|datasets)--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+(?:/.*)?")
+_SIZE_CATEGORIES = tuple(  # (exclusive upper bound, category) as the Hub spells them
+    zip(
+        (10**3, 10**4, 10**5, 10**6, 10**7, 10**8, 10**9, 10**10, 10**11, 10**12),
+        ("n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M", "100M<n<1B", "1B<n<10B")
+        + ("10B<n<100B", "100B<n<1T"),
+        strict=True,
+    )
+)
+
+
+def hub_repo_id(name_or_path: str | os.PathLike | None) -> str | None:
+    """The Hub repo id an artifact was loaded from, for a card's `base_model`; None when there is none.
+
+    A repo id (`"org/name"`) is returned as is, and so is one read from a Hub cache snapshot path
+    (`.../models--org--name/snapshots/<revision>/...`, what `from_pretrained` of a repo id leaves in the components'
+    configs). An existing local folder, an empty value or None gives None: the Hub accepts only repo ids there.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.hub import hub_repo_id
+        >>> hub_repo_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
+        'stable-diffusion-v1-5/stable-diffusion-v1-5'
+        >>> hub_repo_id("/root/.cache/huggingface/hub/models--org--name/snapshots/abc123/unet")
+        'org/name'
+        ```
+    """
+    if not name_or_path:
+        return None
+    text = Path(name_or_path).as_posix()
+    match = _CACHE_SNAPSHOT.search(text)
+    if match:
+        return f"{match['org']}/{match['name']}"
+    if Path(name_or_path).expanduser().exists() or str(name_or_path).startswith((".", "/", "~")):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
+
+
+def base_model_license(name_or_path: str | os.PathLike | None, repo_type: str = "model") -> str | None:
+    """The `license` of a base model's (or source dataset's) card, read offline from a local folder or the Hub
+    cache; None if unknown.
+
+    Artifacts trained from a base model (a LoRA, a fine-tuned backbone) are under the base's license, which their
+    own cards repeat.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.hub import base_model_license
+        >>> base_model_license("stable-diffusion-v1-5/stable-diffusion-v1-5")  # doctest: +SKIP
+        'creativeml-openrail-m'
+        ```
+    """
+    if not name_or_path:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.repocard import metadata_load
+
+    card: str | os.PathLike | None = None
+    local = Path(name_or_path).expanduser()
+    if (local / "README.md").is_file():
+        card = local / "README.md"
+    elif (local.parent / "model_index.json").is_file() and (local.parent / "README.md").is_file():
+        card = local.parent / "README.md"  # a pipeline component's card is its pipeline's
+    repo_id = hub_repo_id(name_or_path)
+    if card is None and repo_id is not None:
+        cached = try_to_load_from_cache(repo_id, "README.md", repo_type=repo_type)
+        card = cached if isinstance(cached, str) else None
+    if card is None:
+        return None
+    license_ = (metadata_load(card) or {}).get("license")
+    return license_ if isinstance(license_, str) else None
+
+
+def card_license(base_model: str | os.PathLike | None, repo_type: str = "model") -> dict[str, str]:
+    """The license fields of a card for an artifact derived from `base_model` (the `_license.md` template's input).
+
+    The base's own license when its card states one (see `base_model_license`); otherwise `license: other`, named
+    `base-model-license` (`source-dataset-license` for `repo_type="dataset"`), with a link to the base's Hub page
+    when the base is a repo.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.hub import card_license
+        >>> card_license("/no/such/base")
+        {'license': 'other', 'license_name': 'base-model-license'}
+        ```
+    """
+    license_ = base_model_license(base_model, repo_type)
+    if license_ is not None:
+        return {"license": license_}
+    dataset = repo_type == "dataset"
+    fields = {"license": "other", "license_name": "source-dataset-license" if dataset else "base-model-license"}
+    repo_id = hub_repo_id(base_model)
+    if repo_id is not None:
+        fields["license_link"] = f"https://huggingface.co/{'datasets/' if dataset else ''}{repo_id}"
+    return fields
+
+
+def size_category(n_rows: int) -> str:
+    """The Hub's `size_categories` value for a dataset of `n_rows` rows.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.hub import size_category
+        >>> size_category(999), size_category(25_000)
+        ('n<1K', '10K<n<100K')
+        ```
+    """
+    for limit, category in _SIZE_CATEGORIES:
+        if n_rows < limit:
+            return category
+    return "n>1T"
 
 
 MARKER_NAME = ".imagegem_hf"

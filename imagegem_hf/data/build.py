@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from imagegem_hf.data.civitai import RecordError, flatten_image, flatten_model
 from imagegem_hf.data.safety import ToxicityScorer, unsafe_mask
 from imagegem_hf.data.schema import CONFIG_NAMES, features_for
-from imagegem_hf.hub import atomic_directory, refresh_dataset_info, render_card, write_json
+from imagegem_hf.hub import atomic_directory, refresh_dataset_info, render_card, size_category, write_json
 
 RAW_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 STREAM_BYTES = 16 * 2**20  # a page or JSONL line larger than this is parsed item by item
@@ -373,6 +373,7 @@ def build_dataset(
                 "dataset_card.md",
                 configs=[name for name in CONFIG_NAMES if name != "preference_pairs"],  # listed once filled
                 shard_pattern="train-*.parquet",
+                size_category=size_category(report.filtered["images"]),
                 report=report,
                 salted=bool(salt),
                 toxicity=toxicity_scorer is not None,

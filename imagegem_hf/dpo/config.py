@@ -39,6 +39,10 @@ class DiffusionDPOConfig(TrainingArguments):
             "'full': train every UNet weight against a frozen copy."
         },
     )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub id of the preference-pair dataset, recorded as `datasets` in the model card."},
+    )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (mode='lora')."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (mode='lora'); default = lora_rank."})
     lora_target_modules: list[str] = field(

@@ -19,7 +19,7 @@ from imagegem_hf.distributed import CollatorEpochCallback
 from imagegem_hf.dpo.config import DiffusionDPOConfig
 from imagegem_hf.dpo.data import DiffusionDPOCollator, prepare_dpo_dataset
 from imagegem_hf.dpo.modeling import DiffusionDPOModel
-from imagegem_hf.hub import read_json, render_card, write_json
+from imagegem_hf.hub import card_license, hub_repo_id, read_json, render_card, write_json
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 DPO_CONFIG_NAME = "diffusion_dpo.json"
@@ -305,6 +305,7 @@ class DiffusionDPOTrainer(Trainer):
             },
         )
         (output_dir / "training_args.json").write_text(self.args.to_json_string())
+        (output_dir / "README.md").write_text(self.model_card(), encoding="utf-8")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)
@@ -329,13 +330,22 @@ class DiffusionDPOTrainer(Trainer):
         """`load_best_model_at_end=True`: load the best checkpoint's weights (saved in this trainer's layout)."""
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
-    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
-        if not self.is_world_process_zero():
-            return
-        card = render_card(
+    def model_card(self, model_name: str | None = None) -> str:
+        """The model card of the trained weights: diffusers' LoRA card metadata (`base_model` from the base
+        pipeline's path or repo id, `library_name: diffusers`, the base's license, text-to-image / lora tags) and a
+        usage snippet for the saved folder."""
+        from diffusers import StableDiffusionXLPipeline
+
+        base_path = getattr(self.pipeline, "name_or_path", None) or None
+        return render_card(
             "dpo_lora_card.md",
             model_name=model_name or Path(self.args.output_dir).name,
-            base_model=getattr(self.pipeline, "name_or_path", None),
+            base_model=hub_repo_id(base_path),
+            base_path=base_path,
+            license=card_license(base_path),
+            datasets=[repo for repo in [hub_repo_id(self.args.dataset_name)] if repo],
+            sdxl=isinstance(self.pipeline, StableDiffusionXLPipeline),
+            example_prompt="a photo of a dog",
             pipeline_class=type(self.pipeline).__name__,
             mode=self.args.mode,
             beta_dpo=self.args.beta_dpo,
@@ -347,4 +357,10 @@ class DiffusionDPOTrainer(Trainer):
             * self.args.world_size,
             dropped_pairs=self.dropped_pairs,
         )
-        Path(self.args.output_dir, "README.md").write_text(card)
+
+    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
+        """Write `model_card()` to `args.output_dir/README.md` (every `save_model` also writes it beside the
+        weights)."""
+        if not self.is_world_process_zero():
+            return
+        Path(self.args.output_dir, "README.md").write_text(self.model_card(model_name), encoding="utf-8")

@@ -11,10 +11,9 @@ cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from imagegem_hf._lazy import lazy_exports
 
-_LAZY: dict[str, str] = {
+_EXPORTS: dict[str, str] = {
     "FetchConfig": "imagegem_hf.fetch.client",
     "FetchOutcome": "imagegem_hf.fetch.client",
     "Fetcher": "imagegem_hf.fetch.client",
@@ -27,10 +26,4 @@ _LAZY: dict[str, str] = {
     "crawl": "imagegem_hf.fetch.crawl",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'imagegem_hf.fetch' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -40,7 +40,7 @@ from imagegem_hf.fetch.storage import (
     write_json_atomic,
     write_jsonl_atomic,
 )
-from imagegem_hf.hub import refresh_dataset_info
+from imagegem_hf.hub import refresh_dataset_info, render_card, size_category
 
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 MANIFEST = "fetch_manifest.json"
@@ -203,15 +203,7 @@ def _shard_table(rows: pa.Table, images: list[dict[str, Any] | None], features: 
 def _card(output_dir: Path, shards: int) -> str:
     files = sorted((output_dir / "data").glob("train-*.parquet"))
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    return (
-        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
-        "    path: data/train-*.parquet\n---\n\n# ImageGem images (pixels)\n\n"
-        "Fetched with `imagegem dataset fetch-images`: one row per `imageId` with the image-level columns of the "
-        "`images` config, the pixels in `image`, and the stored size in `imageWidth`/`imageHeight`. "
-        f"{rows:,} images in {len(files)} of {shards} shards; URLs that could not be fetched are listed with a reason "
-        "in `failures/`.\n\n```python\nfrom datasets import load_dataset\n\n"
-        'images = load_dataset("<this folder>", split="train")\n```\n'
-    )
+    return render_card("pixels_card.md", rows=rows, files=len(files), shards=shards, size_category=size_category(rows))
 
 
 def fetch_images(

@@ -23,6 +23,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--seen-pairs", type=int, default=2, help="Held-out pairs per seen user.")
     build.add_argument("--seed", type=int, default=0, help="Seed of the split and the reference draws.")
     build.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    build.add_argument(
+        "--source-dataset",
+        default=None,
+        help="Hub id of the records' dataset (e.g. yuvalkirstain/pickapic_v2): the card's source_datasets, and "
+        "its license when cached.",
+    )
+    build.add_argument(
+        "--license",
+        default=None,
+        help="The card's license (a Hub license id, e.g. mit); default: the source dataset's, apache-2.0 for "
+        "--synthetic-users.",
+    )
     build.set_defaults(func=_build)
 
     train = commands.add_parser("train", help="One training stage (1: LoRA + vision tower, 2: prototypes only).")
@@ -88,14 +100,27 @@ def _build(args: argparse.Namespace) -> int:
         records, images = synthetic_pickapic_records(n_users=args.synthetic_users, seed=args.seed)
         splits = build_user_splits(group_pickapic_records(records), **split_args)
         source = "synthetic users with a planted colour"
-        folder = save_preference_dataset(splits, args.output_dir, images, source=source, overwrite=args.overwrite)
+        folder = save_preference_dataset(
+            splits,
+            args.output_dir,
+            images,
+            source=source,
+            overwrite=args.overwrite,
+            license=args.license or "apache-2.0",  # generated here, from no one else's data
+        )
         counts = {name: (len(examples), len({e.user_id for e in examples})) for name, examples in splits.items()}
     else:
         columns = tuple(args.image_bytes_columns.split(",")) if args.image_bytes_columns else None
         if columns is not None and len(columns) != 2:
             raise ValueError("--image-bytes-columns takes two comma-separated columns (image_0's, image_1's).")
         summary = build_preference_dataset(
-            args.records, args.output_dir, columns, overwrite=args.overwrite, **split_args
+            args.records,
+            args.output_dir,
+            columns,
+            overwrite=args.overwrite,
+            source_dataset=args.source_dataset,
+            license=args.license,
+            **split_args,
         )
         folder = summary.path
         counts = {name: (c["examples"], c["users"]) for name, c in summary.counts.items()}

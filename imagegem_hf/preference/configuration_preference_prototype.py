@@ -83,3 +83,7 @@ class PreferencePrototypeConfig(PreTrainedConfig):
     def prototype_dim(self) -> int:
         """Hidden size of the backbone's language model (the width of each prototype)."""
         return self.backbone_config.get_text_config().hidden_size
+
+
+# `save_pretrained` writes `auto_map` and copies this file beside the config (loadable with trust_remote_code=True)
+PreferencePrototypeConfig.register_for_auto_class()

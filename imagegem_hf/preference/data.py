@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from imagegem_hf.hub import atomic_directory, render_card, resolve
+from imagegem_hf.hub import atomic_directory, card_license, hub_repo_id, render_card, resolve, size_category
 from imagegem_hf.preference.dataset_io import (
     IMAGES_SCHEMA,
     CorruptImageError,
@@ -548,10 +548,23 @@ def _write_split(tmp: Path, name: str, examples: Iterable[PreferenceExample], ma
     return {"examples": writer.num_rows, "users": len(users)}
 
 
-def _render_dataset_card(tmp: Path, splits: Sequence[str], counts, source: str, has_images: bool, issues) -> None:
+def _render_dataset_card(
+    tmp: Path,
+    splits: Sequence[str],
+    counts,
+    source: str,
+    has_images: bool,
+    issues,
+    source_dataset: str | None,
+    license: str | None,
+) -> None:
+    source_repo = hub_repo_id(source_dataset)
     card = render_card(
         "preference_card.md",
         kind="dataset",
+        license={"license": license} if license else card_license(source_dataset, repo_type="dataset"),
+        size_category=size_category(sum(c["examples"] for c in counts.values())),
+        source_datasets=[source_repo] if source_repo else [],
         splits=list(splits),
         counts=counts,
         source=source,
@@ -571,6 +584,8 @@ def save_preference_dataset(
     overwrite: bool = False,
     max_pairs_per_shard: int = MAX_PAIRS_PER_SHARD,
     max_images_per_shard: int = MAX_IMAGES_PER_SHARD,
+    source_dataset: str | None = None,
+    license: str | None = None,
 ) -> Path:
     """Write a Hub-shaped dataset folder: `pairs/<split>-XXXXX-of-YYYYY.parquet` (published format), optionally
     `images/images-XXXXX-of-YYYYY.parquet` (`key`, encoded `image` bytes), and a card whose YAML lists the configs.
@@ -586,6 +601,9 @@ def save_preference_dataset(
         overwrite: Replace an existing folder.
         max_pairs_per_shard: Example rows per `pairs` shard.
         max_images_per_shard: Images per `images` shard.
+        source_dataset: Hub id of the dataset the records came from (e.g. `"yuvalkirstain/pickapic_v2"`): the
+            card lists it in `source_datasets` and repeats its license when its card is in the local Hub cache.
+        license: The card's license (a Hub license id); by default the source dataset's, else `other`.
 
     Raises:
         MissingImageError: An example uses an image that `images` lacks (names the user and the image).
@@ -621,7 +639,9 @@ def save_preference_dataset(
                     f"{len(user_of)} images used by the examples are not in `images`, e.g. {key!r} (user {user}). "
                     "Pass every image the splits use."
                 )
-        _render_dataset_card(tmp, list(splits), counts, source, images is not None, DataIssues())
+        _render_dataset_card(
+            tmp, list(splits), counts, source, images is not None, DataIssues(), source_dataset, license
+        )
     return Path(output_dir)
 
 
@@ -742,6 +762,8 @@ def build_preference_dataset(
     overwrite: bool = False,
     max_pairs_per_shard: int = MAX_PAIRS_PER_SHARD,
     max_images_per_shard: int = MAX_IMAGES_PER_SHARD,
+    source_dataset: str | None = None,
+    license: str | None = None,
 ) -> PreferenceDatasetSummary:
     """Build the per-user dataset of paper 003 from a Pick-a-Pic-v2-style records file, streaming, into a
     Hub-shaped folder of sharded parquet (the same examples as `build_user_splits` on the same records).
@@ -762,6 +784,7 @@ def build_preference_dataset(
         overwrite: Replace an existing folder.
         max_pairs_per_shard: Example rows per `pairs` shard.
         max_images_per_shard: Images per `images` shard.
+        source_dataset, license: As in `save_preference_dataset` (the card's `source_datasets` and license).
 
     Returns:
         A `PreferenceDatasetSummary`.
@@ -818,7 +841,8 @@ def build_preference_dataset(
         for name, writer in writers.items():
             writer.close()
             counts[name] = {"examples": writer.num_rows, "users": len(split_users[name])}
-        _render_dataset_card(tmp, SPLITS, counts, source or path.name, bool(image_bytes_columns), issues)
+        has_images = bool(image_bytes_columns)
+        _render_dataset_card(tmp, SPLITS, counts, source or path.name, has_images, issues, source_dataset, license)
     issues.warn()
     return PreferenceDatasetSummary(Path(output_dir), counts, issues)
 

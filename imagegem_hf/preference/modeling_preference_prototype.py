@@ -10,6 +10,9 @@ code set the whole mask to ones); position ids are computed from that mask, so a
 logits as the same row unpadded. Qwen2-VL's 3-D rotary positions are those of its `get_rope_index`, shifted past the
 prototypes. Backbones whose positions or masks cannot be laid out around the prototypes raise `NotImplementedError`
 (`check_backbone_supported`).
+
+This file and `configuration_preference_prototype.py` are also the model's Hub code: `save_pretrained` copies both
+beside the weights (with an `auto_map` in `config.json`), so they import only the libraries and each other.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from transformers import AutoModelForImageTextToText, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 from transformers.utils import ModelOutput
 
-from imagegem_hf.preference.configuration_preference_prototype import PreferencePrototypeConfig
+from .configuration_preference_prototype import PreferencePrototypeConfig
 
 
 @dataclass
@@ -193,7 +196,13 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
         Returns:
             `(model, builder)`: the model and the [`PreferenceSequenceBuilder`] that makes its inputs.
         """
-        from imagegem_hf.preference.sequence import PreferenceSequenceBuilder
+        try:  # the input builder is part of imagegem_hf; this file also runs as Hub code without it
+            from imagegem_hf.preference.sequence import PreferenceSequenceBuilder
+        except ImportError as error:
+            raise ImportError(
+                "PreferencePrototypeModel.from_backbone builds its inputs with imagegem_hf's "
+                "PreferenceSequenceBuilder; install imagegem_hf (`pip install imagegem_hf`) to wrap a new backbone."
+            ) from error
 
         config = PreferencePrototypeConfig(backbone_config=backbone.config, **config_kwargs)
         builder = PreferenceSequenceBuilder.from_config(processor, config)
@@ -435,3 +444,8 @@ class PreferencePrototypeModel(PreferencePrototypePreTrainedModel):
         count = keep.sum(dim=3).clamp(min=1)
         summary = per_token.sum(dim=3) / count  # (batch, layers, heads, prototypes)
         return summary.mean(dim=(1, 2)), per_token
+
+
+# `save_pretrained` writes `auto_map` and copies this file and the configuration's beside the weights, so that
+# `AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True)` works where imagegem_hf is not installed
+PreferencePrototypeModel.register_for_auto_class("AutoModel")

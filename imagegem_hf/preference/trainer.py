@@ -26,7 +26,7 @@ from PIL import Image
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
 from imagegem_hf.distributed import CollatorEpochCallback
-from imagegem_hf.hub import atomic_directory, render_card
+from imagegem_hf.hub import atomic_directory, card_license, hub_repo_id, render_card
 from imagegem_hf.preference.data import PreferenceCollator, PreferenceExample
 from imagegem_hf.preference.evaluate import pairwise_accuracy
 from imagegem_hf.preference.losses import preference_loss
@@ -323,6 +323,7 @@ def train_preference_model(
     args: PreferencePrototypeTrainingConfig,
     eval_examples: Sequence[PreferenceExample] | None = None,
     resume_from_checkpoint: str | bool | None = None,
+    dataset: str | os.PathLike | None = None,
 ) -> PreferencePrototypeModel:
     """Run one training stage and save the resulting full model (merged LoRA) with its processor and a card in
     `<args.output_dir>/model` (the Trainer's checkpoints sit next to it in `args.output_dir`).
@@ -340,6 +341,7 @@ def train_preference_model(
             `args.eval_steps` (with `args.eval_strategy="steps"`) and once at the end: the loss and the pairwise
             accuracy (`eval_loss`, `eval_pairwise_accuracy`); the final ones are written to the model card.
         resume_from_checkpoint: Passed to `Trainer.train` (a checkpoint folder, or True for the latest).
+        dataset: The training dataset's folder or Hub repo id, for the model card's `datasets`.
 
     Returns:
         The trained `PreferencePrototypeModel` (LoRA merged).
@@ -392,7 +394,9 @@ def train_preference_model(
     trained.eval()
     if trainer.is_world_process_zero():
         folder = Path(args.output_dir) / "model"
-        save_preference_model(trained, processor, folder, stage=args.stage, metrics=metrics, overwrite=True)
+        save_preference_model(
+            trained, processor, folder, stage=args.stage, metrics=metrics, overwrite=True, dataset=dataset
+        )
     return trained
 
 
@@ -424,8 +428,13 @@ def save_preference_model(
     stage: int | None = None,
     metrics: dict[str, float] | None = None,
     overwrite: bool = False,
+    dataset: str | os.PathLike | None = None,
 ) -> Path:
     """Save the model (safetensors + config), its processor and a model card into `output_dir`, atomically.
+
+    The card's `base_model` is the backbone the model was built from (`config.backbone_config._name_or_path`, the
+    path or repo id it was loaded from; a repo id only), with that model's license; `datasets` lists `dataset`
+    when it is a Hub repo id.
 
     Example:
         ```python
@@ -436,9 +445,14 @@ def save_preference_model(
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         config = {k: v for k, v in model.config.to_dict().items() if k != "backbone_config"}
+        base_path = model.config.backbone_config._name_or_path or None
         card = render_card(
             "preference_card.md",
             kind="model",
+            base_model=hub_repo_id(base_path),
+            base_path=base_path,
+            license=card_license(base_path),
+            datasets=[repo for repo in [hub_repo_id(dataset)] if repo],
             backbone=model.config.backbone_config.model_type,
             stage=stage if stage is not None else "n/a",
             config=config,
@@ -504,5 +518,6 @@ def train_from_dataset(
         args,
         eval_examples=splits.get("validation"),
         resume_from_checkpoint=resume_from_checkpoint,
+        dataset=dataset,
     )
     return Path(args.output_dir) / "model"

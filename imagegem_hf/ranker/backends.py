@@ -66,9 +66,13 @@ class TransformersBackend:
 
     @torch.no_grad()
     def generate(
-        self, requests: list[Request], sample_seed: int | None = None, show_progress: bool = False
+        self,
+        requests: list[Request],
+        sample_seed: int | None = None,
+        show_progress: bool = False,
+        temperature: float = 0.7,
     ) -> list[str]:
-        """One reply per request, in batches; greedy unless `sample_seed` is given (temperature 0.7)."""
+        """One reply per request, in batches; greedy unless `sample_seed` is given (then sampled at `temperature`)."""
         outputs = []
         for start in tqdm(range(0, len(requests), self.batch_size), disable=not show_progress, desc="VLM batches"):
             batch = requests[start : start + self.batch_size]
@@ -81,7 +85,7 @@ class TransformersBackend:
             kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": False}
             if sample_seed is not None:
                 torch.manual_seed(sample_seed + start)
-                kwargs.update(do_sample=True, temperature=0.7)
+                kwargs.update(do_sample=True, temperature=temperature)
             generated = self.model.generate(**inputs, **kwargs)
             new_tokens = generated[:, inputs["input_ids"].shape[1] :]
             outputs += self.processor.batch_decode(new_tokens, skip_special_tokens=True)
@@ -173,8 +177,8 @@ class OpenAIChatBackend:
         self.retries = retries
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
 
-    def payload(self, request: Request, sample_seed: int | None) -> dict[str, Any]:
-        """The chat-completions body of one request (temperature 0 = greedy, or 0.7 with a seed)."""
+    def payload(self, request: Request, sample_seed: int | None, temperature: float = 0.7) -> dict[str, Any]:
+        """The chat-completions body of one request (temperature 0 = greedy, or `temperature` with a seed)."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": openai_messages(*request),
@@ -182,15 +186,20 @@ class OpenAIChatBackend:
             "temperature": 0.0,
         }
         if sample_seed is not None:
-            body.update(temperature=0.7, seed=sample_seed)
+            body.update(temperature=temperature, seed=sample_seed)
         return body
 
     def generate(
-        self, requests: list[Request], sample_seed: int | None = None, show_progress: bool = False
+        self,
+        requests: list[Request],
+        sample_seed: int | None = None,
+        show_progress: bool = False,
+        temperature: float = 0.7,
     ) -> list[str]:
-        """One reply per request; a request that gets no usable answer gives a [`FailedReply`]."""
+        """One reply per request (sampled at `temperature` when `sample_seed` is given); a request that gets no
+        usable answer gives a [`FailedReply`]."""
         payloads = [
-            self.payload(request, None if sample_seed is None else sample_seed + i)
+            self.payload(request, None if sample_seed is None else sample_seed + i, temperature)
             for i, request in enumerate(requests)
         ]
         return _run(self._generate(payloads, show_progress))

@@ -1,35 +1,45 @@
-"""Demo stage `ranker`: VLM re-ranking of the recsys stage's CF candidates with a tiny random VLM.
+"""Demo stage `ranker`: Table 7 in miniature with the toy VLM, and a figure of one user's re-ranking.
 
-A random-weight VLM writes noise, so this stage shows the full path (profiles, randomized trials, parsing,
-Table 7, stability), not ranking quality; the README shows the commands for a real VLM.
+The toy VLM (`imagegem_hf.ranker.toy_vlm`, trained on first use and cached) reads the toy world's images, so this
+stage re-ranks the toy world's ItemKNN candidates, not the sample dataset's (whose items have no pixels); the
+README shows the commands for a real VLM on a real dataset. The figure shows one user's history, the CF top-M and
+the VLM order with each score and first explanation (candidates the VLM did not score keep their CF order).
 """
 
 from __future__ import annotations
 
-from imagegem_hf.ranker.items import imagegem_item_loader
-from imagegem_hf.ranker.pipeline_vlm_ranker import RankerConfig, VLMRankerPipeline
-from imagegem_hf.ranker.two_stage import rerank_and_evaluate
-from imagegem_hf.testing import tiny_vlm
+from dataclasses import replace
 
-DEMO_USERS = 8
+from imagegem_hf.ranker.pipeline_vlm_ranker import VLMRankerPipeline
+from imagegem_hf.ranker.toy_ranking import ToyRankingWorldConfig, plot_reranking, table7, toy_ranking_world
+from imagegem_hf.ranker.toy_vlm import pretrained_toy_ranker_vlm
+from imagegem_hf.recsys import ItemKNN
+
+DEMO_USERS = 24
+TOP_M = 10
 
 
 def run_demo(context) -> list[str]:
     out = context.stage_dir("ranker")
-    model, processor = tiny_vlm(seed=context.seed)
-    lines = []
-    for item_type, payload in context.artifacts["cf_candidates"].items():
-        pipeline = VLMRankerPipeline(
-            model,
-            processor,
-            RankerConfig(item_type=item_type, k_subset=5, n_trials=4, max_new_tokens=32, batch_size=8),
+    folder = pretrained_toy_ranker_vlm()
+    world = toy_ranking_world(replace(ToyRankingWorldConfig(), seed=context.seed))
+
+    def make_pipeline() -> VLMRankerPipeline:
+        return VLMRankerPipeline.from_pretrained(
+            folder, k_subset=5, n_trials=4, max_new_tokens=16 * 5 + 8, batch_size=16
         )
-        loader = imagegem_item_loader(context.artifacts["dataset_dir"], item_type)
-        report = rerank_and_evaluate(payload, pipeline, loader, seed=context.seed, max_users=DEMO_USERS)
-        print(
-            f"\n{item_type.title()} recommendation, CF ({payload['model_name']}) → tiny random VLM "
-            f"(placeholder images + prompts):\n{report.table()}"
-        )
-        print("Stability: " + ", ".join(f"{k} {v:.3f}" for k, v in report.stability.items()))
-        lines += [f"{item_type} re-ranking {k} → {v}" for k, v in report.save(out, f"{item_type}_rerank").items()]
-    return lines
+
+    result = table7(world, make_pipeline, {"ItemKNN": ItemKNN()}, top_m=TOP_M, seed=context.seed, max_users=DEMO_USERS)
+    report = result.reports["ItemKNN"]
+    print(f"\nToy world, ItemKNN → toy VLM ({DEMO_USERS} users at most):\n{result.table()}")
+    print(f"Share of candidates the toy VLM scored: {result.parse_rate:.3f}")
+    (out / "toy_table7.md").write_text(f"## Table 7 in miniature (toy world)\n\n{result.table()}\n")
+    paths = report.save(out, "toy_image_rerank")
+    user = next(iter(report.vlm_ranks))
+    figure = plot_reranking(world, result.payloads["ItemKNN"], report, user, out / "toy_rerank_example.png", TOP_M)
+    return [
+        f"toy Table 7 → {out / 'toy_table7.md'}",
+        f"toy re-ranking details → {paths['json']}",
+        f"toy re-ranking figure → {figure}",
+        f"ranker (config, templates, toy VLM weights) → {make_pipeline().save_pretrained(out / 'ranker')}",
+    ]

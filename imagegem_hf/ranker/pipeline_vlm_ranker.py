@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagegem_hf.hub import atomic_directory, read_json, render_card, resolve, write_json
+from imagegem_hf.hub import atomic_directory, card_license, hub_repo_id, read_json, render_card, resolve, write_json
 from imagegem_hf.ranker.backends import FailedReply, OpenAIChatBackend, TransformersBackend
 from imagegem_hf.ranker.parsing import parse_scores
 from imagegem_hf.ranker.prompts import RankerTemplates
@@ -46,6 +46,8 @@ class RankerConfig:
         batch_size: Prompts per `generate` call.
         max_retries: Re-generations (sampled) of a trial whose output yields no score at all.
         max_prompt_chars: Item prompts are cut to this many characters.
+        temperature: Sampling temperature of the scoring trials; 0 decodes them greedily. Retries of trials that
+            gave no score always sample (at this temperature, or at 0.7 when it is 0).
     """
 
     item_type: str = "image"
@@ -55,6 +57,7 @@ class RankerConfig:
     batch_size: int = 8
     max_retries: int = 1
     max_prompt_chars: int = 300
+    temperature: float = 0.0
 
 
 @dataclass
@@ -239,12 +242,17 @@ class VLMRankerPipeline:
                     "endpoint": self._endpoint(),
                 },
             )
-            if self.model_name_or_path is None and self.model is not None:
+            weights_saved = self.model_name_or_path is None and self.model is not None
+            if weights_saved:
                 self.model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
+            vlm = self.model_name_or_path or (getattr(self.model, "name_or_path", None) or None)
             (tmp / "README.md").write_text(
                 render_card(
                     "ranker_card.md",
+                    base_model=hub_repo_id(vlm),
+                    # settings and templates are Apache-2.0; saved VLM weights keep the VLM's license
+                    license=card_license(vlm) if weights_saved else {"license": "apache-2.0"},
                     config=asdict(self.config),
                     templates_version=self.templates.version,
                     model_name_or_path=self.model_name_or_path
@@ -288,11 +296,18 @@ class VLMRankerPipeline:
         }
 
     def generate(
-        self, requests: list[tuple[list[dict], list]], sample_seed: int | None = None, show_progress: bool = False
+        self,
+        requests: list[tuple[list[dict], list]],
+        sample_seed: int | None = None,
+        show_progress: bool = False,
+        temperature: float = 0.7,
     ) -> list[str]:
-        """One reply per `(content, images)` request from the backend; greedy unless `sample_seed` is given. A
-        request that got no answer (an endpoint that failed) gives an empty [`FailedReply`] saying why."""
-        return self.backend.generate(requests, sample_seed=sample_seed, show_progress=show_progress)
+        """One reply per `(content, images)` request from the backend; greedy unless `sample_seed` is given (then
+        sampled at `temperature`). A request that got no answer (an endpoint that failed) gives an empty
+        [`FailedReply`] saying why."""
+        return self.backend.generate(
+            requests, sample_seed=sample_seed, show_progress=show_progress, temperature=temperature
+        )
 
     # -- the two steps ------------------------------------------------------------------------------------------
     def caption(self, user_id: Any, history: list[RankItem]) -> str:
@@ -319,10 +334,8 @@ class VLMRankerPipeline:
                 failed[key] = reply
             else:
                 self._profiles[key] = reply.strip()
-        return [
-            self._profiles.get((str(u), self.config.item_type)) or failed[(str(u), self.config.item_type)]
-            for u, _ in users
-        ]
+        keys = [(str(u), self.config.item_type) for u, _ in users]
+        return [self._profiles[key] if key in self._profiles else failed[key] for key in keys]
 
     def rank(self, profile: str, candidates: list[RankItem], seed: int = 0) -> RankingResult:
         """Randomized multi-trial scoring of `candidates` against `profile` (see `rank_batch`)."""
@@ -335,7 +348,8 @@ class VLMRankerPipeline:
 
         Each user gets `n_trials` random `k_subset`-subsets of their candidates (successive random permutations,
         so every candidate is covered when `k · T ≥ M`), each in a shuffled order; a trial whose output gives no
-        score at all is re-generated with sampling up to `max_retries` times.
+        score at all is re-generated with sampling up to `max_retries` times. Trials are sampled at
+        `config.temperature` (seeded by `seed`) when it is above 0, else decoded greedily.
         """
         rng = np.random.default_rng(seed)
         id_key = self.templates.id_key(self.config.item_type)
@@ -355,7 +369,13 @@ class VLMRankerPipeline:
                 )
                 prompts.append(self._content([candidates[i] for i in subset], header, with_ids=True))
                 trials.append((r, subset))
-        replies = self.generate(prompts, show_progress=show_progress) if prompts else []
+        temperature = self.config.temperature
+        sample_seed = 1000 * seed if temperature > 0 else None
+        replies = (
+            self.generate(prompts, sample_seed=sample_seed, show_progress=show_progress, temperature=temperature)
+            if prompts
+            else []
+        )
         parsed = [
             parse_scores(reply, [requests[r][1][i].item_id for i in subset], id_key)
             for reply, (r, subset) in zip(replies, trials, strict=True)
@@ -364,7 +384,9 @@ class VLMRankerPipeline:
             failed = [t for t, p in enumerate(parsed) if not p.scores]
             if not failed:
                 break
-            retried = self.generate([prompts[t] for t in failed], sample_seed=seed * 1000 + attempt)
+            retried = self.generate(
+                [prompts[t] for t in failed], sample_seed=1000 * seed + 1 + attempt, temperature=temperature or 0.7
+            )
             for t, reply in zip(failed, retried, strict=True):
                 r, subset = trials[t]
                 parsed[t] = parse_scores(reply, [requests[r][1][i].item_id for i in subset], id_key)

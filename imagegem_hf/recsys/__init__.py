@@ -1,12 +1,21 @@
-"""Personalized retrieval and model recommendation: data, metrics, baselines, FAISS retrieval, evaluation."""
+"""Personalized retrieval and model recommendation: data, metrics, baselines, FAISS retrieval, evaluation.
 
-from imagegem_hf.recsys.base import Recommender
-from imagegem_hf.recsys.data import InteractionData
-from imagegem_hf.recsys.item2vec import Item2Vec
-from imagegem_hf.recsys.knn import ItemKNN, Pop, UserKNN
-from imagegem_hf.recsys.sasrec import SASRec
-from imagegem_hf.recsys.two_tower import TwoTower
+Names are imported on first use, so `import imagegem_hf.recsys` does not import torch or pandas; `MODELS` maps each
+recommender's `name` to its class.
+"""
 
-MODELS: dict[str, type[Recommender]] = {cls.name: cls for cls in (Pop, ItemKNN, UserKNN, Item2Vec, TwoTower, SASRec)}
+from imagegem_hf._lazy import lazy_exports
 
-__all__ = ["InteractionData", "Item2Vec", "ItemKNN", "MODELS", "Pop", "Recommender", "SASRec", "TwoTower", "UserKNN"]
+_EXPORTS: dict[str, str] = {
+    "Recommender": "imagegem_hf.recsys.base",
+    "InteractionData": "imagegem_hf.recsys.data",
+    "Item2Vec": "imagegem_hf.recsys.item2vec",
+    "ItemKNN": "imagegem_hf.recsys.knn",
+    "Pop": "imagegem_hf.recsys.knn",
+    "UserKNN": "imagegem_hf.recsys.knn",
+    "SASRec": "imagegem_hf.recsys.sasrec",
+    "TwoTower": "imagegem_hf.recsys.two_tower",
+    "MODELS": "imagegem_hf.recsys.registry",
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

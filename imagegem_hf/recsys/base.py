@@ -120,7 +120,7 @@ class Recommender:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike) -> Recommender:
         """Load a recommender saved by `save_pretrained` (local folder or Hub repo id)."""
-        from imagegem_hf.recsys import MODELS
+        from imagegem_hf.recsys.registry import MODELS
 
         folder = resolve(path_or_repo_id)
         config = read_json(folder / "config.json")

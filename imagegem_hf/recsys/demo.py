@@ -20,6 +20,7 @@ def run_demo(context) -> list[str]:
     print("\nModel recommendation (test, full ranking):\n" + result.table("test"))
     lines += [f"model recommendation {k} → {v}" for k, v in result.save(out, "model_recommendation").items()]
     context.artifacts["cf_candidates"] = {"model": candidates_payload(result, "sasrec")}
+    lines.append(f"SASRec model recommender → {result.models['sasrec'].save_pretrained(out / 'sasrec')}")
 
     # Each image is interacted with once (by its uploader), so image recommendation needs item content: the
     # Two-Tower item tower starts from LSA vectors of the image prompts (CLIP image vectors with real pixels).

@@ -1,42 +1,33 @@
 """Weights2Weights for user-made LoRAs (ImageGem §4.3, §5.3): LoRA I/O, rank-1 reduction, a PCA weight space,
-preference directions and `W2WEditPipeline`, which edits a LoRA along a direction without retraining."""
+preference directions and `W2WEditPipeline`, which edits a LoRA along a direction without retraining. Names are
+imported on first use, so `import imagegem_hf.w2w` does not import torch or diffusers."""
 
-from imagegem_hf.w2w.directions import Direction, debias, preference_direction
-from imagegem_hf.w2w.labels import (
-    PreferenceLabels,
-    StyleLabelConfig,
-    StyleLabels,
-    VLMDescriber,
-    attribute_labels,
-    preference_labels,
-    style_labels,
-)
-from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, load_lora, lora_target_shapes, save_lora
-from imagegem_hf.w2w.pipeline_w2w import W2WEditOutput, W2WEditPipeline, W2WEditXLPipeline
-from imagegem_hf.w2w.reduce import rank1_reduce, reduce_rank, select_layers
-from imagegem_hf.w2w.space import WeightSpace
+from imagegem_hf._lazy import lazy_exports
 
-__all__ = [
-    "Direction",
-    "LoRA",
-    "LoRAModule",
-    "PreferenceLabels",
-    "StyleLabelConfig",
-    "StyleLabels",
-    "VLMDescriber",
-    "W2WEditOutput",
-    "W2WEditPipeline",
-    "W2WEditXLPipeline",
-    "WeightSpace",
-    "attribute_labels",
-    "debias",
-    "load_lora",
-    "lora_target_shapes",
-    "preference_direction",
-    "preference_labels",
-    "rank1_reduce",
-    "reduce_rank",
-    "save_lora",
-    "select_layers",
-    "style_labels",
-]
+_EXPORTS: dict[str, str] = {
+    "Direction": "imagegem_hf.w2w.directions",
+    "debias": "imagegem_hf.w2w.directions",
+    "preference_direction": "imagegem_hf.w2w.directions",
+    "PreferenceLabels": "imagegem_hf.w2w.labels",
+    "StyleLabelConfig": "imagegem_hf.w2w.labels",
+    "StyleLabels": "imagegem_hf.w2w.labels",
+    "VLMDescriber": "imagegem_hf.w2w.labels",
+    "attribute_labels": "imagegem_hf.w2w.labels",
+    "preference_labels": "imagegem_hf.w2w.labels",
+    "style_labels": "imagegem_hf.w2w.labels",
+    "LoRA": "imagegem_hf.w2w.lora_io",
+    "LoRAModule": "imagegem_hf.w2w.lora_io",
+    "load_lora": "imagegem_hf.w2w.lora_io",
+    "lora_target_shapes": "imagegem_hf.w2w.lora_io",
+    "save_lora": "imagegem_hf.w2w.lora_io",
+    "W2WEditOutput": "imagegem_hf.w2w.pipeline_w2w",
+    "W2WEditPipeline": "imagegem_hf.w2w.pipeline_w2w",
+    "W2WEditXLPipeline": "imagegem_hf.w2w.pipeline_w2w_xl",
+    "w2w_pipeline_from_base": "imagegem_hf.w2w.pipeline_w2w_xl",
+    "rank1_reduce": "imagegem_hf.w2w.reduce",
+    "reduce_rank": "imagegem_hf.w2w.reduce",
+    "select_layers": "imagegem_hf.w2w.reduce",
+    "WeightSpace": "imagegem_hf.w2w.space",
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -185,8 +185,8 @@ def _edit(args: argparse.Namespace) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
+    from imagegem_hf.w2w import w2w_pipeline_from_base
     from imagegem_hf.w2w.directions import Direction
-    from imagegem_hf.w2w.pipeline_w2w import w2w_pipeline_from_base
     from imagegem_hf.w2w.space import WeightSpace
 
     strengths = [float(s) for s in args.strengths.split(",") if s.strip()]

@@ -117,6 +117,7 @@ def run_demo(context) -> list[str]:
         weight_space=effect.space,
     )
     editor.set_progress_bar_config(disable=True)
+    editor.save_pretrained(out / "pipeline")
     rows, labels, captions = [], [], []
     for user in effect.held_out[:2]:
         for key in ("raw", "debiased"):
@@ -151,4 +152,5 @@ def run_demo(context) -> list[str]:
         f"{config.attribute} vs α: Spearman {spearman:.2f}; {config.other} per unit α: raw {slopes['raw']:+.4f}, "
         f"debiased {slopes['debiased']:+.4f} → {curves}",
         f"strength grid (measured warmth w and brightness b under each image) → {grid_path}",
+        f"edit pipeline (toy SD + weight space, with its code) → {out / 'pipeline'}",
     ]

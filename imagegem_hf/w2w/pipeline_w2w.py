@@ -5,22 +5,33 @@ shown side by side. The pipeline holds the Stable Diffusion 1.5 components plus 
 the space, injects it with diffusers' own `load_lora_weights`, and denoises with the standard Stable Diffusion
 loop. Optional delayed injection uses the unedited LoRA (UNet and text encoders) for the early (high-noise) steps
 and the edited one once the timestep is at or below a threshold, which keeps the layout of the unedited image.
+
+This file is also the pipeline's Hub code: `save_pretrained` copies it (and the weight space's modules) into the
+saved folder, so it imports only the libraries and defines one `DiffusionPipeline` (the SDXL variant lives in
+`pipeline_w2w_xl.py`).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils import logging as diffusers_logging
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from PIL import Image, ImageDraw
-
-from imagegem_hf.w2w.space import LoRAItem, WeightSpace
 
 EDIT_ADAPTER = "w2w_edit"
 BASE_ADAPTER = "w2w_base"
@@ -67,13 +78,152 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = N
     return grid
 
 
-class _W2WEditBase(DiffusionPipeline):
-    """What the SD 1.5 and SDXL editing pipelines share: edit, inject, denoise per strength, grid."""
+def _hub():
+    """imagegem_hf's Hub helpers (card templates), imported when a pipeline is saved: this file is also the
+    pipeline's Hub code, which loads and runs with diffusers alone."""
+    try:
+        return importlib.import_module("imagegem_hf.hub")
+    except ImportError as error:
+        raise ImportError(
+            "Saving a W2W pipeline writes its model card from imagegem_hf's templates; install imagegem_hf "
+            "(`pip install imagegem_hf`)."
+        ) from error
+
+
+def _base_of(unet) -> str | None:
+    """The base pipeline a UNet was loaded from (its config's `_name_or_path` without the `unet/` subfolder: a Hub
+    snapshot path or a folder); None for a UNet built in code."""
+    path = getattr(unet.config, "_name_or_path", None) or None
+    if path is not None and Path(path).name == "unet":
+        path = Path(path).parent.as_posix()
+    return path
+
+
+class W2WEditMixin:
+    """What the SD 1.5 and SDXL editing pipelines share: edit, inject, denoise per strength, grid, and saving and
+    loading with the pipeline's and the weight space's code beside the weights."""
 
     def _generator_pipeline(self) -> DiffusionPipeline:
         raise NotImplementedError
 
-    def load_edited_lora(self, lora: LoRAItem, direction, strength: float, adapter_name: str = EDIT_ADAPTER) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the components in diffusers' layout, this pipeline's code at the top of the folder and the weight
+        space's code in `weight_space/`, with `model_index.json` pointing at both, and a model card, so that
+        `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` loads it with diffusers alone.
+
+        Args:
+            save_directory: The folder (laid out like the Hub repo).
+            **kwargs: Passed to `DiffusionPipeline.save_pretrained`; with `push_to_hub=True` the complete folder
+                (code and card included) is uploaded to `repo_id` (default: the folder's name).
+        """
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message") if k in kwargs}
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        pipeline_file = inspect.getfile(type(self))
+        for code in [pipeline_file, *get_relative_import_files(pipeline_file)]:
+            shutil.copyfile(code, folder / Path(code).name)
+        index["_class_name"] = [Path(pipeline_file).stem, type(self).__name__]
+        # the weight space saves its own code beside its weights (`WeightSpace.save_pretrained`)
+        space_file = Path(inspect.getfile(type(self.weight_space)))
+        index["weight_space"] = [space_file.stem, type(self.weight_space).__name__]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (folder / "README.md").write_text(self.model_card(), encoding="utf-8")
+        if push_to_hub:
+            self.push_to_hub(hub_kwargs.pop("repo_id", folder.name), **hub_kwargs)
+
+    def model_card(self) -> str:
+        """The pipeline's card: `base_model` (the base pipeline's repo id), `library_name: diffusers`, the base's
+        license, text-to-image tags and a usage snippet for the saved folder."""
+        hub = _hub()
+        base_path = self.config.get("base_model")
+        return hub.render_card(
+            "w2w_pipeline_card.md",
+            pipeline_class=type(self).__name__,
+            pipeline_file=Path(inspect.getfile(type(self))).name,
+            base_model=hub.hub_repo_id(base_path),
+            base_path=base_path,
+            license=hub.card_license(base_path),
+            sdxl="text_encoder_2" in self.components,
+            n_models=self.weight_space.config.n_models,
+            n_components=self.weight_space.n_components,
+            vector_length=self.weight_space.vector_length,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str | None = None,
+        **_: Any,
+    ) -> str:
+        """Save the pipeline (code and card included) to a temporary folder and upload it to `repo_id`.
+
+        Returns:
+            The URL of the commit.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(Path(tmp) / "pipeline")
+            return _hub().push_folder(
+                Path(tmp) / "pipeline", repo_id, private=private, commit_message=commit_message, token=token
+            )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **components: Any):
+        """Load a saved pipeline with this library's classes, without running the code saved in the folder.
+
+        The components listed in `model_index.json` are loaded from their subfolders; those whose code is saved
+        beside them (the weight space) are built with the class of the same name from the library this pipeline
+        class belongs to. A pipeline class that was itself loaded as Hub code defers to diffusers' loader
+        (`DiffusionPipeline.from_pretrained`, which needs `trust_remote_code=True`).
+
+        Args:
+            pretrained_model_name_or_path: A folder written by `save_pretrained` or a Hub repo id.
+            **components: Already built components to use instead of loading them (e.g. `unet=...`).
+
+        Returns:
+            The pipeline.
+
+        Example:
+            ```python
+            >>> from imagegem_hf.w2w import W2WEditPipeline
+            >>> pipe = W2WEditPipeline.from_pretrained("demo_output/w2w/pipeline")  # doctest: +SKIP
+            ```
+        """
+        library = importlib.import_module(cls.__module__.split(".")[0])
+        if getattr(library, cls.__name__, None) is not cls:
+            return super().from_pretrained(pretrained_model_name_or_path, **components)
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path)))
+        index = cls.load_config(folder)
+        expected, _ = cls._get_signature_keys(cls)
+        base_model = components.pop("base_model", index.get("base_model"))
+        unknown = sorted(set(components) - set(expected))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained got {unknown}, which are not components of the pipeline; pass "
+                f"components by name ({', '.join(sorted(expected))}) and move or cast the pipeline after loading."
+            )
+        for name in sorted(set(expected) - set(components)):
+            if name not in index:
+                raise ValueError(f"{folder / 'model_index.json'} lists no {name!r} component; re-save the pipeline.")
+            library_name, class_name = index[name]
+            if library_name is None or class_name is None:
+                components[name] = None
+                continue
+            if (folder / name / f"{library_name}.py").is_file():  # code saved beside it: this library's class
+                component_class = getattr(library, class_name)
+            else:
+                component_class = getattr(importlib.import_module(library_name), class_name)
+            components[name] = component_class.from_pretrained(folder / name)
+        return cls(**components, base_model=base_model)
+
+    def load_edited_lora(self, lora: Any, direction, strength: float, adapter_name: str = EDIT_ADAPTER) -> None:
         """Edit `lora` by `strength` along `direction` (or several) and inject it as adapter `adapter_name`."""
         edited = self.weight_space.edit(lora, direction, strength)
         unet_only = all(name.startswith("unet.") for name in edited.modules)  # text encoders get no keys
@@ -95,7 +245,7 @@ class _W2WEditBase(DiffusionPipeline):
     def __call__(
         self,
         prompt: str,
-        lora: LoRAItem,
+        lora: Any,
         direction,
         strengths: Sequence[float] = (-2.0, 0.0, 2.0),
         seed: int = 0,
@@ -196,12 +346,14 @@ class _W2WEditBase(DiffusionPipeline):
         return switch
 
 
-class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
+class W2WEditPipeline(W2WEditMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Stable Diffusion 1.5 with a weight-space LoRA editor (weights2weights, ImageGem §4.3).
 
     Args:
         vae, text_encoder, tokenizer, unet, scheduler: The Stable Diffusion 1.5 components.
         weight_space: The `WeightSpace` the LoRA and the directions live in (same base model as the UNet).
+        base_model: Path or repo id of the base pipeline the components come from (the card's `base_model`); by
+            default the folder the UNet was loaded from.
 
     Example:
         ```python
@@ -219,7 +371,9 @@ class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, weight_space: WeightSpace) -> None:
+    def __init__(
+        self, vae, text_encoder, tokenizer, unet, scheduler, weight_space, base_model: str | None = None
+    ) -> None:
         super().__init__()
         self.register_modules(
             vae=vae,
@@ -229,6 +383,7 @@ class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
             scheduler=scheduler,
             weight_space=weight_space,
         )
+        self.register_to_config(base_model=base_model or _base_of(unet))
 
     def _encode_prompt(self, pipe, prompt, negative_prompt, guidance):
         positive, negative = pipe.encode_prompt(prompt, pipe._execution_device, 1, guidance, negative_prompt)
@@ -248,99 +403,6 @@ class W2WEditPipeline(_W2WEditBase, StableDiffusionLoraLoaderMixin):
         )
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
-
-
-class W2WEditXLPipeline(_W2WEditBase, StableDiffusionXLLoraLoaderMixin):
-    """Stable Diffusion XL with a weight-space LoRA editor (ImageGem's setting: SDXL, 30 steps, guidance 5).
-
-    Args:
-        vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler: The SDXL components.
-        weight_space: The `WeightSpace` of SDXL LoRAs.
-
-    Example:
-        ```python
-        >>> from diffusers import StableDiffusionXLPipeline
-        >>> from imagegem_hf.w2w import W2WEditXLPipeline, WeightSpace
-        >>> repo = "stabilityai/stable-diffusion-xl-base-1.0"
-        >>> xl = StableDiffusionXLPipeline.from_pretrained(repo)  # doctest: +SKIP
-        >>> names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
-        >>> pipe = W2WEditXLPipeline(**{k: xl.components[k] for k in names},
-        ...                          weight_space=WeightSpace.from_pretrained("me/w2w-sdxl"))  # doctest: +SKIP
-        ```
-    """
-
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-
-    def __init__(
-        self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, weight_space: WeightSpace
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-            weight_space=weight_space,
-        )
-
-    def _encode_prompt(self, pipe, prompt, negative_prompt, guidance):
-        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt,
-            device=pipe._execution_device,
-            do_classifier_free_guidance=guidance,
-            negative_prompt=negative_prompt,
-        )
-        call = {
-            "prompt_embeds": positive,
-            "negative_prompt_embeds": negative,
-            "pooled_prompt_embeds": pooled,
-            "negative_pooled_prompt_embeds": negative_pooled,
-        }
-        if guidance:
-            loop = {
-                "prompt_embeds": torch.cat([negative, positive]),
-                "add_text_embeds": torch.cat([negative_pooled, pooled]),
-            }
-        else:
-            loop = {"prompt_embeds": positive, "add_text_embeds": pooled}
-        return call, loop
-
-    def _generator_pipeline(self) -> StableDiffusionXLPipeline:
-        pipe = StableDiffusionXLPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer=self.tokenizer,
-            tokenizer_2=self.tokenizer_2,
-            unet=self.unet,
-            scheduler=self.scheduler,
-        )
-        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
-        return pipe
-
-
-def w2w_pipeline_from_base(
-    base_model: str, weight_space: WeightSpace, sdxl: bool = False
-) -> W2WEditPipeline | W2WEditXLPipeline:
-    """A W2W edit pipeline made of a base Stable Diffusion 1.5 (or, with `sdxl`, SDXL) model's components and a
-    weight space of the same base.
-
-    Example:
-        ```python
-        >>> space = WeightSpace.from_pretrained("me/w2w-sd15")  # doctest: +SKIP
-        >>> pipe = w2w_pipeline_from_base("stable-diffusion-v1-5/stable-diffusion-v1-5", space)  # doctest: +SKIP
-        ```
-    """
-    if sdxl:
-        base = StableDiffusionXLPipeline.from_pretrained(base_model)
-        names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
-        return W2WEditXLPipeline(**{k: base.components[k] for k in names}, weight_space=weight_space)
-    base = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
-    names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-    return W2WEditPipeline(**{k: base.components[k] for k in names}, weight_space=weight_space)
 
 
 def strengths_grid(low: float, high: float, count: int) -> list[float]:

@@ -17,8 +17,11 @@ LoRAs (d in the millions) fit on one machine.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -31,12 +34,12 @@ import scipy.linalg
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from tqdm.auto import tqdm
 
-from imagegem_hf.hub import atomic_directory, push_folder, render_card, resolve
-from imagegem_hf.w2w.lora_io import W2W_GAUGE_KEY, W2W_GAUGE_VECTOR, LoRA, LoRAModule, read_lora_header
-from imagegem_hf.w2w.reduce import layer_filter
-from imagegem_hf.w2w.vectorize import (
+from .lora_io import W2W_GAUGE_KEY, W2W_GAUGE_VECTOR, LoRA, LoRAModule, read_lora_header
+from .reduce import layer_filter
+from .vectorize import (
     SharedRows,
     Vectorizer,
     WorkerPool,
@@ -49,6 +52,21 @@ from imagegem_hf.w2w.vectorize import (
 logger = logging.getLogger(__name__)
 
 LoRAItem = str | os.PathLike | LoRA | np.ndarray | torch.Tensor
+
+
+def _hub():
+    """imagegem_hf's Hub helpers (atomic saving, card templates, pushing, downloading a repo id).
+
+    Imported when used: this module and its siblings are also saved beside a W2W pipeline as its Hub code, where a
+    space is loaded and used with diffusers alone.
+    """
+    try:
+        return importlib.import_module("imagegem_hf.hub")
+    except ImportError as error:
+        raise ImportError(
+            "Saving, pushing or downloading a WeightSpace uses imagegem_hf's Hub helpers and card templates; install "
+            "imagegem_hf (`pip install imagegem_hf`), or load a local folder."
+        ) from error
 
 
 class WeightSpace(ModelMixin, ConfigMixin):
@@ -385,26 +403,40 @@ class WeightSpace(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ hub
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = True, **kwargs: Any) -> None:
-        """Write `config.json`, `diffusion_pytorch_model.safetensors`, a model card `README.md` and its figure
-        `explained_variance.png` atomically."""
+        """Write `config.json` (with an `auto_map`), `diffusion_pytorch_model.safetensors`, this module's code and
+        the sibling modules it imports, a model card `README.md` and its figure `explained_variance.png`, atomically.
+
+        The code makes the folder loadable with diffusers alone:
+        `diffusers.AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True)`.
+        """
         kwargs.pop("safe_serialization", None)
-        with atomic_directory(save_directory, overwrite=overwrite) as tmp:
+        with _hub().atomic_directory(save_directory, overwrite=overwrite) as tmp:
             super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            module_file = inspect.getfile(type(self))
+            for code in [module_file, *get_relative_import_files(module_file)]:
+                shutil.copyfile(code, tmp / Path(code).name)
             self.plot_explained_variance(tmp / "explained_variance.png")
             (tmp / "README.md").write_text(self.model_card(), encoding="utf-8")
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        # `auto_map` (read by diffusers' AutoModel) says where the code is; it is no argument of the space
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> WeightSpace:
         """Load a space saved with `save_pretrained` from a local folder or a Hub repo id."""
         subfolder = kwargs.pop("subfolder", None)
-        path = resolve(path_or_repo_id)
+        path = Path(path_or_repo_id)
+        if not path.is_dir():
+            path = _hub().resolve(path_or_repo_id)
         return super().from_pretrained(str(path / subfolder if subfolder else path), **kwargs)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None, **_: Any) -> str:
         """Save to a temporary folder and upload it to `repo_id` (returns the commit URL)."""
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(Path(tmp) / "space")
-            return push_folder(Path(tmp) / "space", repo_id, private=private, token=token)
+            return _hub().push_folder(Path(tmp) / "space", repo_id, private=private, token=token)
 
     def explained_variance_ratio(self) -> np.ndarray:
         """Fraction of the data's total variance along each component (of the kept components' variance when the
@@ -446,7 +478,7 @@ class WeightSpace(ModelMixin, ConfigMixin):
 
     def model_card(self) -> str:
         ratio = self.explained_variance_ratio()
-        return render_card(
+        return _hub().render_card(
             "w2w_space_card.md",
             base=self.config.base,
             n_models=self.config.n_models,
@@ -460,6 +492,10 @@ class WeightSpace(ModelMixin, ConfigMixin):
             top_variance=[round(float(v), 4) for v in ratio[:10]],
             explained=round(100 * float(ratio.sum()), 1),
         )
+
+
+# `save_pretrained` writes `auto_map` into config.json (the code is copied beside it)
+WeightSpace.register_for_auto_class("AutoModel")
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

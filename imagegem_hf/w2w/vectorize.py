@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagegem_hf.w2w.lora_io import LoRA, map_lora, read_lora_header
-from imagegem_hf.w2w.reduce import reduced_factors
+from .lora_io import LoRA, map_lora, read_lora_header
+from .reduce import reduced_factors
 
 ModuleSlot = tuple[str, int, int, tuple[int, ...], int]  # (name, out_features, in_features, kernel, offset)
 ON_ERROR = ("raise", "skip")

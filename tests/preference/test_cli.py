@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import DatasetCard
 
 from imagegem_hf.preference.cli import register
 from imagegem_hf.preference.data import load_preference_dataset
@@ -26,6 +27,7 @@ def test_build_writes_a_loadable_dataset(tmp_path, capsys):
     assert set(splits) == {"train", "validation", "test_seen", "test_unseen"}
     assert all(len(e.references) == 3 for e in splits["train"]) and images
     assert "test_unseen:" in capsys.readouterr().out
+    assert DatasetCard.load(out / "README.md").data.license == "apache-2.0"  # synthetic: generated here
     with pytest.raises(FileExistsError):
         run(argv + ["--val-users", "1", "--test-users", "2", "--seen-users", "2"])
 
@@ -92,6 +94,7 @@ def test_train_validates_and_stage2_loads_the_backbone_in_the_given_dtype(tmp_pa
     with safe_open(stage2 / "model" / "model.safetensors", "pt") as weights:
         dtypes = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
     assert dtypes.pop("prototypes") == "F32" and set(dtypes.values()) == {"BF16"}
+    assert f"(`{vlm}`)" in (stage2 / "model" / "README.md").read_text()  # stage 2's card still names the backbone
 
 
 def test_train_asking_for_validation_without_validation_users_says_what_to_do(tmp_path):

@@ -262,3 +262,16 @@ def test_recommend_cli_reranks_with_a_saved_vlm(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| VLM |" in out and (tmp_path / "out" / "rerank_model.json").exists()
     assert main(args[:-12] + ["--rerank", "vlm"]) == 2  # no --vlm given
+
+
+def test_caption_batch_returns_an_empty_profile_instead_of_failing():
+    class EmptyReplies:
+        def generate(self, requests, sample_seed=None, show_progress=False, temperature=0.7):
+            return [""] * len(requests)
+
+    pipeline = VLMRankerPipeline(backend=EmptyReplies())
+    items = [RankItem(1, text="a red car")]
+    assert pipeline.caption_batch([("u1", items), ("u2", items)]) == ["", ""]
+    assert pipeline.caption("u1", items) == ""  # cached: an empty reply is still the VLM's answer
+    result = pipeline.rank("", [RankItem(2, text="x")])
+    assert result.scores[0].n_trials == 0 and result.problems

@@ -115,6 +115,7 @@ def test_save_and_load_round_trip(lora_files, tmp_path):
         "diffusion_pytorch_model.safetensors",
         "README.md",
         "explained_variance.png",
+        *("space.py", "lora_io.py", "reduce.py", "vectorize.py"),  # its code, for loading without imagegem_hf
     }
     card = (tmp_path / "space" / "README.md").read_text()
     explained = 100 * space.explained_variance_ratio().sum()

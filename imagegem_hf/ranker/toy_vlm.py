@@ -1,0 +1,538 @@
+"""A toy VLM trained to answer the appendix-B captioning and ranking prompts on synthetic images.
+
+The images are those of `imagegem_hf.preference.synthetic_users` (four independent binary attributes: colour,
+shape, background brightness, texture, drawn with random size, position, tint and noise). The toy VLM learns two
+answers, supervised by programmatic ground truth:
+
+- **captioning** (B.1.1): from a user's H history images, a structured profile with one line per field of the
+  template, naming the majority value of the attribute that field stands for and how many of the H images have it:
+
+  ```
+  1. Primary Subject Type: circle (4/5)
+  2. Defining Visual Features: red (3/5)
+  3. Artistic Style: striped (5/5)
+  4. Background Elements: dark (4/5)
+  ```
+
+- **ranking** (B.1.2 + the multi-candidate suffix): for each candidate, in the order shown, a JSON object with its
+  `image_id`, a `similarity_score` and an `explanation`. The score is the attribute agreement between the
+  candidate and the profile: each of the four fields carries 25 points (`FEATURE_POINTS`), earned in proportion to
+  the share of the history images that have the candidate's value of its attribute. The explanation names the profile
+  values the candidate shares.
+
+Prompts are built by `VLMRankerPipeline` itself (through a recording backend), so training sees exactly the text
+the pipeline sends. The model is a `LlavaForConditionalGeneration` (a CLIP vision tower with one 16×16 patch per
+image, a Llama language model) with a word-level tokenizer: the templates, the chat markers, the JSON syntax, the
+attribute words, the counts and the integers 0–999 (ids and scores) are single tokens. It loads with
+`AutoModelForImageTextToText` and `AutoProcessor` from its folder and runs through `VLMRankerPipeline` unchanged.
+
+Example:
+    ```python
+    >>> from imagegem_hf.ranker.toy_vlm import ToyRankerVLMConfig, toy_ranker_vlm, train_toy_ranker_vlm
+    >>> model, processor = toy_ranker_vlm(ToyRankerVLMConfig())
+    >>> _ = train_toy_ranker_vlm(model, processor, ToyRankerVLMConfig(train_steps=2), progress=False)
+    ```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from imagegem_hf.preference.synthetic_users import ATTRIBUTES, draw_tastes, render_image
+from imagegem_hf.ranker.pipeline_vlm_ranker import RankerConfig, RankItem, VLMRankerPipeline
+from imagegem_hf.ranker.prompts import RankerTemplates
+
+# chat markers; the assistant's answer follows `<assistant>` directly and ends with the tokenizer's `</s>`
+TOY_RANKER_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<user>{% else %}<assistant>{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+# captioning field of the template → the attribute it describes (profile lines in this order)
+PROFILE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("1. Primary Subject Type:", "shape"),
+    ("2. Defining Visual Features:", "colour"),
+    ("3. Artistic Style:", "texture"),
+    ("4. Background Elements:", "brightness"),
+)
+# Points per profile field (the four fields the captioning template asks for, weighted equally).
+FEATURE_POINTS: dict[str, int] = {"shape": 25, "colour": 25, "texture": 25, "brightness": 25}
+MAX_HISTORY = 10
+"""Largest history the tokenizer has count tokens (`(c/H)`) for."""
+MAX_ITEM_ID = 999
+"""Ids and scores are the integers 0–999, each a single token."""
+_ATTRIBUTE_INDEX = {name: i for i, name in enumerate(ATTRIBUTES)}
+_PROFILE_LINE = re.compile(r"^\s*(\d)\. [^:]+: (\w+) \((\d+)/(\d+)\)\s*$")
+
+
+@dataclass(frozen=True)
+class ToyProfile:
+    """The majority value (±1) of each attribute in a user's history and how many of the `n` images have it.
+
+    Attributes:
+        values: Majority value per attribute, in `ATTRIBUTES` order.
+        counts: History images with that value, per attribute.
+        n: History size H.
+    """
+
+    values: tuple[int, ...]
+    counts: tuple[int, ...]
+    n: int
+
+    @classmethod
+    def of(cls, history: np.ndarray) -> ToyProfile:
+        """The profile of `(H, 4)` ±1 attributes; a tie (even H) goes to the latest image's value."""
+        history = np.asarray(history)
+        plus = (history > 0).sum(0)
+        n = len(history)
+        values = tuple(int(1 if 2 * p > n else -1 if 2 * p < n else history[-1, a]) for a, p in enumerate(plus))
+        counts = tuple(int(p if v > 0 else n - p) for v, p in zip(values, plus, strict=True))
+        return cls(values, counts, n)
+
+    def text(self) -> str:
+        """The captioning answer (one line per template field)."""
+        lines = []
+        for title, attribute in PROFILE_FIELDS:
+            a = _ATTRIBUTE_INDEX[attribute]
+            lines.append(f"{title} {_word(attribute, self.values[a])} ({self.counts[a]}/{self.n})")
+        return "\n".join(lines)
+
+    @classmethod
+    def parse(cls, text: str) -> ToyProfile | None:
+        """The profile written by `text()`, or `None` when `text` is not such a profile."""
+        values, counts, sizes = [0] * len(ATTRIBUTES), [0] * len(ATTRIBUTES), set()
+        lines = text.strip().splitlines()
+        if len(lines) != len(PROFILE_FIELDS):
+            return None
+        for line, (title, attribute) in zip(lines, PROFILE_FIELDS, strict=True):
+            match = _PROFILE_LINE.match(line)
+            pos, neg = ATTRIBUTES[attribute]
+            if match is None or not line.strip().startswith(title) or match.group(2) not in (pos, neg):
+                return None
+            a = _ATTRIBUTE_INDEX[attribute]
+            values[a] = 1 if match.group(2) == pos else -1
+            counts[a] = int(match.group(3))
+            sizes.add(int(match.group(4)))
+        if len(sizes) != 1:
+            return None
+        return cls(tuple(values), tuple(counts), sizes.pop())
+
+    def share(self, attributes: np.ndarray) -> np.ndarray:
+        """Per attribute, the share of the history images that have the candidate's value."""
+        same = np.asarray(attributes) == np.asarray(self.values)
+        counts = np.asarray(self.counts)
+        return np.where(same, counts, self.n - counts) / self.n
+
+    def score(self, attributes: np.ndarray) -> int:
+        """The candidate's similarity score: `FEATURE_POINTS` earned in proportion to `share`, rounded."""
+        points = np.array([FEATURE_POINTS[name] for name in ATTRIBUTES])
+        return int(round(float(points @ self.share(attributes))))
+
+    def explanation(self, attributes: np.ndarray) -> str:
+        """`"shares circle red"`: the profile values (field order) that the candidate has too."""
+        words = [
+            _word(attribute, self.values[_ATTRIBUTE_INDEX[attribute]])
+            for _, attribute in PROFILE_FIELDS
+            if attributes[_ATTRIBUTE_INDEX[attribute]] == self.values[_ATTRIBUTE_INDEX[attribute]]
+        ]
+        return "shares " + (" ".join(words) if words else "nothing")
+
+
+def _word(attribute: str, value: int) -> str:
+    pos, neg = ATTRIBUTES[attribute]
+    return pos if value > 0 else neg
+
+
+def ranking_answer(item_ids: list[int], profile: ToyProfile, attributes: list[np.ndarray]) -> str:
+    """The ranking answer: a JSON list of `{"image_id", "similarity_score", "explanation"}` in the order shown."""
+    return json.dumps(
+        [
+            {"image_id": int(i), "similarity_score": profile.score(a), "explanation": profile.explanation(a)}
+            for i, a in zip(item_ids, attributes, strict=True)
+        ]
+    )
+
+
+@dataclass
+class ToyRankerVLMConfig:
+    """Architecture and training of the toy ranker VLM."""
+
+    image_size: int = field(default=16, metadata={"help": "Image side; one patch of this size per image."})
+    vision_hidden_size: int = field(default=48, metadata={"help": "Width of the CLIP vision tower (2 layers)."})
+    text_hidden_size: int = field(default=64, metadata={"help": "Width of the Llama language model."})
+    text_layers: int = field(default=4, metadata={"help": "Layers of the language model."})
+    text_heads: int = field(
+        default=2, metadata={"help": "Attention heads of the language model (wide heads tell the 1,000 ids apart)."}
+    )
+    max_history_size: int = field(
+        default=7, metadata={"help": "Training histories hold 1 to this many images (H; one image names its values)."}
+    )
+    max_candidates: int = field(
+        default=10, metadata={"help": "Ranking prompts show 1 to this many candidates (single-pass scoring of M)."}
+    )
+    train_steps: int = field(default=1500, metadata={"help": "Training steps (captioning and ranking batches)."})
+    batch_size: int = field(default=16, metadata={"help": "Conversations per step."})
+    caption_fraction: float = field(
+        default=0.25, metadata={"help": "Share of the steps that train captioning (the others: ranking)."}
+    )
+    learning_rate: float = field(
+        default=1.5e-3, metadata={"help": "Peak AdamW learning rate (5% warmup, cosine decay)."}
+    )
+    taste_concentration: float = field(
+        default=0.5, metadata={"help": "Dirichlet α of the tastes that draw the training histories."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the weights and of the training data."})
+
+    def __post_init__(self):
+        if not 1 <= self.max_history_size <= MAX_HISTORY:
+            raise ValueError(f"max_history_size must be in [1, {MAX_HISTORY}], got {self.max_history_size}.")
+
+    def fingerprint(self) -> str:
+        """A short hash of the configuration (names the cached trained model)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def explanation_phrases() -> list[str]:
+    """Every explanation `ToyProfile.explanation` can write (each one token of the toy tokenizer)."""
+    options = [["", pos, neg] for pos, neg in (ATTRIBUTES[attribute] for _, attribute in PROFILE_FIELDS)]
+    phrases = []
+    for words in itertools.product(*options):
+        shared = [w for w in words if w]
+        phrases.append("shares " + (" ".join(shared) if shared else "nothing"))
+    return phrases
+
+
+def toy_ranker_tokenizer(templates: RankerTemplates | None = None):
+    """The byte-level tokenizer of `imagegem_hf.testing` with the toy VLM's words as single tokens: the chat
+    markers, the image templates and the pipeline's fixed phrases, the JSON syntax of the answers, the
+    explanations, the profile fields, attribute words and counts, and the integers 0–999.
+
+    Every answer object is then five tokens (`id`, `, "similarity_score": `, score, `, "explanation": "` with the
+    explanation, and `"}, {"image_id": ` or `"}]`), as long as a candidate's part of the prompt (`image_id: `, id,
+    `. `, `<image>`) plus one: the token that asks for the next id has the previous id four tokens back, as the next
+    id has in the prompt, so one attention pattern finds it."""
+    from imagegem_hf.testing import tiny_vlm_tokenizer
+
+    templates = templates or RankerTemplates()
+    tokenizer = tiny_vlm_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<user>", "<assistant>"]})
+    words = [w for pair in ATTRIBUTES.values() for w in pair]
+    tokenizer.add_tokens(
+        [
+            templates.image_captioning,
+            templates.image_ranking,
+            templates.multi_candidate_suffix,
+            "Visual preference profile of the user:\n",
+            "image_id: ",
+            ". ",
+            "\n\n",
+            '[{"image_id": ',
+            ', "similarity_score": ',
+            *(f', "explanation": "{phrase}' for phrase in explanation_phrases()),
+            '"}, {"image_id": ',
+            '"}]',
+            *(title for title, _ in PROFILE_FIELDS),
+            "\n",
+            *(f" {w}" for w in words),
+            *(f" ({c}/{n})" for n in range(1, MAX_HISTORY + 1) for c in range(n + 1)),
+            *(str(i) for i in range(MAX_ITEM_ID + 1)),
+        ]
+    )
+    tokenizer.chat_template = TOY_RANKER_CHAT_TEMPLATE
+    return tokenizer
+
+
+def toy_ranker_vlm(config: ToyRankerVLMConfig | None = None):
+    """A randomly initialised toy `LlavaForConditionalGeneration` and its `LlavaProcessor`.
+
+    Returns:
+        `(model, processor)`.
+
+    Example:
+        ```python
+        >>> model, processor = toy_ranker_vlm()
+        >>> type(model).__name__
+        'LlavaForConditionalGeneration'
+        ```
+    """
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    config = config or ToyRankerVLMConfig()
+    tokenizer = toy_ranker_tokenizer()
+    width, text_width = config.vision_hidden_size, config.text_hidden_size
+    backbone_config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=config.image_size,
+            patch_size=config.image_size,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            num_key_value_heads=config.text_heads,
+            max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,  # an id or a score is copied from the prompt by attending to its embedding
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(config.seed)
+    model = LlavaForConditionalGeneration(backbone_config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    size = config.image_size
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
+        chat_template=TOY_RANKER_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+class RecordingBackend:
+    """A `VLMRankerPipeline` backend that records the requests it gets and answers each with `""` (how training
+    builds its prompts with the pipeline's own code)."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def generate(self, requests, sample_seed=None, show_progress=False, temperature=0.7) -> list[str]:
+        self.requests += requests
+        return [""] * len(requests)
+
+
+def _draw_history(n: int, taste: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`(n, 4)` ±1 attributes drawn attribute by attribute with P(+1) = sigmoid(4·taste) (a user's history)."""
+    p_plus = 1 / (1 + np.exp(-4 * taste))
+    return np.where(rng.random((n, len(ATTRIBUTES))) < p_plus, 1, -1).astype(np.int8)
+
+
+def training_conversations(
+    config: ToyRankerVLMConfig, n: int, rng: np.random.Generator, n_candidates: int | None = None
+) -> list[tuple[list[dict], list[Image.Image], str]]:
+    """`n` training conversations `(content, images, answer)`, built by `VLMRankerPipeline`: captioning prompts of
+    a fresh history of 1 to `max_history_size` images when `n_candidates` is `None`, else ranking prompts of
+    `n_candidates` fresh candidates (random distinct ids) against the true profile of such a history."""
+    size = config.image_size
+    out = []
+    for _ in range(n):
+        taste = draw_tastes(1, config.taste_concentration, rng)[0]
+        history = _draw_history(int(rng.integers(1, config.max_history_size + 1)), taste, rng)
+        profile = ToyProfile.of(history)
+        recorder = RecordingBackend()
+        if n_candidates is None:
+            pipeline = VLMRankerPipeline(backend=recorder)
+            items = [RankItem(j, image=render_image(a, rng, size)) for j, a in enumerate(history)]
+            pipeline.caption_batch([("user", items)])
+            (content, images), answer = recorder.requests[0], profile.text()
+        else:
+            attributes = _draw_history(n_candidates, draw_tastes(1, config.taste_concentration, rng)[0], rng)
+            ids = rng.choice(MAX_ITEM_ID + 1, size=n_candidates, replace=False)
+            by_id = dict(zip(ids.tolist(), attributes, strict=True))
+            candidates = [RankItem(int(i), image=render_image(a, rng, size)) for i, a in by_id.items()]
+            pipeline = VLMRankerPipeline(
+                backend=recorder, config=RankerConfig(k_subset=n_candidates, n_trials=1, max_retries=0)
+            )
+            pipeline.rank_batch([(profile.text(), candidates)], seed=int(rng.integers(2**31)))
+            content, images = recorder.requests[0]
+            shown = [int(part["text"].split(": ")[1].rstrip(". ")) for part in content[1:] if part["type"] == "text"]
+            answer = ranking_answer(shown, profile, [by_id[i] for i in shown])
+        out.append((content, images, answer))
+    return out
+
+
+def tokenize_conversations(processor, conversations) -> dict[str, torch.Tensor]:
+    """Tokenise `(content, images, answer)` conversations as the pipeline's backend would, with `labels` on the
+    answers (and their `</s>`) only."""
+    tokenizer = processor.tokenizer
+    texts = [
+        processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        + answer
+        + tokenizer.eos_token
+        for content, _, answer in conversations
+    ]
+    images = [im for _, ims, _ in conversations for im in ims]
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    assistant = tokenizer.convert_tokens_to_ids("<assistant>")
+    is_prompt = (batch["input_ids"] == assistant).flip(-1).cumsum(-1).flip(-1) > 0  # up to the <assistant> token
+    labels = batch["input_ids"].masked_fill(is_prompt | (batch["attention_mask"] == 0), -100)
+    batch["labels"] = labels
+    return batch
+
+
+def train_toy_ranker_vlm(
+    model,
+    processor,
+    config: ToyRankerVLMConfig | None = None,
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+):
+    """Train every weight of the toy VLM on fresh captioning and ranking conversations (next-token loss on the
+    answers), AdamW with linear warmup and cosine decay.
+
+    Args:
+        model: The toy VLM (`toy_ranker_vlm`).
+        processor: Its processor.
+        config: Training settings.
+        progress: Show a progress bar.
+        callback: Called after every step with `(step, loss)` (e.g. to evaluate along the way).
+
+    Returns:
+        The model (in eval mode), trained in place.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    config = config or ToyRankerVLMConfig()
+    rng = np.random.default_rng(config.seed + 1)
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, config.train_steps // 20), config.train_steps)
+    model.train()
+    bar = tqdm(range(config.train_steps), desc="toy ranker VLM training", disable=not progress)
+    for step in bar:
+        # one task and one candidate count per step, so that a batch holds prompts of one length
+        caption = rng.random() < config.caption_fraction
+        n_candidates = None if caption else int(rng.integers(1, config.max_candidates + 1))
+        conversations = training_conversations(config, config.batch_size, rng, n_candidates)
+        batch = tokenize_conversations(processor, conversations)
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if callback is not None:
+            callback(step + 1, loss.item())
+    return model.eval()
+
+
+def default_cache_dir() -> Path:
+    """`$HF_HOME/imagegem_hf/toy_ranker_vlm`."""
+    from huggingface_hub.constants import HF_HOME
+
+    return Path(HF_HOME) / "imagegem_hf" / "toy_ranker_vlm"
+
+
+def pretrained_toy_ranker_vlm(
+    config: ToyRankerVLMConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> Path:
+    """The folder of the trained toy ranker VLM of `config`, trained and saved (safetensors) on first use.
+
+    Args:
+        config: Architecture and training settings.
+        cache_dir: Folder of cached models (default `default_cache_dir()`); one sub-folder per configuration hash.
+        progress: Show a progress bar while training.
+
+    Returns:
+        A folder that `AutoModelForImageTextToText`, `AutoProcessor` and `VLMRankerPipeline.from_pretrained` load.
+        It also holds `training.json` (the config and the CPU seconds training took).
+
+    Example:
+        ```python
+        >>> from imagegem_hf.ranker import VLMRankerPipeline
+        >>> folder = pretrained_toy_ranker_vlm()  # doctest: +SKIP
+        >>> ranker = VLMRankerPipeline.from_pretrained(folder, max_new_tokens=128)  # doctest: +SKIP
+        ```
+    """
+    config = config or ToyRankerVLMConfig()
+    folder = Path(cache_dir or default_cache_dir()) / config.fingerprint()
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from imagegem_hf.hub import atomic_directory
+
+    model, processor = toy_ranker_vlm(config)
+    start = time.process_time()
+    train_toy_ranker_vlm(model, processor, config, progress=progress)
+    cpu_seconds = time.process_time() - start
+    with atomic_directory(folder, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps({"config": asdict(config), "cpu_seconds": cpu_seconds}))
+    return folder
+
+
+def evaluate_toy_ranker_vlm(
+    model,
+    processor,
+    config: ToyRankerVLMConfig | None = None,
+    n_users: int = 16,
+    k: int = 5,
+    history_size: int = 5,
+    seed: int = 12345,
+) -> dict[str, float]:
+    """How well the toy VLM answers through `VLMRankerPipeline` (greedy) on fresh images.
+
+    Each of `n_users` fresh users gets a history of `history_size` images and `k` candidates: the VLM captions the
+    history, then scores the candidates in one trial against its own profile.
+
+    Returns:
+        `profile_exact` (share of profiles equal to the true one), `parse_rate` (share of candidates that got a
+        score), `score_mae` (mean absolute error of the parsed scores against the true agreement with the true
+        profile) and `score_corr` (their Pearson correlation).
+    """
+    config = config or ToyRankerVLMConfig()
+    rng = np.random.default_rng(seed)
+    size = config.image_size
+    pipeline = VLMRankerPipeline(
+        model, processor, RankerConfig(k_subset=k, n_trials=1, max_new_tokens=16 * k + 8, batch_size=16)
+    )
+    users, truths, requests = [], [], []
+    for u in range(n_users):
+        history = _draw_history(history_size, draw_tastes(1, config.taste_concentration, rng)[0], rng)
+        users.append((f"user{u}", [RankItem(j, image=render_image(a, rng, size)) for j, a in enumerate(history)]))
+        attributes = _draw_history(k, draw_tastes(1, config.taste_concentration, rng)[0], rng)
+        truths.append((ToyProfile.of(history), attributes))
+        requests.append([RankItem(j, image=render_image(a, rng, size)) for j, a in enumerate(attributes)])
+    profiles = pipeline.caption_batch(users)
+    results = pipeline.rank_batch(list(zip(profiles, requests, strict=True)), seed=seed)
+    predicted, true = [], []
+    for result, (profile, attributes) in zip(results, truths, strict=True):
+        for s in result.scores:
+            if s.n_trials:
+                predicted.append(s.mean)
+                true.append(profile.score(attributes[int(s.item_id)]))
+    exact = [p == truth.text() for p, (truth, _) in zip(profiles, truths, strict=True)]
+    predicted, true = np.array(predicted), np.array(true)
+    return {
+        "profile_exact": float(np.mean(exact)),
+        "parse_rate": len(predicted) / (n_users * k),
+        "score_mae": float(np.abs(predicted - true).mean()) if len(true) else float("nan"),
+        "score_corr": float(np.corrcoef(predicted, true)[0, 1]) if len(true) > 1 else float("nan"),
+    }

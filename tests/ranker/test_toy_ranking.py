@@ -1,0 +1,75 @@
+"""The toy recommendation world, the other-user control and the stand-in scorer's stability (fast)."""
+
+import numpy as np
+import pytest
+
+from imagegem_hf.ranker import RankerConfig, RankItem, VLMRankerPipeline
+from imagegem_hf.ranker.toy_ranking import (
+    PositionBiasedScorer,
+    ToyRankingWorldConfig,
+    other_users_histories,
+    rank_stability,
+    toy_ranking_world,
+)
+
+
+def test_world_picks_follow_taste_and_community():
+    world = toy_ranking_world(ToyRankingWorldConfig(n_items=200, n_users=60, interactions_per_user=10))
+    picks = world.interactions
+    assert len(picks) == 600 and not picks.duplicated(["user", "item"]).any()
+    users = picks["user"].str[1:].astype(int).to_numpy()
+    items = picks["item"].to_numpy()
+    same_community = (world.item_communities[items] == world.user_communities[users]).mean()
+    agreement = np.einsum("ij,ij->i", world.tastes[users], world.attributes[items]).mean()
+    assert same_community > 1.5 / world.config.n_communities  # chance: 1 / n_communities
+    assert agreement > 0.2  # chance: 0 (attributes are ±1 and independent of the tastes)
+
+
+def test_other_users_histories_gives_no_user_their_own():
+    payload = {"histories": {f"u{i}": [i, i + 100] for i in range(7)}, "rankings": {}, "targets": {}}
+    control = other_users_histories(payload, seed=0)
+    assert sorted(map(tuple, control["histories"].values())) == sorted(map(tuple, payload["histories"].values()))
+    assert all(control["histories"][u] != h for u, h in payload["histories"].items())
+
+
+def _requests(n_users=12, m=10, seed=0):
+    rng = np.random.default_rng(seed)
+    relevance = {}
+    requests = []
+    for u in range(n_users):
+        values = rng.permutation(np.linspace(20, 80, m))
+        relevance |= {(f"user{u}", f"c{j}"): float(v) for j, v in enumerate(values)}
+        requests.append((f"user{u}", [RankItem(f"c{j}", text="x") for j in range(m)]))
+    return requests, lambda profile, item_id: relevance[(profile, item_id)]
+
+
+def test_position_biased_scorer_applies_its_bias_in_the_order_shown():
+    requests, relevance = _requests(n_users=1)
+    pipeline = VLMRankerPipeline(
+        backend=PositionBiasedScorer(relevance, position_bias=3.0, noise_std=5.0),
+        config=RankerConfig(k_subset=10, n_trials=1),
+    )
+    profile, items = requests[0]
+    result = pipeline.rank(profile, items, seed=0)  # greedy: no noise, every score is relevance − 3 · position
+    assert all(s.n_trials == 1 for s in result.scores)
+    positions = {s.item_id: (relevance(profile, s.item_id) - s.mean) / 3.0 for s in result.scores}
+    np.testing.assert_allclose(sorted(positions.values()), range(10), atol=0.01)  # scores have 2 decimals
+
+
+def test_randomized_scoring_stabilises_a_position_biased_noisy_scorer():
+    requests, relevance = _requests()
+    scorer = PositionBiasedScorer(relevance, position_bias=3.0, noise_std=6.0)
+    stable = {}
+    for name, overrides in {
+        "randomized": dict(k_subset=5, n_trials=4),
+        "single": dict(k_subset=10, n_trials=1),
+    }.items():
+        pipeline = VLMRankerPipeline(backend=scorer, config=RankerConfig(temperature=1.0, **overrides))
+        stable[name] = rank_stability(pipeline, requests, seeds=list(range(5)))
+    assert stable["randomized"]["unscored_fraction"] == stable["single"]["unscored_fraction"] == 0
+    assert stable["randomized"]["rank_std"] <= 0.5 * stable["single"]["rank_std"], stable
+    assert stable["randomized"]["kendall_tau"] > stable["single"]["kendall_tau"], stable
+    greedy = VLMRankerPipeline(backend=PositionBiasedScorer(relevance, 0.0, 6.0), config=RankerConfig())
+    assert rank_stability(greedy, requests, seeds=[0, 1, 2]) == pytest.approx(
+        {"rank_std": 0.0, "kendall_tau": 1.0, "unscored_fraction": 0.0}
+    )

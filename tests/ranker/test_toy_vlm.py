@@ -1,0 +1,117 @@
+"""The toy ranker VLM: its answers, tokenizer and training (fast); the learning benchmark at a small size (slow)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imagegem_hf.ranker import RankerConfig, RankItem, VLMRankerPipeline, parse_scores
+from imagegem_hf.ranker.toy_vlm import (
+    ToyProfile,
+    ToyRankerVLMConfig,
+    pretrained_toy_ranker_vlm,
+    tokenize_conversations,
+    toy_ranker_vlm,
+    training_conversations,
+)
+
+# colour, shape, brightness, texture (ATTRIBUTES order), ±1
+HISTORY = np.array([[1, 1, 1, 1], [1, 1, -1, 1], [1, -1, -1, 1], [-1, 1, -1, -1], [1, 1, 1, -1]])
+
+
+def test_profile_text_score_and_explanation_match_a_hand_computation():
+    profile = ToyProfile.of(HISTORY)
+    assert profile.text() == (
+        "1. Primary Subject Type: circle (4/5)\n"
+        "2. Defining Visual Features: red (4/5)\n"
+        "3. Artistic Style: striped (3/5)\n"
+        "4. Background Elements: dark (3/5)"
+    )
+    assert ToyProfile.parse(profile.text()) == profile
+    assert ToyProfile.parse("red circles, mostly") is None
+    blue_bright_striped_circle = np.array([-1, 1, 1, 1])
+    # shares of the history with the candidate's values: blue 1/5, circle 4/5, bright 2/5, striped 3/5; 25 points each
+    assert profile.score(blue_bright_striped_circle) == round(25 * (1 + 4 + 2 + 3) / 5)
+    assert profile.explanation(blue_bright_striped_circle) == "shares circle striped"
+    assert profile.explanation(-np.array([1, 1, -1, 1])) == "shares nothing"
+
+
+def test_training_answers_are_five_tokens_per_object_and_parse_to_the_programmatic_scores():
+    config = ToyRankerVLMConfig()
+    _, processor = toy_ranker_vlm(config)
+    tokenizer = processor.tokenizer
+    rng = np.random.default_rng(0)
+    for n_candidates in (None, 1, 4, 10):
+        for content, images, answer in training_conversations(config, 3, rng, n_candidates):
+            ids = tokenizer(answer, add_special_tokens=False).input_ids
+            assert tokenizer.decode(ids) == answer
+            texts = [part["text"] for part in content if part["type"] == "text"]
+            if n_candidates is None:
+                assert texts[-1] == VLMRankerPipeline(backend=object()).templates.image_captioning
+                assert ToyProfile.parse(answer).n == len(images)
+                continue
+            assert len(ids) == 5 * n_candidates + 1  # '[{"image_id": ' + five tokens per object
+            shown = [t.split(": ")[1].rstrip(". ") for t in texts if t.startswith("image_id: ")]
+            parsed = parse_scores(answer, shown)
+            profile = ToyProfile.parse(texts[0].split("\n", 1)[1].split("\n\n")[0])
+            assert list(parsed.scores) == shown and not parsed.problems
+            assert len(images) == n_candidates and profile is not None
+    batch = tokenize_conversations(processor, training_conversations(config, 2, rng, 3))
+    labelled = batch["labels"][0][batch["labels"][0] != -100]
+    assert tokenizer.convert_ids_to_tokens(labelled.tolist())[0] == '[{"image_id": '
+    assert labelled[-1] == tokenizer.eos_token_id
+
+
+def test_training_runs_caches_and_loads_with_the_auto_classes(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    config = ToyRankerVLMConfig(train_steps=3, batch_size=2, text_hidden_size=32, text_layers=1)
+    folder = pretrained_toy_ranker_vlm(config, cache_dir=tmp_path, progress=False)
+    assert (folder / "training.json").is_file() and folder.parent == tmp_path
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert pretrained_toy_ranker_vlm(config, cache_dir=tmp_path) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # the cache is used, not retrained
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and len(processor.tokenizer) > 1000
+    ranker = VLMRankerPipeline.from_pretrained(folder, max_new_tokens=8, k_subset=2, n_trials=2)
+    (_, images, _), *_ = training_conversations(config, 1, np.random.default_rng(0), 3)
+    items = [RankItem(i, image=im) for i, im in enumerate(images)]
+    result = ranker.rank(ToyProfile.of(HISTORY).text(), items, seed=0)
+    assert sorted(s.item_id for s in result.scores) == [0, 1, 2]
+
+
+def test_rank_batch_samples_trials_at_the_configured_temperature():
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, requests, sample_seed=None, show_progress=False, temperature=0.7):
+            self.calls.append((sample_seed, temperature))
+            return ['[{"image_id": 0, "similarity_score": 50}, {"image_id": 1, "similarity_score": 40}]'] * len(
+                requests
+            )
+
+    items = [RankItem(0, text="a"), RankItem(1, text="b")]
+    for temperature, sampled in ((0.0, False), (0.9, True)):
+        backend = Recorder()
+        pipeline = VLMRankerPipeline(
+            backend=backend, config=RankerConfig(k_subset=2, n_trials=2, temperature=temperature)
+        )
+        pipeline.rank("likes red", items, seed=3)
+        (seed, used), *_ = backend.calls
+        assert (seed is not None) == sampled and (not sampled or used == 0.9)
+    assert Recorder().generate([]) == []
+
+
+@pytest.mark.slow
+def test_learning_benchmark_passes_at_a_small_size(tmp_path):
+    path = Path(__file__).parents[2] / "benchmarks" / "learn_ranker.py"
+    spec = importlib.util.spec_from_file_location("learn_ranker", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # dataclasses look their module up there
+    spec.loader.exec_module(benchmark)
+    results = benchmark.main(["--small", "--output-dir", str(tmp_path)])
+    assert results and all(r.passed for r in results), [str(r) for r in results]
