@@ -3,6 +3,10 @@
 An embedder turns texts (and, for multimodal ones, images) into L2-normalised float32 numpy arrays.
 Clustering prompts, labelling LoRAs by CLIP similarity and initialising item towers all take any
 object that follows `TextEmbedder` / `ImageEmbedder`, so a caller can plug in their own model.
+
+The embedders here cut their input into batches in input order and, under `accelerate launch` (or `torchrun`),
+split the batches across processes (`imagegem_hf.distributed.map_batches`): every process calls them with the same
+input and gets all the embeddings back, the same numbers as one process.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+
+from imagegem_hf.distributed import map_batches
 
 
 @runtime_checkable
@@ -85,12 +90,13 @@ class SentenceTransformerEmbedder:
         return int(self.model.get_sentence_embedding_dimension())
 
     def embed_texts(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
+        batches = [list(texts[start : start + self.batch_size]) for start in range(0, len(texts), self.batch_size)]
+        chunks = map_batches(self._embed_batch, batches, desc="sentence embeddings", progress=show_progress)
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
         out = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=show_progress,
+            texts, batch_size=len(texts), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
         )
         return out.astype(np.float32, copy=False)
 
@@ -128,25 +134,25 @@ class CLIPEmbedder:
         model = CLIPModel.from_pretrained(path_or_repo_id).to(device)
         return cls(model, CLIPProcessor.from_pretrained(path_or_repo_id), device=device, **kwargs)
 
-    @torch.no_grad()
     def embed_texts(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
-        chunks = []
-        for start in tqdm(range(0, len(texts), self.batch_size), disable=not show_progress, desc="CLIP text"):
-            batch = self.processor(
-                text=list(texts[start : start + self.batch_size]), padding=True, truncation=True, return_tensors="pt"
-            ).to(self.device)
-            chunks.append(clip_features(self.model.get_text_features(**batch)).float().cpu().numpy())
+        batches = [list(texts[start : start + self.batch_size]) for start in range(0, len(texts), self.batch_size)]
+        chunks = map_batches(self._text_batch, batches, desc="CLIP text", progress=show_progress)
+        return l2_normalize(np.concatenate(chunks)) if chunks else np.zeros((0, self.dim), np.float32)
+
+    def embed_images(self, images: Sequence[Image.Image], show_progress: bool = False) -> np.ndarray:
+        batches = [list(images[start : start + self.batch_size]) for start in range(0, len(images), self.batch_size)]
+        chunks = map_batches(self._image_batch, batches, desc="CLIP images", progress=show_progress)
         return l2_normalize(np.concatenate(chunks)) if chunks else np.zeros((0, self.dim), np.float32)
 
     @torch.no_grad()
-    def embed_images(self, images: Sequence[Image.Image], show_progress: bool = False) -> np.ndarray:
-        chunks = []
-        for start in tqdm(range(0, len(images), self.batch_size), disable=not show_progress, desc="CLIP images"):
-            batch = self.processor(
-                images=[im.convert("RGB") for im in images[start : start + self.batch_size]], return_tensors="pt"
-            ).to(self.device)
-            chunks.append(clip_features(self.model.get_image_features(**batch)).float().cpu().numpy())
-        return l2_normalize(np.concatenate(chunks)) if chunks else np.zeros((0, self.dim), np.float32)
+    def _text_batch(self, texts: list[str]) -> np.ndarray:
+        batch = self.processor(text=texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return clip_features(self.model.get_text_features(**batch)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def _image_batch(self, images: list[Image.Image]) -> np.ndarray:
+        batch = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").to(self.device)
+        return clip_features(self.model.get_image_features(**batch)).float().cpu().numpy()
 
     @property
     def dim(self) -> int:

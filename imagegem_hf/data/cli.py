@@ -173,7 +173,9 @@ def _pairs(args: argparse.Namespace) -> int:
         import imagegem_hf.scoring as scoring
 
         scorer_class = getattr(scoring, _SCORERS[args.score])
-        kwargs = {"device": args.device}
+        from imagegem_hf.distributed import local_device
+
+        kwargs = {"device": local_device(args.device)}  # `cuda`: this process's GPU under `accelerate launch`
         scorer = (
             scorer_class.from_pretrained(args.scorer_path, **kwargs)
             if args.scorer_path

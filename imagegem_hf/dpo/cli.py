@@ -28,7 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--steps", type=int, default=50, help="Inference steps.")
     evaluate.add_argument("--guidance-scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     evaluate.add_argument("--batch-size", type=int, default=4, help="Images per pipeline call.")
-    evaluate.add_argument("--device", default="cuda", help="Device of the pipelines and scorers.")
+    evaluate.add_argument(
+        "--device",
+        default=None,
+        help="Device of the pipelines and scorers (default: this process's GPU under `accelerate launch`, else the "
+        "GPU, else the CPU; `cuda` is this process's GPU).",
+    )
     evaluate.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     evaluate.add_argument("--output-dir", default="dpo_eval", help="Where the table, scores and grid go.")
     evaluate.set_defaults(func=_eval)
@@ -39,6 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
     from diffusers import DiffusionPipeline
 
     import imagegem_hf.scoring as scoring
+    from imagegem_hf.distributed import is_main_process, local_device
     from imagegem_hf.dpo.evaluate import evaluate_pipelines
     from imagegem_hf.dpo.trainer import load_dpo_weights
 
@@ -48,18 +54,19 @@ def _eval(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"Unknown scorer(s) {unknown}; choose from {sorted(_SCORERS)}.")
     dtype = getattr(torch, args.dtype)
+    device = local_device(args.device)
     scorers = {}
     for name in names:
         class_name, column = _SCORERS[name]
         scorer_class, path = getattr(scoring, class_name), getattr(args, f"{name}_model")
         if path is None:
-            scorers[column] = scorer_class.from_pretrained(device=args.device, dtype=dtype)
+            scorers[column] = scorer_class.from_pretrained(device=device, dtype=dtype)
         elif name == "hpsv2":
-            scorers[column] = scorer_class.from_pretrained(path, device=args.device, dtype=dtype)
+            scorers[column] = scorer_class.from_pretrained(path, device=device, dtype=dtype)
         else:  # PickScore / CLIP score: the processor sits next to the model
-            scorers[column] = scorer_class.from_pretrained(path, path, device=args.device, dtype=dtype)
-    base = DiffusionPipeline.from_pretrained(args.base, dtype=dtype).to(args.device)
-    tuned = DiffusionPipeline.from_pretrained(args.base, dtype=dtype).to(args.device)
+            scorers[column] = scorer_class.from_pretrained(path, path, device=device, dtype=dtype)
+    base = DiffusionPipeline.from_pretrained(args.base, dtype=dtype).to(device)
+    tuned = DiffusionPipeline.from_pretrained(args.base, dtype=dtype).to(device)
     load_dpo_weights(tuned, args.checkpoint)
     report = evaluate_pipelines(
         {Path(args.base).name: base, f"{Path(args.base).name} + DPO": tuned},
@@ -71,6 +78,8 @@ def _eval(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
     )
+    if not is_main_process():  # under `accelerate launch` every process generated and scored its share; one writes
+        return 0
     print(report.table())
     for kind, path in report.save(args.output_dir).items():
         print(f"{kind} → {path}")

@@ -354,9 +354,11 @@ class DiffusionDPOCollator:
     (`random_flip`). SDXL size conditioning (`add_time_ids`) is the winner's original size, the crop's top-left and
     the target size, valid for both images.
 
-    The random draws of a pair (empty prompt, crop, flip) are a function of `seed`, the epoch (`set_epoch`) and
-    the pair's content only: they are the same in any DataLoader worker, after resuming from a checkpoint (whose
-    seed and epoch determine them) and in any batch composition, and they change from epoch to epoch.
+    The random draws of a pair (empty prompt, crop, flip, and `noise_seeds`: the seed of the model's VAE sample,
+    noise and timestep for the pair) are a function of `seed`, the epoch (`set_epoch`) and the pair's content only:
+    they are the same in any DataLoader worker, on whichever process of a distributed run handles the pair, after
+    resuming from a checkpoint (whose seed and epoch determine them) and in any batch composition, and they change
+    from epoch to epoch.
 
     Args:
         tokenizer: The (first) CLIP tokenizer.
@@ -447,17 +449,21 @@ class DiffusionDPOCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         augment = self.proportion_empty_prompts > 0 or self.random_crop or self.random_flip
-        pixels, time_ids, captions = [], [], []
+        pixels, time_ids, captions, noise_seeds = [], [], [], []
         for row in rows:
-            rng = np.random.default_rng([self.seed, self.epoch, *_pair_key(row)]) if augment else None
+            entropy = [self.seed, self.epoch, *_pair_key(row)]
+            rng = np.random.default_rng(entropy) if augment else None
             empty = rng is not None and rng.random() < self.proportion_empty_prompts
             pair, ids = self._pair_pixels(row, rng)
             pixels.append(pair)
             time_ids.append(ids)
             captions.append("" if empty else row["caption"])
+            # A stream of its own (one more entropy word), independent of which augmentations are on.
+            noise_seeds.append(int(np.random.SeedSequence([*entropy, 1]).generate_state(1, np.uint64)[0] >> 1))
         batch = {
             "pixel_values": torch.from_numpy(np.stack(pixels)),
             "input_ids": self._tokenize(self.tokenizer, captions),
+            "noise_seeds": torch.tensor(noise_seeds, dtype=torch.int64),
         }
         if self.tokenizer_2 is not None:
             batch["input_ids_2"] = self._tokenize(self.tokenizer_2, captions)

@@ -2,22 +2,36 @@
 
 Each pipeline generates one image per (prompt, seed); every image is scored by each scorer (PickScore, HPSv2,
 CLIP score, or any `Scorer`); the table reports the mean score per pipeline and the win rate of each pipeline
-against the first one (the base) on the same (prompt, seed).
+against the first one (the base) on the same (prompt, seed). Under `accelerate launch` (or `torchrun`) the batches
+of (prompt, seed) jobs are split across processes and gathered back in job order: each image comes from its own
+seeded generator and the batches do not depend on the number of processes, so the scores are those of one process.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
+from imagegem_hf.distributed import map_batches
 from imagegem_hf.scoring.base import Scorer
+
+
+def _job_batches(prompts: Sequence[str], seeds: Sequence[int], batch_size: int) -> list[list[tuple[str, int]]]:
+    jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    return [jobs[start : start + batch_size] for start in range(0, len(jobs), batch_size)]
+
+
+def _generate(pipeline, batch: list[tuple[str, int]], **call_kwargs) -> list[Image.Image]:
+    generators = [torch.Generator(device=pipeline.device).manual_seed(seed) for _, seed in batch]
+    return pipeline([prompt for prompt, _ in batch], generator=generators, **call_kwargs).images
 
 
 def generate_images(
@@ -28,22 +42,17 @@ def generate_images(
     **call_kwargs,
 ) -> list[Image.Image]:
     """One image per (prompt, seed), prompt-major, each from its own `torch.Generator(seed)` so that two pipelines
-    given the same prompts and seeds start from the same noise.
+    given the same prompts and seeds start from the same noise. Under a distributed launch the batches are split
+    across processes and every process gets all the images back, in order.
 
     Example:
         ```python
         >>> images = generate_images(pipe, ["a dog"], seeds=[0, 1, 2], num_inference_steps=30)  # doctest: +SKIP
         ```
     """
-    jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
-    images: list[Image.Image] = []
-    device = pipeline.device
-    for start in tqdm(range(0, len(jobs), batch_size), desc="Generating", leave=False):
-        chunk = jobs[start : start + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(seed) for _, seed in chunk]
-        out = pipeline([prompt for prompt, _ in chunk], generator=generators, **call_kwargs)
-        images.extend(out.images)
-    return images
+    batches = _job_batches(prompts, seeds, batch_size)
+    generated = map_batches(functools.partial(_generate, pipeline, **call_kwargs), batches, desc="Generating")
+    return [image for images in generated for image in images]
 
 
 def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str], cell: int = 128) -> Image.Image:
@@ -143,13 +152,20 @@ def evaluate_pipelines(
         raise ValueError("No evaluation prompts.")
     if not scorers:
         raise ValueError("Pass at least one scorer (e.g. {'PickScore': PickScore.from_pretrained()}).")
-    jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    batches = _job_batches(prompts, seeds, batch_size)
+    jobs = [job for batch in batches for job in batch]
+
+    def generate_and_score(pipeline, batch: list[tuple[str, int]]) -> tuple[list[Image.Image], dict[str, list]]:
+        images = _generate(pipeline, batch, **call_kwargs)
+        batch_prompts = [prompt for prompt, _ in batch]
+        return images, {name: scorer.score(images, batch_prompts).tolist() for name, scorer in scorers.items()}
+
     frames, all_images = [], {}
     for name, pipeline in pipelines.items():
-        images = generate_images(pipeline, prompts, seeds, batch_size=batch_size, **call_kwargs)
+        results = map_batches(functools.partial(generate_and_score, pipeline), batches, desc=f"Generating ({name})")
         frame = pd.DataFrame({"model": name, "prompt": [p for p, _ in jobs], "seed": [s for _, s in jobs]})
-        for scorer_name, scorer in scorers.items():
-            frame[scorer_name] = scorer.score(images, [p for p, _ in jobs]).numpy()
+        for scorer_name in scorers:
+            frame[scorer_name] = np.array([v for _, scores in results for v in scores[scorer_name]], np.float32)
         frames.append(frame)
-        all_images[name] = images
+        all_images[name] = [image for images, _ in results for image in images]
     return DPOEvaluation(pd.concat(frames, ignore_index=True), all_images, subset)

@@ -157,12 +157,45 @@ class DiffusionDPOModel(nn.Module):
         return torch.cat([hidden_1, out_2.hidden_states[-2]], dim=-1), out_2.text_embeds
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents of `(N, 3, H, W)` images in [−1, 1] (a posterior sample), scaled by the VAE's scaling
-        factor, in the frozen weights' dtype (the text encoder's: the VAE may run in float32 under fp16)."""
+    def encode_images(self, pixel_values: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
+        """VAE latents of `(N, 3, H, W)` images in [−1, 1]: the posterior sample `mean + std · sample`, scaled by
+        the VAE's scaling factor, in the frozen weights' dtype (the text encoder's: the VAE may run in float32 under
+        fp16).
+
+        Args:
+            pixel_values: The images.
+            sample: Standard normal draws of the latents' shape `(N, C, h, w)`; from the global random state when
+                `None`.
+        """
         vae_dtype = next(self.vae.parameters()).dtype
-        latents = self.vae.encode(pixel_values.to(vae_dtype)).latent_dist.sample(generator=generator)
+        posterior = self.vae.encode(pixel_values.to(vae_dtype)).latent_dist
+        if sample is None:
+            sample = torch.randn_like(posterior.mean)
+        latents = posterior.mean + posterior.std * sample.to(device=posterior.mean.device, dtype=posterior.mean.dtype)
         return (latents * self.vae.config.scaling_factor).to(next(self.text_encoder.parameters()).dtype)
+
+    def latent_shape(self, pixel_values: torch.Tensor) -> tuple[int, int, int]:
+        """`(C, h, w)` of the latents of `pixel_values` (`(..., 3, H, W)`)."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.vae.config.latent_channels, pixel_values.shape[-2] // factor, pixel_values.shape[-1] // factor
+
+    def pair_draws(self, noise_seeds: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+        """The random draws of `B` pairs, each from a generator seeded with its seed, in this order: the winner's
+        posterior sample, the loser's, the noise and the timestep. A pair's draws so depend on its seed only, not
+        on the batch or the process it is in.
+
+        Returns:
+            `(samples, noise, timesteps)`: `(2B, C, h, w)` (winners then losers), `(B, C, h, w)` and `(B,)`.
+        """
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        winners, losers, noise, timesteps = [], [], [], []
+        for seed in noise_seeds.tolist():
+            generator = torch.Generator().manual_seed(seed)
+            winners.append(torch.randn(shape, generator=generator))
+            losers.append(torch.randn(shape, generator=generator))
+            noise.append(torch.randn(shape, generator=generator))
+            timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+        return torch.stack(winners + losers), torch.stack(noise), torch.cat(timesteps)
 
     def _mse(self, unet: nn.Module, noisy, timesteps, hidden, added_cond, target) -> torch.Tensor:
         pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added_cond).sample
@@ -176,7 +209,7 @@ class DiffusionDPOModel(nn.Module):
         input_ids: torch.Tensor,
         input_ids_2: torch.Tensor | None = None,
         add_time_ids: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        noise_seeds: torch.Tensor | None = None,
     ) -> DiffusionDPOOutput:
         """Diffusion-DPO loss of a batch of pairs.
 
@@ -185,8 +218,10 @@ class DiffusionDPOModel(nn.Module):
             input_ids: `(B, L)` token ids of the captions (first tokenizer).
             input_ids_2: `(B, L)` token ids of the second tokenizer (SDXL).
             add_time_ids: `(B, 6)` SDXL size conditioning (original size, crop top-left, target size).
-            generator: A CPU `torch.Generator` for the VAE sample, the noise and the timesteps (evaluation); the
-                global random state when `None` (training: checkpointed and restored by `Trainer`).
+            noise_seeds: `(B,)` int64 seed of each pair's VAE samples, noise and timestep (what
+                [`DiffusionDPOCollator`] adds to its batches): a pair then gets the same draws whatever batch or
+                process it is in, so a distributed run trains like one process with the same global batch. When
+                `None`, everything is drawn from the global random state.
 
         Returns:
             A [`DiffusionDPOOutput`].
@@ -194,16 +229,18 @@ class DiffusionDPOModel(nn.Module):
         if pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
             raise ValueError(f"pixel_values must be (batch, 2, 3, H, W), got {tuple(pixel_values.shape)}.")
         batch = pixel_values.shape[0]
-        # Winners then losers: (2B, 3, H, W).
-        latents = self.encode_images(torch.cat([pixel_values[:, 0], pixel_values[:, 1]]), generator)
-        num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        if generator is None:
+        images = torch.cat([pixel_values[:, 0], pixel_values[:, 1]])  # winners then losers: (2B, 3, H, W)
+        if noise_seeds is None:
+            latents = self.encode_images(images)
             noise = torch.randn_like(latents[:batch])
-            timesteps = torch.randint(0, num_timesteps, (batch,), device=latents.device)
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,))
         else:
-            noise = torch.randn(latents[:batch].shape, generator=generator, dtype=latents.dtype)
-            timesteps = torch.randint(0, num_timesteps, (batch,), generator=generator)
-            noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+            if noise_seeds.shape != (batch,):
+                raise ValueError(f"noise_seeds must have shape ({batch},), got {tuple(noise_seeds.shape)}.")
+            samples, noise, timesteps = self.pair_draws(noise_seeds, self.latent_shape(pixel_values))
+            latents = self.encode_images(images, samples)
+        noise = noise.to(device=latents.device, dtype=latents.dtype)
+        timesteps = timesteps.to(latents.device)
         noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
+from imagegem_hf.distributed import CollatorEpochCallback
 from imagegem_hf.dpo.config import DiffusionDPOConfig
 from imagegem_hf.dpo.data import DiffusionDPOCollator, prepare_dpo_dataset
 from imagegem_hf.dpo.modeling import DiffusionDPOModel
@@ -73,16 +74,6 @@ def load_dpo_weights(pipeline, checkpoint_dir: str | os.PathLike) -> None:
         pipeline.unet.load_state_dict(unet.state_dict())
 
 
-class _CollatorEpoch(TrainerCallback):
-    """Tells the collator the epoch that starts, so that its random draws change from epoch to epoch."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.set_epoch(int(state.epoch or 0))  # `state.epoch` is fractional inside a resumed epoch
-
-
 def _copy(module: torch.nn.Module | None, dtype: torch.dtype) -> torch.nn.Module | None:
     """A copy of `module` in `dtype`: the trainer moves, casts and freezes its own modules, never the caller's."""
     if module is None:
@@ -99,8 +90,11 @@ class DiffusionDPOTrainer(Trainer):
     frozen, in the mixed-precision dtype (the VAE stays in float32 under `fp16=True`, as in the diffusers SDXL
     script: fp16 VAEs overflow into NaN losses). Each step draws one noise and one timestep per pair, shared by
     winner and loser, and minimises `−log σ(−½β·((mse_w − mse_l) − (ref_w − ref_l)))`; `rewards/accuracies` (the
-    implicit accuracy) and `rewards/margins` are logged. Evaluation is deterministic: each evaluation draws the
-    same noise and timesteps (from `args.seed`) and uses no augmentation (no empty prompts, center crops, no flips).
+    implicit accuracy) and `rewards/margins` are logged, averaged over the global batch. Every random draw of a pair
+    (empty prompt, crop, flip, VAE sample, noise, timestep) is keyed by `args.seed`, the epoch and the pair, so a
+    run on several processes (`accelerate launch`, `torchrun`) trains like one process with the same global batch,
+    and resumes like the uninterrupted run. Evaluation is deterministic: each evaluation draws the same noise and
+    timesteps and uses no augmentation (no empty prompts, center crops, no flips).
     Checkpoints hold the LoRA in diffusers format with its adapter config (`pytorch_lora_weights.safetensors`,
     loadable with `pipeline.load_lora_weights(dir)`, alpha included) or the full UNet (`unet/`), plus
     `diffusion_dpo.json`; training resumes from them exactly with `trainer.train(resume_from_checkpoint=...)`, and
@@ -206,9 +200,8 @@ class DiffusionDPOTrainer(Trainer):
             )
         callbacks = list(callbacks or [])
         if hasattr(data_collator, "set_epoch"):
-            callbacks.append(_CollatorEpoch(data_collator))
+            callbacks.append(CollatorEpochCallback(data_collator))
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._eval_generator: torch.Generator | None = None
         super().__init__(
             model=model,
             args=args,
@@ -227,7 +220,8 @@ class DiffusionDPOTrainer(Trainer):
         return prepared
 
     def get_eval_dataloader(self, eval_dataset=None):
-        """The evaluation DataLoader, batched by the collator without its augmentation (deterministic batches)."""
+        """The evaluation DataLoader, batched by the collator without its augmentation and at a fixed epoch (every
+        evaluation gets the same batches, noise and timesteps)."""
         collator = self.data_collator
         if isinstance(collator, DiffusionDPOCollator):
             self.data_collator = collator.without_augmentation()
@@ -235,15 +229,6 @@ class DiffusionDPOTrainer(Trainer):
             return super().get_eval_dataloader(eval_dataset)
         finally:
             self.data_collator = collator
-
-    def evaluation_loop(self, *args, **kwargs):
-        """Every evaluation draws the same noise and timesteps (seeded from `args.seed`, one stream per process):
-        the same weights give the same `eval_loss`."""
-        self._eval_generator = torch.Generator().manual_seed(self.args.seed + self.args.process_index)
-        try:
-            return super().evaluation_loop(*args, **kwargs)
-        finally:
-            self._eval_generator = None
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -271,8 +256,6 @@ class DiffusionDPOTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        if self._eval_generator is not None:
-            inputs = {**inputs, "generator": self._eval_generator}
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

@@ -37,6 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -911,8 +912,11 @@ def synthetic_pickapic_records(
 class PreferenceCollator:
     """Collate `PreferenceExample`s into one batch scoring both target images with the same references.
 
-    Both targets of an example get the same references in the same order (shuffled per call when
-    `shuffle_references`, as in paper 003's training). With `share_prefix` (default) the batch is a `PairBatch`: the
+    Both targets of an example get the same references in the same order (shuffled when `shuffle_references`, as in
+    paper 003's training). An example's order is drawn from `seed`, the epoch (`set_epoch`, which the trainer calls
+    at the start of every epoch) and the example itself: it changes from epoch to epoch, and is the same in any
+    batch, DataLoader worker or process of a distributed run, and after resuming from a checkpoint (whose epoch
+    determines it). With `share_prefix` (default) the batch is a `PairBatch`: the
     references are encoded once per example and the two target turns on top of them; otherwise it holds `2 · B`
     full left-padded sequences (liked targets first). Either way the model returns the `B` liked targets' logits,
     then the `B` disliked ones, and `labels` is 1 for the first half and 0 for the second.
@@ -924,7 +928,7 @@ class PreferenceCollator:
         builder: The sequence builder of the model.
         load_image: Maps an image key to a PIL image (e.g. `images.__getitem__`).
         n_ref: References per example (the first `n_ref`).
-        shuffle_references: Shuffle the reference turns of every example on every call.
+        shuffle_references: Shuffle the reference turns of every example, anew in every epoch.
         seed: Seed of the shuffles.
         share_prefix: Encode the shared references once per example (`build_pair_batch`).
 
@@ -946,8 +950,23 @@ class PreferenceCollator:
     ):
         self.builder, self.load_image, self.n_ref = builder, load_image, n_ref
         self.shuffle_references, self.share_prefix = shuffle_references, share_prefix
-        self.rng = np.random.default_rng(seed)
+        self.seed = int(seed) % 2**64
+        # Shared memory: DataLoader workers (persistent ones too) see the epoch the trainer sets.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.short_reference_examples = 0
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the reference orders of `epoch`."""
+        self._epoch.fill_(int(epoch))
+
+    def _order_rng(self, example: PreferenceExample) -> np.random.Generator:
+        """The generator of `example`'s reference order in this epoch (keyed by the example's user and targets)."""
+        key = "\0".join([example.user_id, example.image0, example.image1, example.prompt])
+        return np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
 
     def __call__(self, examples: Sequence[PreferenceExample]):
         examples = [e if isinstance(e, PreferenceExample) else PreferenceExample.from_row(e) for e in examples]
@@ -962,7 +981,9 @@ class PreferenceCollator:
         self.short_reference_examples += len(short)
         pos = [e.query(self.load_image, e.liked, self.n_ref) for e in examples]
         neg = [e.query(self.load_image, e.disliked, self.n_ref) for e in examples]
-        orders = self.builder.random_orders(pos, self.rng) if self.shuffle_references else [None] * len(pos)
+        orders = [None] * len(pos)
+        if self.shuffle_references:
+            orders = [self.builder.random_orders([pos[i]], self._order_rng(e))[0] for i, e in enumerate(examples)]
         if self.share_prefix:
             return build_pair_batch(self.builder, pos, neg, orders)
         return self.builder(pos + neg, orders=orders + orders, labels=[1] * len(pos) + [0] * len(neg))

@@ -3,21 +3,19 @@
 Paper 003 (arXiv 2508.08220, REFERENCE §7): stage 1 fine-tunes the VLM with LoRA (QLoRA on a GPU) on the language
 model, optionally training the vision encoder too, with `L_base + L_aux`; stage 2 starts from the stage-1 model,
 adds the learnable preference prototypes and trains only them with the same loss. The reference turns of every
-example are shuffled on every step.
+example are shuffled anew in every epoch.
 
 `PreferencePrototypeTrainingConfig` is a `TrainingArguments` (so `--output_dir`, `--max_steps`, `--save_steps`,
 `--resume_from_checkpoint`, `accelerate launch` ... all work as usual); `PreferencePrototypeTrainer` overrides
 `compute_loss` (normalised over the examples of the whole optimizer step, so gradient accumulation does not change the
-update), returns the like/dislike logits from `prediction_step` (for `compute_metrics`) and checkpoints the state of
-the collator's reference shuffling, so that a resumed run draws the same reference orders as an uninterrupted one.
+update), returns the like/dislike logits from `prediction_step` (for `compute_metrics`) and tells the collator the
+epoch, whose reference orders are keyed by (seed, epoch, example): a resumed run, or one on several processes, draws
+the same orders as an uninterrupted single-process one.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import EvalPrediction, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
+from imagegem_hf.distributed import CollatorEpochCallback
 from imagegem_hf.hub import atomic_directory, card_license, hub_repo_id, render_card
 from imagegem_hf.preference.data import PreferenceCollator, PreferenceExample
 from imagegem_hf.preference.evaluate import pairwise_accuracy
@@ -35,8 +33,6 @@ from imagegem_hf.preference.losses import preference_loss
 from imagegem_hf.preference.modeling_preference_prototype import PreferencePrototypeModel
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
-# the state of the collator's reference shuffling after the last trained batch, saved in every checkpoint
-COLLATOR_STATE_NAME = "collator_rng_state"
 
 
 @dataclass
@@ -227,33 +223,16 @@ def preference_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
     return {"pairwise_accuracy": pairwise_accuracy(margin[:, 0], margin[:, 1], np.ones(len(margin)))}
 
 
-def _shuffle_generator(collator) -> np.random.Generator | None:
-    generator = getattr(collator, "rng", None)
-    return generator if isinstance(generator, np.random.Generator) else None
-
-
-class _RecordingCollator:
-    """Calls the training collator and records the state of its shuffling generator after each batch (the
-    dataloader collates ahead of training, so the generator's current state is not that of the last trained batch)."""
-
-    def __init__(self, collator, states: deque):
-        self.collator, self.states = collator, states
-
-    def __call__(self, examples):
-        batch = self.collator(examples)
-        self.states.append(_shuffle_generator(self.collator).bit_generator.state)
-        return batch
-
-
 class PreferencePrototypeTrainer(Trainer):
     """`Trainer` with paper 003's loss: each batch scores the liked and the disliked target of every example with the
     same references, and `compute_loss` returns `L_base + aux_weight · L_aux`.
 
     The loss is the mean over the examples of the whole optimizer step (all its accumulated micro-batches and, with
-    `average_tokens_across_devices`, all processes), so `gradient_accumulation_steps` never scales the update.
-    Checkpoints hold the state of the training collator's reference shuffling after the last trained batch, and
-    `train(resume_from_checkpoint=...)` restores it, so a resumed run sees the same reference orders as an
-    uninterrupted one (with `dataloader_num_workers=0`: worker processes keep their own copies of the collator).
+    `average_tokens_across_devices`, all processes), so `gradient_accumulation_steps` never scales the update; the
+    logged `loss_base` and `loss_aux` are means over the examples of all processes. The training collator's
+    `set_epoch` is called at the start of every epoch: with [`PreferenceCollator`]'s keyed reference orders, a
+    resumed run and a run on several processes draw the orders of an uninterrupted single-process run. (LoRA dropout
+    draws its masks per process, like any dropout: turn it off, `lora_dropout=0`, where runs must match exactly.)
 
     Args:
         model: The (peft-wrapped in stage 1) `PreferencePrototypeModel`.
@@ -276,27 +255,10 @@ class PreferencePrototypeTrainer(Trainer):
     def __init__(self, *args, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
-        self._collator_states: deque = deque()
-        self._trained_collator_state: dict | None = None
+        if hasattr(self.data_collator, "set_epoch"):
+            self.add_callback(CollatorEpochCallback(self.data_collator))
         self._part_sums: dict[str, float] = {}
         self._part_examples = 0
-        if self.args.dataloader_num_workers > 0 and getattr(self.data_collator, "shuffle_references", False):
-            warnings.warn(
-                "With dataloader_num_workers > 0 the reference shuffles run in worker processes, so checkpoints "
-                "cannot hold their state: a resumed run will draw other reference orders than an uninterrupted one.",
-                stacklevel=2,
-            )
-
-    def get_train_dataloader(self):
-        collator = self.data_collator
-        if _shuffle_generator(collator) is None:
-            return super().get_train_dataloader()
-        self._collator_states.clear()
-        self.data_collator = _RecordingCollator(collator, self._collator_states)
-        try:
-            return super().get_train_dataloader()
-        finally:
-            self.data_collator = collator
 
     def get_eval_dataloader(self, eval_dataset=None):
         if self.eval_data_collator is None:
@@ -306,43 +268,6 @@ class PreferencePrototypeTrainer(Trainer):
             return super().get_eval_dataloader(eval_dataset)
         finally:
             self.data_collator = collator
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        # restored before `Trainer.train` builds the dataloader, which collates ahead of the first step
-        checkpoint = resume_from_checkpoint
-        if isinstance(checkpoint, bool):
-            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
-        if checkpoint is not None:
-            self._load_collator_state(checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._collator_states:  # this batch's entry: batches are trained in the order they were collated
-            self._trained_collator_state = self._collator_states.popleft()
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def _collator_state_file(self, folder: str | os.PathLike) -> Path:
-        suffix = f"_{self.args.process_index}" if self.args.world_size > 1 else ""
-        return Path(folder) / f"{COLLATOR_STATE_NAME}{suffix}.json"
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        super()._save_rng_state(output_dir)
-        if self._trained_collator_state is not None:
-            self._collator_state_file(output_dir).write_text(json.dumps(self._trained_collator_state))
-
-    def _load_collator_state(self, checkpoint: str | os.PathLike) -> None:
-        generator = _shuffle_generator(self.data_collator)
-        if generator is None:
-            return
-        file = self._collator_state_file(checkpoint)
-        if not file.is_file():
-            warnings.warn(
-                f"{file} does not exist (a checkpoint of an older version?): the resumed run draws other reference "
-                "orders than an uninterrupted one.",
-                stacklevel=3,
-            )
-            return
-        generator.bit_generator.state = json.loads(file.read_text())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
@@ -381,7 +306,11 @@ class PreferencePrototypeTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._part_examples:  # the loss parts, averaged like the loss since the last log
-            logs = {**logs, **{f"loss_{k}": round(v / self._part_examples, 4) for k, v in self._part_sums.items()}}
+            # every process logs (the Trainer gathers the loss in the same call): sum the parts over processes
+            keys = sorted(self._part_sums)
+            sums = torch.tensor([self._part_sums[k] for k in keys] + [self._part_examples], dtype=torch.float64)
+            sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").tolist()
+            logs = {**logs, **{f"loss_{k}": v / sums[-1] for k, v in zip(keys, sums, strict=False)}}
             self._part_sums, self._part_examples = {}, 0
         super().log(logs, *args, **kwargs)
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
+from imagegem_hf.distributed import is_main_process, wait_for_everyone
 from imagegem_hf.embeddings import ImageEmbedder
 
 #: Images embedded per cache part: a killed run loses at most this many embeddings.
@@ -82,7 +83,8 @@ def clip_image_features(
 
     Images already in the cache are not embedded again, so an interrupted run resumes where it stopped, and a
     later run with more images embeds only the new ones. The cache must belong to one embedding model (see
-    `default_cache_dir`).
+    `default_cache_dir`). Under `accelerate launch` (or `torchrun`) every process reads the same images, the
+    embedder splits each part's batches across processes, and the main process alone writes the parts.
 
     Args:
         dataset_dir: A built ImageGem dataset folder whose `images` config has an `image` column.
@@ -116,6 +118,7 @@ def clip_image_features(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cached = _read_cache(cache_dir)
+    wait_for_everyone()  # every process has read the same cache before the main process adds to it
     wanted = pd.Index(pd.unique(np.asarray(image_ids)))
     todo = set(wanted.difference(cached.index).tolist())
     if todo:
@@ -140,6 +143,7 @@ def clip_image_features(
             _write_part(cache_dir, parts, pending_ids, embedder.embed_images(pending_images))
             progress.update(len(pending_ids))
         progress.close()
+        wait_for_everyone()  # the main process has written every part
         cached = _read_cache(cache_dir)
     missing = wanted.difference(cached.index)
     if len(missing):
@@ -159,7 +163,9 @@ def _read_cache(cache_dir: Path) -> pd.DataFrame:
 
 
 def _write_part(cache_dir: Path, index: int, ids: list, vectors: np.ndarray) -> None:
-    """Write one part atomically (a killed run leaves no half-written part)."""
+    """Write one part atomically (a killed run leaves no half-written part); only the main process writes."""
+    if not is_main_process():
+        return
     path = cache_dir / f"part-{index:05d}.parquet"
     tmp = path.with_suffix(".parquet.tmp")
     pd.DataFrame({"imageId": ids, "embedding": list(vectors.astype(np.float32))}).to_parquet(tmp, index=False)

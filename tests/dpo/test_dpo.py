@@ -70,17 +70,26 @@ def _batch(trainer: DiffusionDPOTrainer) -> dict[str, torch.Tensor]:
     return trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
 
 
-def _loss_written_out(trainer: DiffusionDPOTrainer, batch, seed: int) -> torch.Tensor:
-    """Diffusion-DPO (REFERENCE §4) computed step by step from the pipeline's parts, independently of the model."""
+def _loss_written_out(trainer: DiffusionDPOTrainer, batch) -> torch.Tensor:
+    """Diffusion-DPO (REFERENCE §4) computed step by step from the pipeline's parts, independently of the model.
+
+    Each pair draws from a generator seeded with its `noise_seeds` entry, in the documented order: the winner's
+    posterior sample, the loser's, the noise, the timestep."""
     pipe, model = trainer.pipeline, trainer.model
     scheduler = model.noise_scheduler
-    torch.manual_seed(seed)
     with torch.no_grad():
         winners, losers = batch["pixel_values"][:, 0], batch["pixel_values"][:, 1]
-        latents = pipe.vae.encode(torch.cat([winners, losers])).latent_dist.sample() * pipe.vae.config.scaling_factor
-        b = winners.shape[0]
-        noise = torch.randn_like(latents[:b])
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,))
+        posterior = pipe.vae.encode(torch.cat([winners, losers])).latent_dist
+        b, shape = winners.shape[0], posterior.mean.shape[1:]
+        draws = []
+        for seed in batch["noise_seeds"].tolist():
+            generator = torch.Generator().manual_seed(seed)
+            draws.append([torch.randn(shape, generator=generator) for _ in range(3)])
+            draws[-1].append(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator))
+        samples = torch.stack([d[0] for d in draws] + [d[1] for d in draws])
+        latents = (posterior.mean + posterior.std * samples) * pipe.vae.config.scaling_factor
+        noise = torch.stack([d[2] for d in draws])
+        t = torch.cat([d[3] for d in draws])
         if model.is_sdxl:
             h1 = pipe.text_encoder(batch["input_ids"], output_hidden_states=True).hidden_states[-2]
             out2 = pipe.text_encoder_2(batch["input_ids_2"], output_hidden_states=True)
@@ -122,9 +131,8 @@ def test_loss_equals_the_formula(tmp_path, sdxl, mode):
     trainer = _trainer(tmp_path, sdxl=sdxl, mode=mode, beta=100.0)
     _perturb_trained_weights(trainer)
     batch = _batch(trainer)
-    torch.manual_seed(3)
     ours = trainer.compute_loss(trainer.model, batch)
-    expected = _loss_written_out(trainer, batch, seed=3)
+    expected = _loss_written_out(trainer, batch)
     # Batched (2B) vs per-half UNet calls differ by float rounding only (×β/2 in the loss).
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=2e-6)
     assert abs(ours.item() - np.log(2)) > 1e-4  # the model differs from the reference: not the trivial log 2
@@ -212,21 +220,24 @@ def test_lora_reference_is_the_base_unet_and_does_not_move(tmp_path):
     assert not torch.allclose(model_after, model_before)
 
 
-class _SameNoiseEveryStep(TrainerCallback):
-    """Reseed before every step: each step then draws the noise and timesteps of the fixed evaluation below."""
+class _SameDrawsEveryEpoch(TrainerCallback):
+    """Keep the collator at epoch 0: each step (one per epoch) then draws the noise and timesteps of the fixed
+    evaluation below."""
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        torch.manual_seed(11)
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(0)
 
 
 def test_a_few_steps_decrease_the_loss_on_a_fixed_batch(tmp_path):
     trainer = _trainer(tmp_path, learning_rate=1e-2, max_steps=10, beta=5000.0)
     trainer.train_dataset = trainer.train_dataset.select([0, 1])  # one batch: the fixed batch
-    trainer.add_callback(_SameNoiseEveryStep())
+    trainer.add_callback(_SameDrawsEveryEpoch(trainer.data_collator))  # runs after the trainer's own epoch callback
     batch = _batch(trainer)
 
     def fixed_loss():
-        torch.manual_seed(11)
         with torch.no_grad():
             return trainer.compute_loss(trainer.model, batch).item()
 
@@ -442,7 +453,7 @@ def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path):
         save_steps=1,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
-        greater_is_better=True,  # the first step's (highest) loss is the "best": not the last weights
+        greater_is_better=False,  # the loss rises on these alternating labels: step 1 is the best, not the last
         eval_dataset=_pairs(),
     )
     trainer.train()
@@ -546,3 +557,20 @@ def test_a_prepared_layout_dataset_is_still_validated(tmp_path):
     )
     assert trainer.dropped_pairs == {"train": {"unreadable image": 1, "empty prompt": 1}}
     assert len(trainer.train_dataset) == 2
+
+
+def test_a_pairs_draws_do_not_depend_on_its_batch(tmp_path):
+    # What makes 2 processes × 2 pairs train like 1 × 4: each pair's VAE sample, noise and timestep come from its
+    # own seed (global draws used to give pair 2 the noise of pair 0 when it led its own batch).
+    trainer = _trainer(tmp_path)
+    _perturb_trained_weights(trainer)
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        whole = trainer.model(**trainer.data_collator(rows))
+        torch.manual_seed(0)
+        halves = [trainer.model(**trainer.data_collator(rows[i : i + 2])) for i in (2, 0)]
+    for term in ("model_mse_w", "model_mse_l", "ref_mse_w", "inside"):
+        split = torch.cat([getattr(halves[1], term), getattr(halves[0], term)])
+        torch.testing.assert_close(split, getattr(whole, term), rtol=1e-5, atol=1e-3 if term == "inside" else 1e-6)
+    assert whole.inside.abs().min() > 1e-2  # the terms are not trivially equal

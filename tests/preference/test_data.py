@@ -84,7 +84,11 @@ def test_collator_scores_both_targets_with_the_same_references():
     ids, mask = batch["input_ids"], batch["attention_mask"]
     for i in range(2):  # same references in the same order: the rows differ only in the target image pixels
         assert torch_equal_rows(ids[i], mask[i], ids[i + 2], mask[i + 2])
-    # the reference order is drawn anew on every call (seeded); without shuffling it is the default order
+    # the reference order is keyed by (seed, epoch, example): the same in another batch, anew in the next epoch;
+    # without shuffling it is the default order
+    alone = collator(splits["train"][1:2])
+    assert torch_equal_rows(alone["input_ids"][0], alone["attention_mask"][0], ids[1], mask[1])
+    collator.set_epoch(1)
     again = collator(splits["train"][:2])["input_ids"]
     assert again.shape != ids.shape or not bool((again == ids).all())
     fixed = PreferenceCollator(builder, images.__getitem__, n_ref=3, shuffle_references=False, share_prefix=False)

@@ -165,7 +165,9 @@ def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, planted):
             # A key bias adds the same q·b to every score of a query, which softmax ignores: its true gradient is
             # 0, so Adam turns rounding noise (~1e-9) into steps of ~lr/10 whose sign depends on the summation order.
             continue
-        torch.testing.assert_close(param, first[name], rtol=1e-4, atol=1e-5, msg=name)
+        # Adam also scales up the rounding of other small gradient entries: measured up to 3.2e-5 (k_proj.weight of
+        # layer 1) on weights that 2 steps moved by 0.03-0.08; a wrong path would differ by a good part of a step.
+        torch.testing.assert_close(param, first[name], rtol=1e-4, atol=1e-4, msg=name)
         changed += not torch.equal(param, dict(untrained.named_parameters())[name])
     assert changed > 0
 
