@@ -30,7 +30,13 @@ from imagegem_hf.toy.world import render, sample_world
 
 @dataclass
 class ToyTrainingConfig:
-    """How the toy pipeline is trained (the defaults made the shipped weights).
+    """How the toy pipeline is trained (the defaults made the shipped weights: 1,133 s of CPU on one thread).
+
+    The step counts are measured. At 200 VAE steps the reconstructions kept shapes but not hues (colour accuracy of
+    reconstructed renders 0.31, 1.00 at 500), so no UNet could learn colour. Prompt following of the UNet (one seed
+    per fully specified prompt) grows with its steps: 0.49 at 400 (background only), 0.54 at 800, 0.81 at 1200,
+    0.83 at 1600, and the shipped model at 2000 reaches 0.92 over four seeds (colour 0.85, shape 0.91, background
+    1.00; chance 0.33).
 
     Example:
         ```python
@@ -44,11 +50,11 @@ class ToyTrainingConfig:
     num_threads: int = field(
         default=1, metadata={"help": "CPU threads; the bits of the result depend on it, so keep it fixed."}
     )
-    vae_steps: int = field(default=200, metadata={"help": "VAE training steps on fresh rendered images."})
+    vae_steps: int = field(default=500, metadata={"help": "VAE training steps on fresh rendered images."})
     vae_learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the VAE."})
     vae_kl_weight: float = field(default=1e-6, metadata={"help": "Weight of the KL term of the VAE loss."})
     pool_size: int = field(default=8192, metadata={"help": "Rendered images (and prompts) the UNet learns from."})
-    unet_steps: int = field(default=700, metadata={"help": "UNet + text encoder training steps."})
+    unet_steps: int = field(default=2000, metadata={"help": "UNet + text encoder training steps."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the UNet and text encoder."})
     batch_size: int = field(default=32, metadata={"help": "Images per step (both stages)."})
     drop_probability: float = field(
