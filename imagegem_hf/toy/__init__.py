@@ -9,7 +9,7 @@ numbers.
 The model (`load_toy_pipeline`) is a `StableDiffusionPipeline` of the SD 1.5 architecture at toy scale (a
 `UNet2DConditionModel` with cross-attention on 4×16×16 latents, an `AutoencoderKL` with downsampling factor 2, a
 `CLIPTextModel` and a `CLIPTokenizer` over the grammar's words), trained from scratch by `imagegem_hf.toy.train` in a
-few CPU minutes and shipped with the package as safetensors. LoRAs, Diffusion-DPO, weight-space edits and
+about 19 CPU minutes and shipped with the package as safetensors. LoRAs, Diffusion-DPO, weight-space edits and
 samplers apply to it exactly as to SD 1.5; `ToyReward` (bigger subjects are better) implements the scorer protocol.
 
 Example:

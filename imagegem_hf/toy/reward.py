@@ -4,6 +4,11 @@ A programmatic stand-in for an aesthetic reward model (HPSv2, PickScore). Size i
 base model draws every size from its training range (`SIZE_RANGE`): it is imperfect on this reward everywhere, and a
 preference-tuned model can improve on it for every prompt without giving up prompt following, which
 `attribute_accuracy` checks separately.
+
+The subject's area is its alpha-matte coverage (`measure_attributes(...)["coverage"]`), not the count of pixels
+past a colour threshold (`"size"`): blur and noise grow the thresholded count (a Gaussian blur of σ = 1 pixel adds
+up to 20% to it, noise of σ = 0.15 quadruples it), so any fine-tuning that degrades the images would win on it,
+whatever it learnt; coverage moves only when the drawn subject does.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from imagegem_hf.toy.world import measure_attributes
 
 
 class ToyReward:
-    """Scores each image by the percentage of its pixels the subject covers (`measure_attributes(...)["size"]`).
+    """Scores each image by the percentage of the image the subject covers (`measure_attributes(...)["coverage"]`).
 
     Implements the `imagegem_hf.scoring.Scorer` protocol; the prompt is accepted and ignored, like an aesthetic
     score. Rendered images of the world score between about 8 (radius 5) and 31 (radius 10).
@@ -35,7 +40,8 @@ class ToyReward:
     def score(
         self, images: list[Image.Image], prompts: list[str], batch_size: int = 16, show_progress: bool = False
     ) -> torch.Tensor:
-        """One score per `(images[i], prompts[i])`: 100 × the fraction of the image covered by the subject.
+        """One score per `(images[i], prompts[i])`: 100 × the fraction of the image covered by the subject (its
+        alpha-matte area).
 
         Args:
             images: PIL images (any mode; measured at their own size).
@@ -47,4 +53,4 @@ class ToyReward:
             A 1-D float32 CPU tensor.
         """
         check_pairs(images, prompts, batch_size)
-        return torch.from_numpy(100.0 * measure_attributes(list(images))["size"]).float()
+        return torch.from_numpy(100.0 * measure_attributes(list(images))["coverage"]).float()

@@ -30,7 +30,13 @@ from imagegem_hf.toy.world import render, sample_world
 
 @dataclass
 class ToyTrainingConfig:
-    """How the toy pipeline is trained (the defaults made the shipped weights).
+    """How the toy pipeline is trained (the defaults made the shipped weights: 1,133 s of CPU on one thread).
+
+    The step counts are measured. At 200 VAE steps the reconstructions kept shapes but not hues (colour accuracy of
+    reconstructed renders 0.31, 1.00 at 500), so no UNet could learn colour. Prompt following of the UNet (one seed
+    per fully specified prompt) grows with its steps: 0.49 at 400 (background only), 0.54 at 800, 0.81 at 1200,
+    0.83 at 1600, and the shipped model at 2000 reaches 0.92 over four seeds (colour 0.85, shape 0.91, background
+    1.00; chance 0.33).
 
     Example:
         ```python
@@ -44,11 +50,11 @@ class ToyTrainingConfig:
     num_threads: int = field(
         default=1, metadata={"help": "CPU threads; the bits of the result depend on it, so keep it fixed."}
     )
-    vae_steps: int = field(default=200, metadata={"help": "VAE training steps on fresh rendered images."})
+    vae_steps: int = field(default=500, metadata={"help": "VAE training steps on fresh rendered images."})
     vae_learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the VAE."})
     vae_kl_weight: float = field(default=1e-6, metadata={"help": "Weight of the KL term of the VAE loss."})
     pool_size: int = field(default=8192, metadata={"help": "Rendered images (and prompts) the UNet learns from."})
-    unet_steps: int = field(default=700, metadata={"help": "UNet + text encoder training steps."})
+    unet_steps: int = field(default=2000, metadata={"help": "UNet + text encoder training steps."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the UNet and text encoder."})
     batch_size: int = field(default=32, metadata={"help": "Images per step (both stages)."})
     drop_probability: float = field(
@@ -98,8 +104,27 @@ def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.
     return torch.clamp(snr, max=gamma) / snr
 
 
-def train_unet(components: dict, config: ToyTrainingConfig, generator: torch.Generator) -> list[float]:
-    """Stage 2: ε-prediction on the latents of a fixed pool; returns the loss per step."""
+def _report_prompt_following(components: dict, step: int) -> None:
+    """Print the prompt following of the model being trained (one seed per fully specified prompt)."""
+    from diffusers import StableDiffusionPipeline
+
+    from imagegem_hf.toy.evaluation import prompt_following
+
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    tqdm.write(f"step {step}: {prompt_following(pipe, seeds=(0,)).summary()}")
+
+
+def train_unet(
+    components: dict, config: ToyTrainingConfig, generator: torch.Generator, eval_every: int = 0
+) -> list[float]:
+    """Stage 2: ε-prediction on the latents of a fixed pool; returns the loss per step.
+
+    Every `eval_every` steps (0: never) the prompt following of the model so far is printed; sampling draws from its
+    own generators, so the trained weights are the same with or without it.
+    """
     from diffusers import DDPMScheduler
 
     unet, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
@@ -128,7 +153,7 @@ def train_unet(components: dict, config: ToyTrainingConfig, generator: torch.Gen
     unet.train()
     text_encoder.train()
     losses = []
-    for _ in tqdm(range(config.unet_steps), desc="Training the toy UNet"):
+    for step in tqdm(range(config.unet_steps), desc="Training the toy UNet"):
         index = torch.randint(0, len(specs), (config.batch_size,), generator=generator)
         latents = mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
         latents = latents * scaling
@@ -147,17 +172,26 @@ def train_unet(components: dict, config: ToyTrainingConfig, generator: torch.Gen
         optimizer.step()
         lr_schedule.step()
         losses.append(loss.item())
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < config.unet_steps:
+            unet.eval()
+            with torch.no_grad():
+                _report_prompt_following(components, step + 1)
+            unet.train()
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return losses
 
 
-def train_toy_pipeline(config: ToyTrainingConfig | None = None, output_dir: str | os.PathLike | None = None):
+def train_toy_pipeline(
+    config: ToyTrainingConfig | None = None, output_dir: str | os.PathLike | None = None, eval_every: int = 0
+):
     """Train the toy pipeline from scratch (deterministic for a fixed `config.num_threads`) and optionally save it.
 
     Args:
         config: A [`ToyTrainingConfig`] (default: the shipped model's).
         output_dir: Where to `save_pretrained` the pipeline (safetensors, Hub layout), if given.
+        eval_every: Print the prompt following every this many UNet steps (0: never); the weights do not depend
+            on it.
 
     Returns:
         `(pipeline, losses)`: the trained `StableDiffusionPipeline` and `{"vae": [...], "unet": [...]}`.
@@ -181,7 +215,7 @@ def train_toy_pipeline(config: ToyTrainingConfig | None = None, output_dir: str 
         generator = _seed_everything(config.seed)
         components = toy_components(seed=config.seed)
         losses = {"vae": train_vae(components["vae"], config, generator)}
-        losses["unet"] = train_unet(components, config, generator)
+        losses["unet"] = train_unet(components, config, generator, eval_every=eval_every)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -205,10 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             f"--{name.replace('_', '-')}", type=type(spec.default), default=spec.default, help=spec.metadata["help"]
         )
     parser.add_argument("--no-eval", action="store_true", help="Skip the prompt-following check after training.")
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="Print the prompt following every N UNet steps (0: never)."
+    )
     args = parser.parse_args(argv)
     config = ToyTrainingConfig(**{name: getattr(args, name) for name in ToyTrainingConfig.__dataclass_fields__})
     start, cpu = time.perf_counter(), time.process_time()
-    pipe, losses = train_toy_pipeline(config, args.output_dir)
+    pipe, losses = train_toy_pipeline(config, args.output_dir, eval_every=args.eval_every)
     print(
         f"trained in {time.perf_counter() - start:.0f}s wall, {time.process_time() - cpu:.0f}s CPU; final losses "
         f"VAE {losses['vae'][-1]:.4f}, UNet {np.mean(losses['unet'][-50:]):.4f} → {args.output_dir}"

@@ -243,12 +243,24 @@ def _hue_distance(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
     return np.minimum(d, 360.0 - d)
 
 
+def _coverage(x: np.ndarray, background: np.ndarray, mask: np.ndarray) -> float:
+    """Alpha-matte area of the subject as a fraction of the image (see `measure_attributes`)."""
+    offset = x - background
+    distance = np.linalg.norm(offset[mask], axis=-1)
+    subject = offset[mask][distance >= np.quantile(distance, 0.75)].mean(axis=0)
+    return float((offset @ subject).mean() / float(subject @ subject))
+
+
 def measure_attributes(images: Sequence[Image.Image | np.ndarray]) -> dict[str, np.ndarray]:
     """Measure every attribute of each image from its pixels.
 
     The background colour is the median of the outer 2-pixel ring; the subject is every pixel farther than 0.25
     (RGB distance, channels in [0, 1]) from it. Colour is the nearest named hue to the subject's mean colour;
     shape is the template (circle, square, triangle with the subject's centroid and area) of highest IoU.
+    Coverage reads the image as an alpha matte between the background and the subject colour (the mean of the
+    subject's most distinct quarter of pixels): each pixel counts by where it lies on the line from one to the other,
+    so it is the drawn area itself on rendered images, it does not change when an image is blurred, and zero-mean
+    noise leaves it unchanged on average, whereas `size` (pixels past the threshold) grows with both.
 
     Args:
         images: PIL images or float arrays `(H, W, 3)` in [0, 1].
@@ -258,7 +270,8 @@ def measure_attributes(images: Sequence[Image.Image | np.ndarray]) -> dict[str, 
         `colour`, `shape`, `background` (names; `""` when no subject is found),
         `hue` (degrees), `saturation`, `value` (of the subject's mean colour), `warmth` (mean R − B over the subject,
         in [−1, 1]), `size` (fraction of the image covered by the subject), `radius` (equal-area radius in pixels),
-        `brightness` (background grey level), `shape_iou` (IoU of the best template).
+        `brightness` (background grey level), `shape_iou` (IoU of the best template), `coverage` (alpha-matte area
+        of the subject as a fraction of the image; 0 when no subject is found).
 
     Example:
         ```python
@@ -284,6 +297,7 @@ def measure_attributes(images: Sequence[Image.Image | np.ndarray]) -> dict[str, 
             "radius",
             "brightness",
             "shape_iou",
+            "coverage",
         )
     }
     for image in images:
@@ -302,7 +316,7 @@ def measure_attributes(images: Sequence[Image.Image | np.ndarray]) -> dict[str, 
         if area == 0:
             for key, empty in (("colour", ""), ("shape", ""), ("hue", np.nan), ("saturation", 0.0)):
                 out[key].append(empty)
-            for key in ("value", "warmth", "shape_iou"):
+            for key in ("value", "warmth", "shape_iou", "coverage"):
                 out[key].append(0.0 if key != "value" else brightness)
             continue
         mean = x[mask].mean(axis=0)
@@ -318,6 +332,7 @@ def measure_attributes(images: Sequence[Image.Image | np.ndarray]) -> dict[str, 
         best = max(ious, key=ious.get)
         out["shape"].append(best)
         out["shape_iou"].append(float(ious[best]))
+        out["coverage"].append(_coverage(x, background, mask))
     return {k: np.asarray(v) for k, v in out.items()}
 
 

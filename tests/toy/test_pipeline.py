@@ -37,3 +37,7 @@ def test_shipped_base_follows_prompts_above_chance():
     n, chance = accuracy["n"], accuracy["chance"]
     assert n == 216 and abs(chance - 1 / 3) < 1e-9
     assert accuracy["mean"] > chance + 3 * math.sqrt(chance * (1 - chance) / n)
+    # and every attribute on its own (72 images each): a model that learnt only the background fails here
+    for attribute, values in (("colour", 6), ("shape", 3), ("background", 2)):
+        p = 1 / values
+        assert accuracy[attribute] > p + 3 * math.sqrt(p * (1 - p) / 72), attribute

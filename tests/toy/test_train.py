@@ -25,3 +25,13 @@ def test_training_is_reproducible_bit_for_bit():
     # and the seed matters
     third, _ = train_toy_pipeline(ToyTrainingConfig(vae_steps=4, unet_steps=4, pool_size=128, seed=1))
     assert not torch.equal(_weights(third)["unet.conv_in.weight"], a["unet.conv_in.weight"])
+
+
+@pytest.mark.slow
+def test_reporting_prompt_following_during_training_leaves_the_weights_alone(capsys):
+    config = ToyTrainingConfig(vae_steps=2, unet_steps=3, pool_size=64)
+    plain, _ = train_toy_pipeline(config)
+    reported, _ = train_toy_pipeline(config, eval_every=1)
+    assert capsys.readouterr().out.count("attribute accuracy") == 2  # after steps 1 and 2; the last is the caller's
+    a, b = _weights(plain), _weights(reported)
+    assert all(torch.equal(a[k], b[k]) for k in a)

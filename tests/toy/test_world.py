@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imagegem_hf.scoring import Scorer
 from imagegem_hf.toy import (
@@ -76,6 +77,32 @@ def test_reward_is_a_scorer_ordered_by_subject_size():
         assert 100 * np.pi * (r - 1) ** 2 / 1024 < score < 100 * np.pi * (r + 1) ** 2 / 1024
     with pytest.raises(ValueError, match="one prompt per image"):
         reward.score(images, ["a green square"])
+
+
+def test_reward_does_not_grow_when_images_are_blurred_or_noisy():
+    # A fine-tuned model that only degrades its images (softer edges, speckle) must not win on the reward: the
+    # thresholded pixel count grows with both (by up to a third for a blur of one pixel), the subject's area does not.
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(0)
+    clean, blurred, noisy = [], [], []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for background in BACKGROUNDS:
+                for size in (5.5, 8.5):
+                    image = render(ToySpec(colour, shape, background, size))
+                    clean.append(image)
+                    blurred.append(image.filter(ImageFilter.GaussianBlur(1.0)))
+                    x = np.asarray(image, dtype=np.float32) / 255.0
+                    noisy.append(np.clip(x + rng.normal(0.0, 0.1, x.shape), 0.0, 1.0).astype(np.float32))
+    reward = ToyReward()
+    prompts = ["a shape"] * len(clean)
+    base = reward.score(clean, prompts).numpy()
+    blur_change = reward.score(blurred, prompts).numpy() / base - 1.0
+    noise_change = np.array([float(reward.score([Image.fromarray(np.uint8(255 * x))], ["a shape"])) for x in noisy])
+    noise_change = noise_change / base - 1.0
+    assert np.abs(blur_change).max() < 0.03
+    assert noise_change.mean() < 0.02
 
 
 def test_tokenizer_spells_each_word_as_one_token():
