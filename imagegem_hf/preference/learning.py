@@ -63,7 +63,13 @@ class LearningConfig:
     users: SyntheticUsersConfig = field(default_factory=benchmark_users)
     backbone: ToyVLMConfig = field(default_factory=ToyVLMConfig)
     stage1_steps: int = field(default=3000, metadata={"help": "Stage 1 optimizer steps (LoRA on the language model)."})
-    stage1_learning_rate: float = field(default=2e-3, metadata={"help": "Stage 1 peak learning rate (cosine)."})
+    stage1_learning_rate: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Stage 1 peak learning rate (cosine). Measured: at 2e-3 over 3,000 steps and at 5e-3 the model "
+            "collapsed to 50/50 everywhere (loss 3·ln 2, vanishing gradients)."
+        },
+    )
     stage2_steps: int = field(default=100, metadata={"help": "Stage 2 optimizer steps (prototypes only)."})
     stage2_learning_rate: float = field(default=1e-2, metadata={"help": "Stage 2 peak learning rate (cosine)."})
     num_prototypes: int = field(default=10, metadata={"help": "Prototypes added in stage 2 (paper: 10)."})
@@ -84,9 +90,10 @@ def small_learning_config(seed: int = 0) -> LearningConfig:
 
 
 def demo_learning_config(seed: int = 0) -> LearningConfig:
-    """The demo's `preference` stage: the small size with a fifth of the stage-1 steps and half the stage-2 steps
-    (under 2 minutes on 2 cores once the pre-trained toy VLM is cached), so below the benchmark's accuracy."""
-    return replace(small_learning_config(seed), stage1_steps=600, stage2_steps=50)
+    """The demo's `preference` stage: the small size with a fifth of the stage-1 steps at twice the rate (stable
+    over 600 steps) and half the stage-2 steps, so below the benchmark's accuracy (measured: 70.1% pairwise on unseen
+    users, 30.1% with the references swapped); about 4 CPU-minutes once the pre-trained toy VLM is cached."""
+    return replace(small_learning_config(seed), stage1_steps=600, stage1_learning_rate=2e-3, stage2_steps=50)
 
 
 @dataclass
