@@ -92,7 +92,7 @@ def small_learning_config(seed: int = 0) -> LearningConfig:
 def demo_learning_config(seed: int = 0) -> LearningConfig:
     """The demo's `preference` stage: the small size with a fifth of the stage-1 steps at twice the rate (stable
     over 600 steps) and half the stage-2 steps, so below the benchmark's accuracy (measured: 70.1% pairwise on unseen
-    users, 30.1% with the references swapped); about 4 CPU-minutes once the pre-trained toy VLM is cached."""
+    users, 30.1% with the references swapped)."""
     return replace(small_learning_config(seed), stage1_steps=600, stage1_learning_rate=2e-3, stage2_steps=50)
 
 
