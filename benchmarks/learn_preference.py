@@ -20,8 +20,12 @@ import resource
 import time
 from dataclasses import dataclass, replace
 
-from imagegem_hf.preference.learning import LearningConfig, run_learning_experiment
-from imagegem_hf.preference.synthetic_users import SyntheticUsersConfig
+from imagegem_hf.preference.learning import (
+    LearningConfig,
+    benchmark_users,
+    run_learning_experiment,
+    small_learning_config,
+)
 
 
 @dataclass
@@ -80,24 +84,20 @@ def results_from(table) -> list[Result]:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="Fewer users and steps (the slow test's size).")
+    parser.add_argument("--small", action="store_true", help="The demo's and the slow test's size.")
     parser.add_argument("--output-dir", default="learn_preference_output", help="Stage folders and the table.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the users and the training runs.")
     parser.add_argument("--stage1-steps", type=int, default=None, help="Override the stage 1 steps.")
     parser.add_argument("--stage1-learning-rate", type=float, default=None, help="Override the stage 1 peak rate.")
     args = parser.parse_args(argv)
-    config = LearningConfig(seed=args.seed, users=SyntheticUsersConfig(seed=args.seed))
+    if args.small:
+        config = small_learning_config(args.seed)
+    else:
+        config = LearningConfig(users=benchmark_users(args.seed), seed=args.seed)
     if args.stage1_steps is not None:
         config = replace(config, stage1_steps=args.stage1_steps)
     if args.stage1_learning_rate is not None:
         config = replace(config, stage1_learning_rate=args.stage1_learning_rate)
-    if args.small:
-        config = replace(
-            config,
-            users=replace(config.users, train_users=128, test_users=16, seen_users=16),
-            stage1_steps=config.stage1_steps // 2,
-            stage2_steps=config.stage2_steps // 2,
-        )
     wall, cpu = time.perf_counter(), time.process_time()
     report = run_learning_experiment(config, args.output_dir)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -10,27 +10,12 @@ targets; the README shows the commands for Pick-a-Pic and a real VLM.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from imagegem_hf.preference.learning import LearningConfig, run_learning_experiment
-from imagegem_hf.preference.synthetic_users import SyntheticUsersConfig
-
-
-def demo_config(seed: int = 0) -> LearningConfig:
-    """The demo's size: fewer users and steps than the benchmark (about 2 minutes on 2 cores once the toy VLM is
-    cached)."""
-    config = LearningConfig(seed=seed, users=SyntheticUsersConfig(seed=seed))
-    return replace(
-        config,
-        users=replace(config.users, train_users=128, test_users=16, seen_users=16),
-        stage1_steps=config.stage1_steps // 2,
-        stage2_steps=config.stage2_steps // 2,
-    )
+from imagegem_hf.preference.learning import demo_learning_config, run_learning_experiment
 
 
 def run_demo(context) -> list[str]:
     out = context.stage_dir("preference")
-    report = run_learning_experiment(demo_config(context.seed), out)
+    report = run_learning_experiment(demo_learning_config(context.seed), out)
     print(f"\nLearning to read references (synthetic users, unseen in training):\n{report.markdown()}")
     paths = report.save(out)
     lines = [f"stage-1 model → {out / 'stage1' / 'model'}", f"stage-2 model → {out / 'stage2' / 'model'}"]

@@ -114,3 +114,12 @@ def test_toy_vlm_reference_turn_is_five_tokens_and_shared_prefix_matches_full_se
     assert full["input_ids"].shape[1] == 5 * 2 * world.config.n_ref + 4
     with torch.no_grad():
         torch.testing.assert_close(model(**build_pair_batch(builder, *queries)).logits, model(**full).logits)
+
+
+@pytest.mark.slow
+def test_pretrained_toy_vlm_names_every_attribute(tmp_path):
+    # interleaved captions alone taught colour and brightness only (shape and texture at chance)
+    from imagegem_hf.preference.toy_vlm import ToyVLMConfig, pretrained_toy_vlm
+
+    _, _, accuracy = pretrained_toy_vlm(ToyVLMConfig(), cache_dir=tmp_path)
+    assert all(accuracy[name] >= 0.95 for name in ATTRIBUTES), accuracy
