@@ -229,20 +229,33 @@ class VLMRankerPipeline:
         )
         return cls(config=config, templates=templates, backend=backend)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = True) -> Path:
-        """Write `ranker_config.json` (config + templates) and a card; the VLM's weights too unless the pipeline
-        knows where they come from (`model_name_or_path`)."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, overwrite: bool = True, save_model: bool | None = None
+    ) -> Path:
+        """Write `ranker_config.json` (config + templates) and a card, and the VLM's weights and processor.
+
+        Args:
+            save_directory: The folder (laid out like the Hub repo).
+            overwrite: Replace an existing folder written by this library.
+            save_model: Whether to save the VLM beside the settings. By default only when the pipeline does not
+                know where its VLM comes from (`model_name_or_path`); pass `True` for a self-contained folder
+                (e.g. when the VLM was loaded from a local path that the folder's readers will not have).
+        """
+        if save_model and self.model is None:
+            raise ValueError("save_model=True needs an in-process VLM; this pipeline calls an endpoint.")
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
             write_json(
                 tmp / CONFIG_NAME,
                 {
                     "config": asdict(self.config),
                     "templates": self.templates.to_dict(),
-                    "model_name_or_path": self.model_name_or_path,
+                    "model_name_or_path": None if save_model else self.model_name_or_path,
                     "endpoint": self._endpoint(),
                 },
             )
-            weights_saved = self.model_name_or_path is None and self.model is not None
+            weights_saved = (
+                (self.model_name_or_path is None and self.model is not None) if save_model is None else save_model
+            )
             if weights_saved:
                 self.model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
@@ -255,7 +268,7 @@ class VLMRankerPipeline:
                     license=card_license(vlm) if weights_saved else {"license": "apache-2.0"},
                     config=asdict(self.config),
                     templates_version=self.templates.version,
-                    model_name_or_path=self.model_name_or_path
+                    model_name_or_path=(None if weights_saved else self.model_name_or_path)
                     or (
                         f"served at {self.backend.base_url}" if self._endpoint() else "(weights saved in this folder)"
                     ),

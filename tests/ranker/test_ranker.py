@@ -275,3 +275,23 @@ def test_caption_batch_returns_an_empty_profile_instead_of_failing():
     assert pipeline.caption("u1", items) == ""  # cached: an empty reply is still the VLM's answer
     result = pipeline.rank("", [RankItem(2, text="x")])
     assert result.scores[0].n_trials == 0 and result.problems
+
+
+def test_save_model_makes_a_ranker_folder_that_stands_on_its_own(tmp_path):
+    import shutil
+
+    model, processor = tiny_vlm()
+    vlm_dir = tmp_path / "vlm"
+    model.save_pretrained(vlm_dir)
+    processor.save_pretrained(vlm_dir)
+    pipeline = VLMRankerPipeline.from_pretrained(vlm_dir, max_new_tokens=4)
+    pipeline.save_pretrained(tmp_path / "by_reference")  # default: the folder points at the VLM's path
+    pipeline.save_pretrained(tmp_path / "standalone", save_model=True)
+    shutil.rmtree(vlm_dir)
+    with pytest.raises(OSError):
+        VLMRankerPipeline.from_pretrained(tmp_path / "by_reference")
+    loaded = VLMRankerPipeline.from_pretrained(tmp_path / "standalone")
+    assert loaded.config == pipeline.config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+    assert "(weights saved in this folder)" in (tmp_path / "standalone" / "README.md").read_text()
