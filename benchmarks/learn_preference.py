@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the users and the training runs.")
     parser.add_argument("--stage1-steps", type=int, default=None, help="Override the stage 1 steps.")
     parser.add_argument("--stage1-learning-rate", type=float, default=None, help="Override the stage 1 peak rate.")
+    parser.add_argument("--train-users", type=int, default=None, help="Override the number of training users.")
     args = parser.parse_args(argv)
     if args.small:
         config = small_learning_config(args.seed)
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         config = replace(config, stage1_steps=args.stage1_steps)
     if args.stage1_learning_rate is not None:
         config = replace(config, stage1_learning_rate=args.stage1_learning_rate)
+    if args.train_users is not None:
+        config = replace(config, users=replace(config.users, train_users=args.train_users))
     wall, cpu = time.perf_counter(), time.process_time()
     report = run_learning_experiment(config, args.output_dir)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

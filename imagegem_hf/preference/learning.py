@@ -48,11 +48,12 @@ COLUMNS = ("pairwise unseen", "pairwise seen", "1v3 top-1", "pairwise unseen, re
 
 
 def benchmark_users(seed: int = 0) -> SyntheticUsersConfig:
-    """The benchmark's users: 1,024 training users, 128 unseen test users (1,792 test pairs) and 128 seen users with
+    """The benchmark's users: 2,048 training users, 128 unseen test users (1,792 test pairs) and 128 seen users with
     4 held-out pairs each (512 seen pairs), so that a chance-level score stays within a few points of 50% on every
-    split (binomial standard error 1.2% unseen, 2.2% seen)."""
+    split (binomial standard error 1.2% unseen, 2.2% seen). Measured with 1,024 training users: 83.5% pairwise on
+    unseen users against 87.9% on seen ones (the model fits the training users); with 2,048: 88.3% and 87.7%."""
     return SyntheticUsersConfig(
-        train_users=1024, test_users=128, seen_users=128, pairs_per_user=14, seen_pairs_per_user=4, seed=seed
+        train_users=2048, test_users=128, seen_users=128, pairs_per_user=14, seen_pairs_per_user=4, seed=seed
     )
 
 
@@ -83,7 +84,7 @@ class LearningConfig:
 
 
 def small_learning_config(seed: int = 0) -> LearningConfig:
-    """The experiment with fewer users (the slow test's size): a quarter of the training users and half the test
+    """The experiment with fewer users (the slow test's size): an eighth of the training users and half the test
     users, trained alike."""
     users = replace(benchmark_users(seed), train_users=256, test_users=64, seen_users=64)
     return LearningConfig(users=users, seed=seed)
