@@ -122,7 +122,7 @@ def toy_ranking_world(config: ToyRankingWorldConfig | None = None) -> ToyRanking
     if config.n_users % 2:
         raise ValueError(f"n_users must be even (mirrored couples of tastes), got {config.n_users}.")
     if config.n_items > MAX_ITEM_ID + 1:
-        raise ValueError(f"n_items must be at most {MAX_ITEM_ID + 1} (the toy VLM's ids are single tokens).")
+        raise ValueError(f"n_items must be at most {MAX_ITEM_ID + 1} (the toy VLM is trained on ids 0–{MAX_ITEM_ID}).")
     if config.interactions_per_user >= config.n_items:
         raise ValueError("interactions_per_user must be smaller than n_items (picks never repeat).")
     rng = np.random.default_rng(config.seed)

@@ -23,7 +23,9 @@ answers, supervised by programmatic ground truth:
 Prompts are built by `VLMRankerPipeline` itself (through a recording backend), so training sees exactly the text
 the pipeline sends. The model is a `LlavaForConditionalGeneration` (a CLIP vision tower with one 16×16 patch per
 image, a Llama language model) with a word-level tokenizer: the templates, the chat markers, the JSON syntax, the
-attribute words, the counts and the integers 0–999 (ids and scores) are single tokens. It loads with
+attribute words and the counts are single tokens; the integers (ids and scores) are written digit by digit, so
+that copying a candidate's id from the prompt into the answer is copying ten frequent digit tokens rather than one of
+a thousand rarely seen ones (single-token ids stayed at 0–12% copied after 800 one-candidate steps). It loads with
 `AutoModelForImageTextToText` and `AutoProcessor` from its folder and runs through `VLMRankerPipeline` unchanged.
 
 Example:
@@ -78,7 +80,7 @@ FEATURE_POINTS: dict[str, int] = {"shape": 25, "colour": 25, "texture": 25, "bri
 MAX_HISTORY = 10
 """Largest history the tokenizer has count tokens (`(c/H)`) for."""
 MAX_ITEM_ID = 999
-"""Ids and scores are the integers 0–999, each a single token."""
+"""Largest id of a training candidate (ids are 0–999, one to three digit tokens)."""
 _ATTRIBUTE_INDEX = {name: i for i, name in enumerate(ATTRIBUTES)}
 _PROFILE_LINE = re.compile(r"^\s*(\d)\. [^:]+: (\w+) \((\d+)/(\d+)\)\s*$")
 
@@ -188,14 +190,12 @@ class ToyRankerVLMConfig:
     max_candidates: int = field(
         default=10, metadata={"help": "Ranking prompts show 1 to this many candidates (single-pass scoring of M)."}
     )
-    train_steps: int = field(default=1500, metadata={"help": "Training steps (captioning and ranking batches)."})
+    train_steps: int = field(default=3000, metadata={"help": "Training steps (captioning and ranking batches)."})
     batch_size: int = field(default=16, metadata={"help": "Conversations per step."})
     caption_fraction: float = field(
         default=0.25, metadata={"help": "Share of the steps that train captioning (the others: ranking)."}
     )
-    learning_rate: float = field(
-        default=1.5e-3, metadata={"help": "Peak AdamW learning rate (5% warmup, cosine decay)."}
-    )
+    learning_rate: float = field(default=1.5e-3, metadata={"help": "AdamW learning rate (5% warmup, then constant)."})
     taste_concentration: float = field(
         default=0.5, metadata={"help": "Dirichlet α of the tastes that draw the training histories."}
     )
@@ -223,12 +223,11 @@ def explanation_phrases() -> list[str]:
 def toy_ranker_tokenizer(templates: RankerTemplates | None = None):
     """The byte-level tokenizer of `imagegem_hf.testing` with the toy VLM's words as single tokens: the chat
     markers, the image templates and the pipeline's fixed phrases, the JSON syntax of the answers, the
-    explanations, the profile fields, attribute words and counts, and the integers 0–999.
+    explanations, the profile fields, attribute words and counts. Integers stay byte-level: one token per digit.
 
-    Every answer object is then five tokens (`id`, `, "similarity_score": `, score, `, "explanation": "` with the
-    explanation, and `"}, {"image_id": ` or `"}]`), as long as a candidate's part of the prompt (`image_id: `, id,
-    `. `, `<image>`) plus one: the token that asks for the next id has the previous id four tokens back, as the next
-    id has in the prompt, so one attention pattern finds it."""
+    Every answer object is then the id's digits, `, "similarity_score": `, the score's digits,
+    `, "explanation": "` with the explanation, and `"}, {"image_id": ` or `"}]`; in the prompt a candidate is
+    `image_id: `, the id's digits, `. `, `<image>`."""
     from imagegem_hf.testing import tiny_vlm_tokenizer
 
     templates = templates or RankerTemplates()
@@ -253,7 +252,6 @@ def toy_ranker_tokenizer(templates: RankerTemplates | None = None):
             "\n",
             *(f" {w}" for w in words),
             *(f" ({c}/{n})" for n in range(1, MAX_HISTORY + 1) for c in range(n + 1)),
-            *(str(i) for i in range(MAX_ITEM_ID + 1)),
         ]
     )
     tokenizer.chat_template = TOY_RANKER_CHAT_TEMPLATE
@@ -404,7 +402,7 @@ def train_toy_ranker_vlm(
     callback: Callable[[int, float], None] | None = None,
 ):
     """Train every weight of the toy VLM on fresh captioning and ranking conversations (next-token loss on the
-    answers), AdamW with linear warmup and cosine decay.
+    answers), AdamW with linear warmup to a constant learning rate.
 
     Args:
         model: The toy VLM (`toy_ranker_vlm`).
@@ -416,13 +414,13 @@ def train_toy_ranker_vlm(
     Returns:
         The model (in eval mode), trained in place.
     """
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup
 
     config = config or ToyRankerVLMConfig()
     rng = np.random.default_rng(config.seed + 1)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, config.train_steps // 20), config.train_steps)
+    schedule = get_constant_schedule_with_warmup(optimizer, max(1, config.train_steps // 20))
     model.train()
     bar = tqdm(range(config.train_steps), desc="toy ranker VLM training", disable=not progress)
     for step in bar:

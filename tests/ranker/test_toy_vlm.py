@@ -1,6 +1,7 @@
 """The toy ranker VLM: its answers, tokenizer and training (fast); the learning benchmark at a small size (slow)."""
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from imagegem_hf.ranker.toy_vlm import (
     ToyRankerVLMConfig,
     pretrained_toy_ranker_vlm,
     tokenize_conversations,
+    toy_ranker_tokenizer,
     toy_ranker_vlm,
     training_conversations,
 )
@@ -38,7 +40,27 @@ def test_profile_text_score_and_explanation_match_a_hand_computation():
     assert profile.explanation(-np.array([1, 1, -1, 1])) == "shares nothing"
 
 
-def test_training_answers_are_five_tokens_per_object_and_parse_to_the_programmatic_scores():
+def test_ids_are_the_same_digit_tokens_in_the_prompt_and_in_the_answer():
+    _, processor = toy_ranker_vlm(ToyRankerVLMConfig())
+    tokenizer = processor.tokenizer
+    rng = np.random.default_rng(0)
+    (content, _, answer), *_ = training_conversations(ToyRankerVLMConfig(), 1, rng, 4)
+    prompt = tokenizer(processor.apply_chat_template([{"role": "user", "content": content}]), add_special_tokens=False)
+    prompt_tokens = tokenizer.convert_ids_to_tokens(prompt.input_ids)
+    answer_tokens = tokenizer.convert_ids_to_tokens(tokenizer(answer, add_special_tokens=False).input_ids)
+    shown = [t.split(": ")[1].rstrip(". ") for part in content if (t := part.get("text", "")).startswith("image_id: ")]
+
+    def after(tokens, marker):  # the digit tokens that follow each `marker` token
+        starts = [i + 1 for i, t in enumerate(tokens) if t == marker]
+        return ["".join(itertools.takewhile(str.isdigit, tokens[i:])) for i in starts]
+
+    assert after(prompt_tokens, "image_id: ") == shown
+    assert after(answer_tokens, '[{"image_id": ') + after(answer_tokens, '"}, {"image_id": ') == shown
+    for number in ("7", "42", "100", "999"):  # one token per digit, ids and scores alike
+        assert tokenizer.tokenize(number) == list(number)
+
+
+def test_training_answers_parse_to_the_programmatic_scores():
     config = ToyRankerVLMConfig()
     _, processor = toy_ranker_vlm(config)
     tokenizer = processor.tokenizer
@@ -52,9 +74,11 @@ def test_training_answers_are_five_tokens_per_object_and_parse_to_the_programmat
                 assert texts[-1] == VLMRankerPipeline(backend=object()).templates.image_captioning
                 assert ToyProfile.parse(answer).n == len(images)
                 continue
-            assert len(ids) == 5 * n_candidates + 1  # '[{"image_id": ' + five tokens per object
             shown = [t.split(": ")[1].rstrip(". ") for t in texts if t.startswith("image_id: ")]
             parsed = parse_scores(answer, shown)
+            # '[{"image_id": ', then per object: id digits, score key, score digits, explanation, closing
+            digits = sum(len(i) + len(str(round(s))) for i, s in parsed.scores.items())
+            assert len(ids) == 1 + digits + 3 * n_candidates
             profile = ToyProfile.parse(texts[0].split("\n", 1)[1].split("\n\n")[0])
             assert list(parsed.scores) == shown and not parsed.problems
             assert len(images) == n_candidates and profile is not None
@@ -75,7 +99,8 @@ def test_training_runs_caches_and_loads_with_the_auto_classes(tmp_path):
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # the cache is used, not retrained
     model = AutoModelForImageTextToText.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)
-    assert type(model).__name__ == "LlavaForConditionalGeneration" and len(processor.tokenizer) > 1000
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert processor.tokenizer.get_vocab() == toy_ranker_tokenizer().get_vocab()
     ranker = VLMRankerPipeline.from_pretrained(folder, max_new_tokens=8, k_subset=2, n_trials=2)
     (_, images, _), *_ = training_conversations(config, 1, np.random.default_rng(0), 3)
     items = [RankItem(i, image=im) for i, im in enumerate(images)]
