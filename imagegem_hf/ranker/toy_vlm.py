@@ -84,6 +84,10 @@ MAX_ITEM_ID = 999
 _ATTRIBUTE_INDEX = {name: i for i, name in enumerate(ATTRIBUTES)}
 _PROFILE_LINE = re.compile(r"^\s*(\d)\. [^:]+: (\w+) \((\d+)/(\d+)\)\s*$")
 
+# Version of what a configuration does not name (the tokenizer, the training data and loop): a change to them
+# must not load a model cached by the old code. 2: ids and scores are digit tokens.
+TOY_RANKER_RECIPE = 2
+
 
 @dataclass(frozen=True)
 class ToyProfile:
@@ -206,8 +210,9 @@ class ToyRankerVLMConfig:
             raise ValueError(f"max_history_size must be in [1, {MAX_HISTORY}], got {self.max_history_size}.")
 
     def fingerprint(self) -> str:
-        """A short hash of the configuration (names the cached trained model)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """A short hash of the configuration and of `TOY_RANKER_RECIPE` (names the cached trained model)."""
+        recipe = {**asdict(self), "recipe": TOY_RANKER_RECIPE}
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def explanation_phrases() -> list[str]:
