@@ -136,11 +136,52 @@ def toy_vlm(config: ToyVLMConfig | None = None):
         'LlavaForConditionalGeneration'
         ```
     """
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
     config = config or ToyVLMConfig()
     tokenizer = toy_vlm_tokenizer()
-    width = config.vision_hidden_size
+    model, processor = one_patch_llava(
+        tokenizer,
+        _text_config(config, tokenizer),
+        vision_hidden_size=config.vision_hidden_size,
+        image_size=config.image_size,
+        chat_template=TOY_VLM_CHAT_TEMPLATE,
+        tie_word_embeddings=False,
+        seed=config.seed,
+    )
+    # PyTorch's default initialisation for the projector: at LLaVA's std of 0.02 it stays nearly linear, and
+    # pre-training then never teaches the shape of the images (measured: shape caption words at chance)
+    for module in model.model.multi_modal_projector.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    return model, processor
+
+
+def one_patch_llava(
+    tokenizer,
+    text_config: dict,
+    vision_hidden_size: int,
+    image_size: int,
+    chat_template: str,
+    tie_word_embeddings: bool,
+    seed: int,
+):
+    """A randomly initialised `LlavaForConditionalGeneration` whose CLIP vision tower sees each image as one patch,
+    and its `LlavaProcessor` (the toy VLMs of the preference model and of the ranker).
+
+    Args:
+        tokenizer: The tokenizer (with an `<image>` token).
+        text_config: The language model's config (a `text_config` dict of `LlavaConfig`).
+        vision_hidden_size: Width of the 2-layer vision tower.
+        image_size: Side of the (square) images, which is also the patch size.
+        chat_template: The processor's chat template.
+        tie_word_embeddings: Tie the language model's input and output embeddings.
+        seed: Seed of the initial weights.
+
+    Returns:
+        `(model, processor)`.
+    """
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    width = vision_hidden_size
     backbone_config = LlavaConfig(
         vision_config=dict(
             model_type="clip_vision_model",
@@ -148,32 +189,28 @@ def toy_vlm(config: ToyVLMConfig | None = None):
             intermediate_size=2 * width,
             num_hidden_layers=2,
             num_attention_heads=2,
-            image_size=config.image_size,
-            patch_size=config.image_size,
+            image_size=image_size,
+            patch_size=image_size,
         ),
-        text_config=_text_config(config, tokenizer),
+        text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(backbone_config).eval()
-    # PyTorch's default initialisation for the projector: at LLaVA's std of 0.02 it stays nearly linear, and
-    # pre-training then never teaches the shape of the images (measured: shape caption words at chance)
-    for module in model.model.multi_modal_projector.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.reset_parameters()
-    size = config.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=size,
+        patch_size=image_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
-        chat_template=TOY_VLM_CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
     return model, processor
 

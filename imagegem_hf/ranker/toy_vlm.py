@@ -54,6 +54,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from imagegem_hf.preference.synthetic_users import ATTRIBUTES, draw_tastes, render_image
+from imagegem_hf.preference.toy_vlm import one_patch_llava
 from imagegem_hf.ranker.pipeline_vlm_ranker import RankerConfig, RankItem, VLMRankerPipeline
 from imagegem_hf.ranker.prompts import RankerTemplates
 
@@ -276,55 +277,34 @@ def toy_ranker_vlm(config: ToyRankerVLMConfig | None = None):
         'LlavaForConditionalGeneration'
         ```
     """
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
     config = config or ToyRankerVLMConfig()
     tokenizer = toy_ranker_tokenizer()
-    width, text_width = config.vision_hidden_size, config.text_hidden_size
-    backbone_config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=config.image_size,
-            patch_size=config.image_size,
-        ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=text_width,
-            intermediate_size=2 * text_width,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=config.text_heads,
-            num_key_value_heads=config.text_heads,
-            max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=True,  # an id or a score is copied from the prompt by attending to its embedding
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+    text_width = config.text_hidden_size
+    text_config = dict(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        num_key_value_heads=config.text_heads,
+        max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,  # an id or a score is copied from the prompt by attending to its embedding
     )
-    torch.manual_seed(config.seed)
-    model = LlavaForConditionalGeneration(backbone_config).eval()
+    model, processor = one_patch_llava(
+        tokenizer,
+        text_config,
+        vision_hidden_size=config.vision_hidden_size,
+        image_size=config.image_size,
+        chat_template=TOY_RANKER_CHAT_TEMPLATE,
+        tie_word_embeddings=True,
+        seed=config.seed,
+    )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    size = config.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
-        chat_template=TOY_RANKER_CHAT_TEMPLATE,
-    )
     return model, processor
 
 
