@@ -6,11 +6,40 @@ seed return identical weights. The shapes follow REFERENCE.md §8 ("tiny offline
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+@contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """Run the block with one torch thread, then restore the previous count.
+
+    A float32 matmul's rounding depends on how BLAS splits its reductions, which depends on the thread count. A
+    reference computed in the test process must therefore use the thread count of the worker processes it is
+    compared with (one each) to match them bit for bit on a machine of any size.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from imagegem_hf.testing import single_torch_thread
+    >>> with single_torch_thread():
+    ...     torch.get_num_threads()
+    1
+    ```
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 # A chat template in the Llava style: "USER: <image>text ASSISTANT: text" turns.
 TINY_VLM_CHAT_TEMPLATE = (

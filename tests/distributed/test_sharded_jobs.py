@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from imagegem_hf.testing import random_images
+from imagegem_hf.testing import random_images, single_torch_thread
 from tests.distributed import jobs_worker
 from tests.distributed.test_training import launch_two_processes
 from tests.recsys.test_image_features import _write_dataset
@@ -18,7 +18,8 @@ def test_two_processes_embed_generate_and_score_exactly_like_one(tmp_path):
     (tmp_path / "two").mkdir()
     launch_two_processes("tests.distributed.jobs_worker", str(dataset), tmp_path / "two")
     (tmp_path / "one").mkdir()
-    expected = jobs_worker.run(dataset, tmp_path / "one")
+    with single_torch_thread():  # as in the workers, whatever this machine's core count
+        expected = jobs_worker.run(dataset, tmp_path / "one")
     got = np.load(tmp_path / "two" / "results.npz")
     assert sorted(got.files) == sorted(expected)
     for name, values in expected.items():

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from imagegem_hf.testing import single_torch_thread
 from tests.distributed import dpo_worker, preference_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +52,8 @@ def dpo_runs(tmp_path_factory):
     two = tmp_path_factory.mktemp("dpo2")
     launch_two_processes("tests.distributed.dpo_worker", two)
     one = tmp_path_factory.mktemp("dpo1")
-    dpo_worker.run(one, world_size=1, rank=0)
+    with single_torch_thread():  # as in the workers, whatever this machine's core count
+        dpo_worker.run(one, world_size=1, rank=0)
     return one, two
 
 
@@ -108,7 +110,8 @@ def preference_runs(tmp_path_factory):
     two = tmp_path_factory.mktemp("preference2")
     launch_two_processes("tests.distributed.preference_worker", two)
     one = tmp_path_factory.mktemp("preference1")
-    preference_worker.run(one, world_size=1, rank=0)
+    with single_torch_thread():  # as in the workers, whatever this machine's core count
+        preference_worker.run(one, world_size=1, rank=0)
     return one, two
 
 

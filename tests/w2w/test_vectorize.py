@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from imagegem_hf.testing import single_torch_thread
 from imagegem_hf.w2w.vectorize import WorkerPool
 
 
@@ -53,12 +54,8 @@ def test_uncached_files_vectorize_on_workers_like_in_this_process(tmp_path, evic
         module_names=["unet.a.attn1.to_q"], module_shapes=[[8192, 8192]], n_components=1, n_models=2, base="unknown"
     )
     vectorizer = space.vectorizer()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the workers: the same BLAS reduction order, so the same float32 rounding
-    try:
+    with single_torch_thread():  # as in the workers: the same BLAS reduction order, so the same float32 rounding
         expected = [vectorizer(load_lora(path))[0] for path in paths]
-    finally:
-        torch.set_num_threads(threads)
     for path in paths:
         evict(path)
     with WorkerPool(2) as pool:
