@@ -67,3 +67,33 @@ def test_resuming_with_reference_shuffling_reproduces_the_uninterrupted_run(tmp_
     resumed = stage2_run(tmp_path / "b", max_steps=6, resume=True)
     assert not torch.equal(resumed, at_checkpoint)  # steps 4–6 did change the prototypes
     torch.testing.assert_close(resumed, uninterrupted, atol=0, rtol=0)
+
+
+def test_a_run_does_not_depend_on_what_the_process_drew_before(tmp_path):
+    train, images = toy_examples(4, seed=7)
+
+    def stage1_lora(draws_before: int) -> dict[str, torch.Tensor]:
+        backbone, processor = tiny_vlm(seed=0)
+        model, _ = PreferencePrototypeModel.from_backbone(backbone, processor, num_prototypes=0, n_ref=N_REF)
+        torch.rand(draws_before)  # other work of the process, before the run
+        args = PreferencePrototypeTrainingConfig(
+            output_dir=str(tmp_path / f"run{draws_before}"),
+            stage=1,
+            n_ref=N_REF,
+            per_device_train_batch_size=2,
+            max_steps=1,
+            learning_rate=1e-3,
+            lora_r=4,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        trained = train_preference_model(model, processor, train, images.__getitem__, args)
+        return {k: v.detach().clone() for k, v in trained.state_dict().items()}
+
+    first, second = stage1_lora(0), stage1_lora(5)
+    assert first.keys() == second.keys()
+    for key in first:  # the initial LoRA (and so the merged result) is drawn from the run's own seed
+        torch.testing.assert_close(first[key], second[key], atol=0, rtol=0, msg=key)
