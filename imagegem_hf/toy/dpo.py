@@ -85,11 +85,32 @@ def mine_pairs(
 
 
 def flip_labels(dataset, seed: int = 0):
-    """The control: the same exchange-format pairs with each `label_0` replaced by a fair coin (so about half the
-    preferences are reversed and none carries information)."""
-    rng = np.random.default_rng(seed)
-    coins = rng.random(len(dataset)) < 0.5
-    return dataset.map(lambda row, i: {"label_0": float(coins[i])}, with_indices=True)
+    """The control: the same exchange-format pairs with each preference reversed by a fair coin of its own.
+
+    The coins come from a stream of their own (`seed` spawns it), never from the one `exchange_format` draws the
+    winner's side with: with the same seed both would draw the same bits, so "flipping" would give every pair its
+    true label back. About half the preferences are reversed and the labels carry no information.
+
+    Args:
+        dataset: Pairs in the exchange format (`label_0` 1.0 or 0.0).
+        seed: Seed of the coins.
+
+    Returns:
+        The dataset with `label_0` replaced by `1 − label_0` where the coin came up heads.
+
+    Example:
+        ```python
+        >>> from datasets import Dataset
+        >>> pairs = Dataset.from_dict({"label_0": [1.0, 0.0] * 100})
+        >>> flipped = flip_labels(pairs)
+        >>> 0.4 < sum(a != b for a, b in zip(pairs["label_0"], flipped["label_0"])) / 200 < 0.6
+        True
+        ```
+    """
+    coins = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,))).random(len(dataset)) < 0.5
+    return dataset.map(
+        lambda row, i: {"label_0": 1.0 - row["label_0"] if coins[i] else row["label_0"]}, with_indices=True
+    )
 
 
 def reward_gain(scores: pd.DataFrame, base: str, tuned: str, column: str = "reward") -> dict[str, float]:

@@ -16,6 +16,28 @@ def test_prompt_split_holds_out_a_third_of_the_full_prompts():
     assert len(heldout) == 12 and len(train) == 72 and not set(train) & set(heldout)
 
 
+def test_flipped_labels_are_independent_of_the_winners_side(tmp_path):
+    # exchange_format draws each winner's side with a seeded coin; the control's coins, drawn with the same seed,
+    # must not be the same bits (that control would train on the true labels).
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from imagegem_hf.data.pairs import exchange_format, image_dir_loader
+
+    n = 400
+    for image_id in range(2 * n):
+        Image.new("RGB", (4, 4), (image_id % 256, image_id // 256, 0)).save(tmp_path / f"{image_id}.png")
+    pairs = pd.DataFrame({"prompt": ["a shape"] * n, "chosen": np.arange(n), "rejected": np.arange(n, 2 * n)})
+    dataset = exchange_format(pairs, image_dir_loader(tmp_path), seed=0)
+    flipped = flip_labels(dataset, seed=0)
+    # exchange_format's label_0 is the true preference; the control keeps it for about half the pairs only
+    kept = np.mean(np.array(flipped["label_0"]) == np.array(dataset["label_0"]))
+    assert 0.42 < kept < 0.58
+    # the pairs, captions and images are untouched
+    assert flipped["jpg_0"] == dataset["jpg_0"] and flipped["caption"] == dataset["caption"]
+
+
 def test_reward_gain_pairs_the_same_prompt_and_seed():
     import pandas as pd
 
