@@ -41,6 +41,12 @@ def main() -> None:
     for spec in fields(ToyDPOConfig):
         parser.add_argument(f"--{spec.name.replace('_', '-')}", type=type(spec.default), default=spec.default)
     parser.add_argument("--output-dir", default=None, help="Keep the pairs, LoRAs and grid here.")
+    parser.add_argument(
+        "--split",
+        default="held-out",
+        choices=("held-out", "validation"),
+        help="Evaluate on the held-out prompts (the result) or on the validation prompts (to choose settings).",
+    )
     args = parser.parse_args()
     config = ToyDPOConfig(**{spec.name: getattr(args, spec.name) for spec in fields(ToyDPOConfig)})
     torch.set_num_threads(1)
@@ -57,7 +63,7 @@ def main() -> None:
                 f"{name}: loss {metrics['loss']:.4f}, implicit accuracy {metrics['rewards/accuracies']:.2f} "
                 f"(last {config.max_steps // 5} steps)"
             )
-        report, stats = evaluate_toy_dpo({"DPO": out / "dpo", "control": out / "control"}, config)
+        report, stats = evaluate_toy_dpo({"DPO": out / "dpo", "control": out / "control"}, config, split=args.split)
         print(report.table())
         if args.output_dir:
             report.save(out)

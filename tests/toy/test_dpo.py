@@ -11,9 +11,10 @@ from imagegem_hf.toy.dpo import (
 )
 
 
-def test_prompt_split_holds_out_a_third_of_the_full_prompts():
-    train, heldout = dpo_prompt_split()
-    assert len(heldout) == 12 and len(train) == 72 and not set(train) & set(heldout)
+def test_prompt_split_holds_out_and_validates_on_disjoint_full_prompts():
+    train, validation, heldout = dpo_prompt_split()
+    assert (len(train), len(validation), len(heldout)) == (60, 12, 12)
+    assert not set(train) & set(heldout) and not set(train) & set(validation) and not set(validation) & set(heldout)
 
 
 def test_flipped_labels_are_independent_of_the_winners_side(tmp_path):
@@ -52,7 +53,8 @@ def test_reward_gain_pairs_the_same_prompt_and_seed():
     # the tuned rows in another order must not change the answer
     scores = pd.concat([scores.iloc[:4], scores.iloc[4:].iloc[::-1]])
     gain = reward_gain(scores, "b", "t")
-    assert gain["win_rate"] == 0.75  # +1, 0 (a tie is no win), +0.5, +1
+    assert gain["win_rate"] == 0.875  # +1, 0 (a tie counts one half), +0.5, +1
+    assert gain["ties"] == 0.25
     assert gain["mean_gain"] == pytest.approx(2.5 / 4)
     # per-seed means: seed 0 (1 + 0.5) / 2 = 0.75, seed 1 (0 + 1) / 2 = 0.5; sample std
     assert gain["seed_std"] == pytest.approx(pd.Series([0.75, 0.5]).std())
