@@ -1,9 +1,9 @@
 """Does Diffusion-DPO learn a preference? The toy world's base model, its own samples, a programmatic reward.
 
-1. The shipped toy base (`imagegem_hf.toy`) samples the 72 training prompts (8 seeds each); `ToyReward` (bigger
+1. The shipped toy base (`imagegem_hf.toy`) samples the 60 training prompts (8 seeds each); `ToyReward` (bigger
    subjects are better) scores the images; prompts are clustered with HDBSCAN and paired min-max, as ImageGem §4.1.
 2. `DiffusionDPOTrainer` trains a rank-8 LoRA on those pairs; the control trains the same LoRA on the same pairs
-   with every label replaced by a fair coin.
+   with the same settings, each preference reversed by a fair coin.
 3. Base, DPO and control generate the 12 held-out prompts × 17 held-out seeds (204 images each, same noise per
    (prompt, seed)); `ToyReward` scores them.
 
@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 
 from imagegem_hf.toy import load_toy_pipeline, measure_attributes, prompt_following
-from imagegem_hf.toy.dpo import BASE_NAME, ToyDPOConfig, evaluate_toy_dpo, flip_labels, mine_toy_pairs, train_toy_dpo
+from imagegem_hf.toy.dpo import (
+    BASE_NAME,
+    ToyDPOConfig,
+    dpo_prompt_split,
+    evaluate_toy_dpo,
+    flip_labels,
+    mine_toy_pairs,
+    train_toy_dpo,
+)
 
 
 def result(name: str, ours: float, baseline: float, target: str, passed: bool) -> str:
@@ -56,7 +64,13 @@ def main() -> None:
         base = prompt_following(load_toy_pipeline())
         print("toy base:", base.summary())
         pairs, dataset = mine_toy_pairs(out, config)
-        print(f"{len(pairs)} min-max pairs from {config.train_seeds * 72} base samples")
+        same_prompt = (pairs["chosen"] // config.train_seeds == pairs["rejected"] // config.train_seeds).mean()
+        print(
+            f"{len(pairs)} min-max pairs in {pairs['cluster_id'].nunique()} prompt clusters from "
+            f"{config.train_seeds * len(dpo_prompt_split()[0])} base samples; mean reward margin "
+            f"{(pairs['chosen_score'] - pairs['rejected_score']).mean():.2f}; "
+            f"both images of one prompt: {same_prompt:.2f}"
+        )
         for name, data in (("dpo", dataset), ("control", flip_labels(dataset, seed=config.seed))):
             metrics = train_toy_dpo(data, out / name, config)
             print(
@@ -72,7 +86,10 @@ def main() -> None:
         f"DPO: win rate {dpo['win_rate']:.3f}, mean gain {dpo['mean_gain']:.3f} ± {dpo['seed_std']:.3f} (seed std) "
         f"over {dpo['n']} images; held-out attribute accuracy {dpo['accuracy']:.3f} (base {dpo['base_accuracy']:.3f})"
     )
-    print(f"control: win rate {control['win_rate']:.3f}, mean gain {control['mean_gain']:.3f}")
+    print(
+        f"control: win rate {control['win_rate']:.3f}, mean gain {control['mean_gain']:.3f} ± "
+        f"{control['seed_std']:.3f} (seed std); ties {dpo['ties']:.3f} (DPO), {control['ties']:.3f} (control)"
+    )
     # The same images judged by the thresholded pixel count, which blur and noise inflate: the control's drift shows.
     sizes = {name: measure_attributes(images)["size"] for name, images in report.images.items()}
     print(

@@ -156,13 +156,20 @@ class ToyDPOConfig:
         ```
     """
 
-    train_seeds: int = field(default=8, metadata={"help": "Base samples per training prompt (72 prompts)."})
+    train_seeds: int = field(default=8, metadata={"help": "Base samples per training prompt (60 prompts)."})
     eval_seeds: int = field(default=17, metadata={"help": "Seeds per held-out prompt (12 prompts)."})
     pairs_per_cluster: int = field(default=4, metadata={"help": "Min-max pairs per prompt cluster."})
-    min_cluster_size: int = field(default=5, metadata={"help": "HDBSCAN's smallest prompt cluster (images)."})
+    min_cluster_size: int = field(
+        default=4,
+        metadata={
+            "help": "HDBSCAN's smallest prompt cluster (images). At most train_seeds, each prompt's samples form a "
+            "cluster of their own, so both images of a pair answer the caption; above it, clusters merge prompts "
+            "and the losers are mostly images of other prompts."
+        },
+    )
     max_steps: int = field(default=300, metadata={"help": "Diffusion-DPO training steps."})
     batch_size: int = field(default=8, metadata={"help": "Pairs per step."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the LoRA."})
     beta_dpo: float = field(default=5000.0, metadata={"help": "β of the Diffusion-DPO loss."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank on the UNet's attention projections."})
     seed: int = field(default=0, metadata={"help": "Seed of the pair order, label sides and LoRA init."})

@@ -5,6 +5,7 @@ from imagegem_hf.toy.dpo import (
     dpo_prompt_split,
     evaluate_toy_dpo,
     flip_labels,
+    mine_pairs,
     mine_toy_pairs,
     reward_gain,
     train_toy_dpo,
@@ -37,6 +38,32 @@ def test_flipped_labels_are_independent_of_the_winners_side(tmp_path):
     assert 0.42 < kept < 0.58
     # the pairs, captions and images are untouched
     assert flipped["jpg_0"] == dataset["jpg_0"] and flipped["caption"] == dataset["caption"]
+
+
+def test_default_mining_pairs_images_of_the_same_prompt(tmp_path):
+    # With clusters that merge prompts, min-max pairs set the best image of one prompt against the worst of another
+    # (93% of the pairs at 4 seeds per prompt with min_cluster_size=5), under the winner's caption.
+    import numpy as np
+    import pandas as pd
+
+    from imagegem_hf.toy import parse_prompt, random_spec, render
+
+    config = ToyDPOConfig(train_seeds=4)
+    train, _, _ = dpo_prompt_split()
+    rng = np.random.default_rng(0)
+    rows = []
+    for prompt in train:
+        for seed in range(config.train_seeds):
+            render(random_spec(rng, **parse_prompt(prompt))).save(tmp_path / f"{len(rows)}.png")
+            rows.append({"imageId": len(rows), "prompt": prompt, "seed": seed})
+    images = pd.DataFrame(rows)
+    pairs = mine_pairs(
+        images, tmp_path, pairs_per_cluster=config.pairs_per_cluster, min_cluster_size=config.min_cluster_size
+    )
+    prompt_of = images.set_index("imageId")["prompt"]
+    assert len(pairs) == len(train) * config.train_seeds // 2
+    assert (prompt_of.loc[pairs["rejected"]].to_numpy() == prompt_of.loc[pairs["chosen"]].to_numpy()).all()
+    assert (pairs["chosen_score"] > pairs["rejected_score"]).all()
 
 
 def test_reward_gain_pairs_the_same_prompt_and_seed():
