@@ -108,8 +108,9 @@ def small_learning_config(seed: int = 0) -> LearningConfig:
 def demo_learning_config(seed: int = 0) -> LearningConfig:
     """The demo's `preference` stage and the slow test's size: 256 training users, 32 unseen and 32 seen test users
     (448 and 64 test pairs), a fifth of the benchmark's stage-1 steps at twice the rate (stable over 600 steps) and
-    half the stage-2 steps, so below the benchmark's accuracy (measured: 66.5% pairwise on unseen users, 33.3% with
-    the references swapped, 139 CPU-seconds in all on one thread)."""
+    half the stage-2 steps, so below the benchmark's accuracy (measured: 63.8–66.5% pairwise on unseen users and
+    30–33% with the references swapped, depending on the thread count; 139 CPU-seconds on one thread, 116 s wall on
+    2 idle cores)."""
     users = replace(benchmark_users(seed), train_users=256, test_users=32, seen_users=32)
     return LearningConfig(
         users=users, stage1_steps=600, stage1_learning_rate=2e-3, stage2_steps=50, seed=seed, dataloader_num_workers=1
