@@ -6,6 +6,7 @@ from imagegem_hf.preference import PreferencePrototypeModel
 from imagegem_hf.preference.data import PreferenceExample
 from imagegem_hf.preference.trainer import PreferencePrototypeTrainingConfig, train_preference_model
 from imagegem_hf.testing import random_images, tiny_vlm
+from tests.distributed import assert_same_weights
 
 N_REF = 3
 
@@ -95,19 +96,13 @@ def stage1_weights(output_dir, draws_before: int = 0, num_workers: int = 0, max_
     return {k: v.detach().clone() for k, v in trained.state_dict().items()}
 
 
-def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
-    assert first and first.keys() == second.keys()
-    for key in first:
-        torch.testing.assert_close(first[key], second[key], atol=0, rtol=0, msg=key)
-
-
 def test_a_run_does_not_depend_on_what_the_process_drew_before(tmp_path):
     # The initial LoRA (and so the merged result) is drawn from the run's own seed.
-    assert_same_weights(stage1_weights(tmp_path / "a"), stage1_weights(tmp_path / "b", draws_before=5))
+    assert_same_weights(stage1_weights(tmp_path / "b", draws_before=5), stage1_weights(tmp_path / "a"), atol=0)
 
 
 def test_a_dataloader_worker_trains_the_same_weights(tmp_path):
     # Two epochs of shuffled references: the worker draws each example's order as the main process would.
     assert_same_weights(
-        stage1_weights(tmp_path / "a", max_steps=4), stage1_weights(tmp_path / "b", num_workers=1, max_steps=4)
+        stage1_weights(tmp_path / "b", num_workers=1, max_steps=4), stage1_weights(tmp_path / "a", max_steps=4), atol=0
     )
