@@ -224,6 +224,23 @@ def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
+def background_colour(image: Image.Image | np.ndarray, border: int = 2) -> np.ndarray:
+    """The background's RGB colour: the per-channel median of the `border`-pixel ring around the image.
+
+    Toy subjects are drawn away from the edges, so the ring is background wherever the model put the subject.
+
+    Example:
+        ```python
+        >>> from imagegem_hf.toy.world import ToySpec, background_colour, render
+        >>> background_colour(render(ToySpec("red", "circle", "dark", size=8.0))).round(2).tolist()
+        [0.15, 0.15, 0.15]
+        ```
+    """
+    x = _as_array(image)
+    ring = [x[:border].reshape(-1, 3), x[-border:].reshape(-1, 3), x[:, :border].reshape(-1, 3)]
+    return np.median(np.concatenate([*ring, x[:, -border:].reshape(-1, 3)]), axis=0)
+
+
 def _templates(cx: float, cy: float, radius: float, size: int) -> dict[str, np.ndarray]:
     """Binary masks of the three shapes with centre (cx, cy) and equal-area radius `radius`."""
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
@@ -303,9 +320,7 @@ def measure_attributes(images: Sequence[Image.Image | np.ndarray]) -> dict[str, 
     for image in images:
         x = _as_array(image)
         h, w, _ = x.shape
-        ring = np.concatenate([x[:2].reshape(-1, 3), x[-2:].reshape(-1, 3), x[:, :2].reshape(-1, 3)])
-        ring = np.concatenate([ring, x[:, -2:].reshape(-1, 3)])
-        background = np.median(ring, axis=0)
+        background = background_colour(x)
         brightness = float(background.mean())
         mask = np.linalg.norm(x - background, axis=-1) > _FOREGROUND_DISTANCE
         area = int(mask.sum())

@@ -81,3 +81,20 @@ def test_style_grade_and_measures_by_hand():
     measured = style_measures([grey, warm, bright])
     np.testing.assert_allclose(measured["warmth"], [0.0, expected_warm, 0.0], atol=1e-9)
     np.testing.assert_allclose(measured["brightness"][2], round(255 * x ** (2**-0.7)) / 255, atol=1e-9)  # gamma 0.62
+
+
+def test_style_measures_read_the_grade_off_the_background_not_the_subject():
+    import numpy as np
+
+    from imagegem_hf.toy.loras import UserStyle, style_measures
+    from imagegem_hf.toy.world import ToySpec, render
+
+    red_subject = render(ToySpec("red", "circle", "light", size=10.0))
+    cool = UserStyle(warmth=-1.0, brightness=0.0).grade(red_subject)
+    pixels = np.asarray(red_subject, dtype=np.float64) / 255
+    assert (pixels[..., 0] - pixels[..., 2]).mean() > 0.05  # a whole-image mean would call this image warm
+    measured = style_measures([red_subject, cool])
+    grey = 0.85  # the light background, a neutral grey
+    expected = (round(255 * 0.6 * grey) - min(round(255 * 1.4 * grey), 255)) / 255  # R × 0.6, B × 1.4 (clipped)
+    np.testing.assert_allclose(measured["warmth"], [0.0, expected], atol=1 / 255)
+    np.testing.assert_allclose(measured["brightness"][0], round(255 * grey) / 255, atol=1 / 255)
