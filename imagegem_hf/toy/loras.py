@@ -2,9 +2,9 @@
 
 Each toy "user" has a style: a colour grade of every image they make, along two axes that are measured back from
 pixels (`style_measures`): **warmth** (a red/blue tint, R − B of the background) and **brightness** (an exposure
-curve, the background's grey level). Colour grades are among the commonest Civitai LoRA styles, and unlike the content
-they never appear in prompts. The two axes are correlated across the population (`ToyLoRAConfig.correlation`), as
-styles are in real collections: a direction learnt for one drags the other along, which is what `debias` must undo.
+curve, the background's green level). Colour grades are among the commonest Civitai LoRA styles, and unlike the
+content they never appear in prompts. The two axes are correlated across the population (`ToyLoRAConfig.correlation`),
+as styles are in real collections: a direction learnt for one drags the other along, which is what `debias` must undo.
 Each user's LoRA is fine-tuned from the toy base pipeline on renders of the toy world graded in that style, with a
 rank drawn from 1–16 and a kohya alpha of rank, rank/2 or 1 (Civitai's LoRAs vary so), on the UNet's attention and
 feed-forward layers, and saved as a kohya `.safetensors` file.
@@ -61,13 +61,16 @@ class UserStyle:
 
 
 def style_measures(images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
-    """`{"warmth": R − B, "brightness": mean of R, G, B}` of each image's background (channels in [0, 1]).
+    """`{"warmth": R − B, "brightness": G}` of each image's background (channels in [0, 1]).
 
     A grade tints and exposes every pixel, but the prompt decides the subject's colour and nothing but
     "dark"/"light" of the background, so the background (`imagegem_hf.toy.world.background_colour`) shows the
     grade alone. Over 32 user LoRAs (4 prompts × 2 seeds each), the background's R − B ranks the users by their
     true warmth with Spearman 0.89 (split-half reliability 0.92), the whole image's mean R − B with 0.63 (0.65):
-    the subject's colour, which the LoRAs shift a little each, drowns the tint.
+    the subject's colour, which the LoRAs shift a little each, drowns the tint. Brightness is read off the green
+    channel, which the tint leaves alone: the mean of R, G and B moves with the tint wherever R or B clips, so a
+    warmth edit "changed brightness" by that measure (debiasing against it shrank brightness's change per unit α
+    3.6× over 64 LoRAs; against green, 14×).
 
     Example:
         ```python
@@ -80,7 +83,7 @@ def style_measures(images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
     from imagegem_hf.toy.world import background_colour
 
     background = np.stack([background_colour(image) for image in images]).astype(np.float64)
-    return {"warmth": background[:, 0] - background[:, 2], "brightness": background.mean(axis=1)}
+    return {"warmth": background[:, 0] - background[:, 2], "brightness": background[:, 1]}
 
 
 @dataclass

@@ -50,10 +50,16 @@ class W2WToyConfig:
     attribute: str = field(default="warmth", metadata={"help": "The attribute the direction edits."})
     other: str = field(default="brightness", metadata={"help": "The attribute the direction is debiased against."})
     n_held_out: int = field(default=12, metadata={"help": "LoRAs left out of the space and edited."})
-    n_components: int = field(default=24, metadata={"help": "Principal components of the weight space."})
+    n_components: int = field(
+        default=12,
+        metadata={
+            "help": "Principal components of the weight space (over 52 LoRAs, 24 left the brightness classifier at "
+            "0.73 held-out accuracy and debiasing shrank brightness's slope 1.3×; 12: 0.91 and 3.6–3.8×)."
+        },
+    )
     prompts: tuple[str, ...] = field(default=PROMPTS, metadata={"help": "Prompts of every measurement."})
     label_seeds: int = field(default=4, metadata={"help": "Seeds per prompt of the samples that label a LoRA."})
-    eval_seeds: int = field(default=1, metadata={"help": "Seeds per prompt of each edited LoRA's images."})
+    eval_seeds: int = field(default=2, metadata={"help": "Seeds per prompt of each edited LoRA's images."})
     n_strengths: int = field(default=9, metadata={"help": "Edit strengths, evenly spaced and symmetric around 0."})
     strength_span: float = field(
         default=3.0, metadata={"help": "Largest |α|, in standard deviations of the LoRAs along the raw direction."}
