@@ -32,6 +32,8 @@ from imagegem_hf.ranker.toy_ranking import (
 )
 from imagegem_hf.ranker.toy_vlm import (
     ToyRankerVLMConfig,
+    answer_accuracy_by_field,
+    answer_token_budget,
     evaluate_toy_ranker_vlm,
     pretrained_toy_ranker_vlm,
     toy_ranker_vlm,
@@ -42,6 +44,17 @@ from imagegem_hf.recsys import ItemKNN, SASRec
 # Stand-in scorer: relevance = 50 + RELEVANCE_SCALE · (the user's true pick logit), minus POSITION_BIAS points per
 # position down the list, plus Gaussian noise of NOISE_STD at temperature 1.
 RELEVANCE_SCALE, POSITION_BIAS, NOISE_STD = 10.0, 3.0, 6.0
+
+
+def stand_in_error_ratio(m: int, k: int, trials: int) -> float:
+    """Std of the stand-in's score error under randomized scoring over that of single-pass scoring.
+
+    In a single pass an item sits at a uniform place among `m` (position-bias variance `b²(m²−1)/12`) with noise
+    `σ²`; randomized, it is scored in `k·T/m` trials at a uniform place among `k`, and the errors average.
+    """
+    single = POSITION_BIAS**2 * (m**2 - 1) / 12 + NOISE_STD**2
+    randomized = (POSITION_BIAS**2 * (k**2 - 1) / 12 + NOISE_STD**2) / (k * trials / m)
+    return (randomized / single) ** 0.5
 
 
 @dataclass
@@ -91,13 +104,15 @@ def main(argv=None) -> list[Result]:
     print(f"toy VLM: {folder} (trained in {training['cpu_seconds']:.0f} CPU s)")
 
     def make_pipeline(**overrides) -> VLMRankerPipeline:
-        config = dict(k_subset=args.k_subset, n_trials=args.trials, max_new_tokens=16 * args.top_m + 8)
+        config = dict(k_subset=args.k_subset, n_trials=args.trials, max_new_tokens=answer_token_budget(args.top_m))
         return VLMRankerPipeline.from_pretrained(folder, batch_size=16, **{**config, **overrides})
 
     ranker = make_pipeline()
     quality = evaluate_toy_ranker_vlm(ranker.model, ranker.processor, vlm_config, n_users=16, k=args.k_subset)
     untrained = evaluate_toy_ranker_vlm(*toy_ranker_vlm(vlm_config), vlm_config, n_users=4, k=args.k_subset)
     print(f"toy VLM on fresh images: {quality}  (untrained: {untrained})")
+    fields = answer_accuracy_by_field(ranker.model, ranker.processor, vlm_config)
+    print("toy VLM teacher-forced accuracy per answer part: " + ", ".join(f"{k} {v:.3f}" for k, v in fields.items()))
 
     world = toy_ranking_world(world_config)
     cf_models = {"ItemKNN": ItemKNN(), "SASRec": SASRec(dim=32, max_len=20, seed=0)}
@@ -182,6 +197,11 @@ def main(argv=None) -> list[Result]:
                 requests = [(u, candidates[u]) for u in users]
             stability[(scorer, setting)] = rank_stability(pipeline, requests, seeds)
             print(f"stability {scorer:8s} {setting:12s} {stability[(scorer, setting)]}")
+    print(
+        "stand-in score error (position bias and noise), randomized over single pass: "
+        f"{stand_in_error_ratio(args.top_m, args.k_subset, args.trials):.3f}× its std (pure noise: "
+        f"{(args.top_m / (args.k_subset * args.trials)) ** 0.5:.3f}×)"
+    )
     for scorer in ("toy_vlm", "stand_in"):
         ours, base = stability[(scorer, "randomized")], stability[(scorer, "single_pass")]
         scored = max(ours["unscored_fraction"], base["unscored_fraction"]) <= 0.05  # else ranks are the input order

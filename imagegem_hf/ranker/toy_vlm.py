@@ -5,28 +5,37 @@ shape, background brightness, texture, drawn with random size, position, tint an
 answers, supervised by programmatic ground truth:
 
 - **captioning** (B.1.1): from a user's H history images, a structured profile with one line per field of the
-  template, naming the majority value of the attribute that field stands for and how many of the H images have it:
+  template, naming the majority value of the attribute that field stands for:
 
   ```
-  1. Primary Subject Type: circle (4/5)
-  2. Defining Visual Features: red (3/5)
-  3. Artistic Style: striped (5/5)
-  4. Background Elements: dark (4/5)
+  1. Primary Subject Type: circle
+  2. Defining Visual Features: red
+  3. Artistic Style: striped
+  4. Background Elements: dark
   ```
 
 - **ranking** (B.1.2 + the multi-candidate suffix): for each candidate, in the order shown, a JSON object with its
-  `image_id`, a `similarity_score` and an `explanation`. The score is the attribute agreement between the
-  candidate and the profile: each of the four fields carries 25 points (`FEATURE_POINTS`), earned in proportion to
-  the share of the history images that have the candidate's value of its attribute. The explanation names the profile
-  values the candidate shares.
+  `image_id`, an `explanation` and a `similarity_score`, e.g.
+  `{"image_id": 17, "explanation": "circle+ blue- striped+ dark+", "similarity_score": 75}`. The explanation names
+  the candidate's value of each field, each followed by `+` when the profile has it too and `-` when not; the score
+  is the attribute agreement with the profile, `FIELD_POINTS` (25) per shared field. The explanation comes first (a
+  JSON object's keys have no order, and the pipeline parses any), so that each step of the answer is one small
+  operation: a value read from the candidate's image, a mark comparing the value just written with the profile's,
+  a score counting the `+` marks just written. With the score first and in proportion to each value's share of the
+  history (one to three digit tokens out of 0–100), 3,000 steps gave scores uncorrelated with the target (Pearson
+  −0.01 on fresh images); with a value-and-mark token per field (`"+circle"`, one step for the read and the
+  comparison), 1,200 steps left those tokens at chance even with a single candidate.
 
 Prompts are built by `VLMRankerPipeline` itself (through a recording backend), so training sees exactly the text
 the pipeline sends. The model is a `LlavaForConditionalGeneration` (a CLIP vision tower with one 16×16 patch per
 image, a Llama language model) with a word-level tokenizer: the templates, the chat markers, the JSON syntax, the
-attribute words and the counts are single tokens; the integers (ids and scores) are written digit by digit, so
-that copying a candidate's id from the prompt into the answer is copying ten frequent digit tokens rather than one of
-a thousand rarely seen ones (single-token ids stayed at 0–12% copied after 800 one-candidate steps). It loads with
-`AutoModelForImageTextToText` and `AutoProcessor` from its folder and runs through `VLMRankerPipeline` unchanged.
+attribute words and the marked values are single tokens; the integers (ids and scores) are written digit by digit,
+so that copying a candidate's id from the prompt into the answer is copying ten frequent digit tokens rather than one
+of a thousand rarely seen ones (single-token ids stayed at 0–12% copied after 800 one-candidate steps). Its vision
+side is first pre-trained on caption words (`imagegem_hf.preference.toy_vlm.pretrain_toy_vision`), which makes
+every attribute linearly readable from an image's embedding (a logistic probe on fresh images: colour 100%, shape
+97.9%, brightness 100%, texture 99.4% after 400 steps). It loads with `AutoModelForImageTextToText` and
+`AutoProcessor` from its folder and runs through `VLMRankerPipeline` unchanged.
 
 Example:
     ```python
@@ -39,7 +48,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -54,7 +62,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from imagegem_hf.preference.synthetic_users import ATTRIBUTES, draw_tastes, render_image
-from imagegem_hf.preference.toy_vlm import one_patch_llava
+from imagegem_hf.preference.toy_vlm import ToyVLMConfig, one_patch_llava, pretrain_toy_vision
 from imagegem_hf.ranker.pipeline_vlm_ranker import RankerConfig, RankItem, VLMRankerPipeline
 from imagegem_hf.ranker.prompts import RankerTemplates
 
@@ -76,56 +84,50 @@ PROFILE_FIELDS: tuple[tuple[str, str], ...] = (
     ("3. Artistic Style:", "texture"),
     ("4. Background Elements:", "brightness"),
 )
-# Points per profile field (the four fields the captioning template asks for, weighted equally).
-FEATURE_POINTS: dict[str, int] = {"shape": 25, "colour": 25, "texture": 25, "brightness": 25}
-MAX_HISTORY = 10
-"""Largest history the tokenizer has count tokens (`(c/H)`) for."""
+FIELD_POINTS = 25
+"""Points a candidate earns per profile field it shares (the four fields weigh equally; 4 · 25 = 100)."""
 MAX_ITEM_ID = 999
 """Largest id of a training candidate (ids are 0–999, one to three digit tokens)."""
+SHARED, NOT_SHARED = "+", "-"
+"""Marks of a candidate's value in the explanation: shared with the profile or not."""
 _ATTRIBUTE_INDEX = {name: i for i, name in enumerate(ATTRIBUTES)}
-_PROFILE_LINE = re.compile(r"^\s*(\d)\. [^:]+: (\w+) \((\d+)/(\d+)\)\s*$")
+_PROFILE_LINE = re.compile(r"^\s*(\d)\. [^:]+: (\w+)\s*$")
 
 # Version of what a configuration does not name (the tokenizer, the training data and loop): a change to them
-# must not load a model cached by the old code. 2: ids and scores are digit tokens.
-TOY_RANKER_RECIPE = 2
+# must not load a model cached by the old code. 2: ids and scores are digit tokens. 3: the profile names the
+# majority values only, the explanation marks each of the candidate's values and comes before the score, which
+# counts the shared fields; the vision side is pre-trained first.
+TOY_RANKER_RECIPE = 3
 
 
 @dataclass(frozen=True)
 class ToyProfile:
-    """The majority value (±1) of each attribute in a user's history and how many of the `n` images have it.
+    """The majority value (±1) of each attribute in a user's history.
 
     Attributes:
         values: Majority value per attribute, in `ATTRIBUTES` order.
-        counts: History images with that value, per attribute.
-        n: History size H.
     """
 
     values: tuple[int, ...]
-    counts: tuple[int, ...]
-    n: int
 
     @classmethod
     def of(cls, history: np.ndarray) -> ToyProfile:
         """The profile of `(H, 4)` ±1 attributes; a tie (even H) goes to the latest image's value."""
         history = np.asarray(history)
-        plus = (history > 0).sum(0)
-        n = len(history)
-        values = tuple(int(1 if 2 * p > n else -1 if 2 * p < n else history[-1, a]) for a, p in enumerate(plus))
-        counts = tuple(int(p if v > 0 else n - p) for v, p in zip(values, plus, strict=True))
-        return cls(values, counts, n)
+        plus, n = (history > 0).sum(0), len(history)
+        return cls(tuple(int(1 if 2 * p > n else -1 if 2 * p < n else history[-1, a]) for a, p in enumerate(plus)))
 
     def text(self) -> str:
         """The captioning answer (one line per template field)."""
-        lines = []
-        for title, attribute in PROFILE_FIELDS:
-            a = _ATTRIBUTE_INDEX[attribute]
-            lines.append(f"{title} {_word(attribute, self.values[a])} ({self.counts[a]}/{self.n})")
-        return "\n".join(lines)
+        return "\n".join(
+            f"{title} {_word(attribute, self.values[_ATTRIBUTE_INDEX[attribute]])}"
+            for title, attribute in PROFILE_FIELDS
+        )
 
     @classmethod
     def parse(cls, text: str) -> ToyProfile | None:
         """The profile written by `text()`, or `None` when `text` is not such a profile."""
-        values, counts, sizes = [0] * len(ATTRIBUTES), [0] * len(ATTRIBUTES), set()
+        values = [0] * len(ATTRIBUTES)
         lines = text.strip().splitlines()
         if len(lines) != len(PROFILE_FIELDS):
             return None
@@ -134,33 +136,25 @@ class ToyProfile:
             pos, neg = ATTRIBUTES[attribute]
             if match is None or not line.strip().startswith(title) or match.group(2) not in (pos, neg):
                 return None
-            a = _ATTRIBUTE_INDEX[attribute]
-            values[a] = 1 if match.group(2) == pos else -1
-            counts[a] = int(match.group(3))
-            sizes.add(int(match.group(4)))
-        if len(sizes) != 1:
-            return None
-        return cls(tuple(values), tuple(counts), sizes.pop())
+            values[_ATTRIBUTE_INDEX[attribute]] = 1 if match.group(2) == pos else -1
+        return cls(tuple(values))
 
-    def share(self, attributes: np.ndarray) -> np.ndarray:
-        """Per attribute, the share of the history images that have the candidate's value."""
-        same = np.asarray(attributes) == np.asarray(self.values)
-        counts = np.asarray(self.counts)
-        return np.where(same, counts, self.n - counts) / self.n
+    def shared(self, attributes: np.ndarray) -> np.ndarray:
+        """Per attribute, whether the candidate has the profile's value."""
+        return np.asarray(attributes) == np.asarray(self.values)
 
     def score(self, attributes: np.ndarray) -> int:
-        """The candidate's similarity score: `FEATURE_POINTS` earned in proportion to `share`, rounded."""
-        points = np.array([FEATURE_POINTS[name] for name in ATTRIBUTES])
-        return int(round(float(points @ self.share(attributes))))
+        """The candidate's similarity score: `FIELD_POINTS` per shared field (0, 25, 50, 75 or 100)."""
+        return FIELD_POINTS * int(self.shared(attributes).sum())
 
     def explanation(self, attributes: np.ndarray) -> str:
-        """`"shares circle red"`: the profile values (field order) that the candidate has too."""
-        words = [
-            _word(attribute, self.values[_ATTRIBUTE_INDEX[attribute]])
-            for _, attribute in PROFILE_FIELDS
-            if attributes[_ATTRIBUTE_INDEX[attribute]] == self.values[_ATTRIBUTE_INDEX[attribute]]
-        ]
-        return "shares " + (" ".join(words) if words else "nothing")
+        """`"circle+ blue- striped+ dark+"`: the candidate's value of each field (template order), each followed by
+        `+` when the profile has it too, `-` when not."""
+        shared = self.shared(attributes)
+        return " ".join(
+            _word(attribute, attributes[a]) + (SHARED if shared[a] else NOT_SHARED)
+            for a, attribute in ((_ATTRIBUTE_INDEX[attribute], attribute) for _, attribute in PROFILE_FIELDS)
+        )
 
 
 def _word(attribute: str, value: int) -> str:
@@ -169,10 +163,11 @@ def _word(attribute: str, value: int) -> str:
 
 
 def ranking_answer(item_ids: list[int], profile: ToyProfile, attributes: list[np.ndarray]) -> str:
-    """The ranking answer: a JSON list of `{"image_id", "similarity_score", "explanation"}` in the order shown."""
+    """The ranking answer: a JSON list of `{"image_id", "explanation", "similarity_score"}` in the order shown (the
+    explanation first: the score counts its `+` marks)."""
     return json.dumps(
         [
-            {"image_id": int(i), "similarity_score": profile.score(a), "explanation": profile.explanation(a)}
+            {"image_id": int(i), "explanation": profile.explanation(a), "similarity_score": profile.score(a)}
             for i, a in zip(item_ids, attributes, strict=True)
         ]
     )
@@ -195,6 +190,13 @@ class ToyRankerVLMConfig:
     max_candidates: int = field(
         default=10, metadata={"help": "Ranking prompts show 1 to this many candidates (single-pass scoring of M)."}
     )
+    vision_pretrain_steps: int = field(
+        default=400,
+        metadata={
+            "help": "Caption-word pre-training steps of the vision side (`pretrain_toy_vision`, 128 images each) "
+            "before the conversations (0: none)."
+        },
+    )
     train_steps: int = field(default=3000, metadata={"help": "Training steps (captioning and ranking batches)."})
     batch_size: int = field(default=16, metadata={"help": "Conversations per step."})
     caption_fraction: float = field(
@@ -206,34 +208,30 @@ class ToyRankerVLMConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of the weights and of the training data."})
 
-    def __post_init__(self):
-        if not 1 <= self.max_history_size <= MAX_HISTORY:
-            raise ValueError(f"max_history_size must be in [1, {MAX_HISTORY}], got {self.max_history_size}.")
-
     def fingerprint(self) -> str:
         """A short hash of the configuration and of `TOY_RANKER_RECIPE` (names the cached trained model)."""
         recipe = {**asdict(self), "recipe": TOY_RANKER_RECIPE}
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def explanation_phrases() -> list[str]:
-    """Every explanation `ToyProfile.explanation` can write (each one token of the toy tokenizer)."""
-    options = [["", pos, neg] for pos, neg in (ATTRIBUTES[attribute] for _, attribute in PROFILE_FIELDS)]
-    phrases = []
-    for words in itertools.product(*options):
-        shared = [w for w in words if w]
-        phrases.append("shares " + (" ".join(shared) if shared else "nothing"))
-    return phrases
+def explanation_words() -> dict[str, list[str]]:
+    """Per attribute, the explanation tokens of its two values (`"circle"`, `" blue"`, ...; the first field's have no
+    leading space); the `+`/`-` marks after them are byte tokens."""
+    return {
+        attribute: [("" if position == 0 else " ") + word for word in ATTRIBUTES[attribute]]
+        for position, (_, attribute) in enumerate(PROFILE_FIELDS)
+    }
 
 
 def toy_ranker_tokenizer(templates: RankerTemplates | None = None):
     """The byte-level tokenizer of `imagegem_hf.testing` with the toy VLM's words as single tokens: the chat
-    markers, the image templates and the pipeline's fixed phrases, the JSON syntax of the answers, the
-    explanations, the profile fields, attribute words and counts. Integers stay byte-level: one token per digit.
+    markers, the image templates and the pipeline's fixed phrases, the JSON syntax of the answers, the explanation
+    words, the profile fields and attribute words. Integers and the `+`/`-` marks stay byte-level: one token per
+    digit or mark.
 
-    Every answer object is then the id's digits, `, "similarity_score": `, the score's digits,
-    `, "explanation": "` with the explanation, and `"}, {"image_id": ` or `"}]`; in the prompt a candidate is
-    `image_id: `, the id's digits, `. `, `<image>`."""
+    Every answer object is then the id's digits, `, "explanation": "`, four values (one per field, each a word and
+    a mark), `", "similarity_score": `, the score's digits and `}, {"image_id": ` or `}]`; in the prompt a candidate
+    is `image_id: `, the id's digits, `. `, `<image>`."""
     from imagegem_hf.testing import tiny_vlm_tokenizer
 
     templates = templates or RankerTemplates()
@@ -250,18 +248,25 @@ def toy_ranker_tokenizer(templates: RankerTemplates | None = None):
             ". ",
             "\n\n",
             '[{"image_id": ',
-            ', "similarity_score": ',
-            *(f', "explanation": "{phrase}' for phrase in explanation_phrases()),
-            '"}, {"image_id": ',
-            '"}]',
+            ', "explanation": "',
+            *(token for tokens in explanation_words().values() for token in tokens if not token.startswith(" ")),
+            '", "similarity_score": ',
+            '}, {"image_id": ',
+            "}]",
             *(title for title, _ in PROFILE_FIELDS),
             "\n",
             *(f" {w}" for w in words),
-            *(f" ({c}/{n})" for n in range(1, MAX_HISTORY + 1) for c in range(n + 1)),
         ]
     )
     tokenizer.chat_template = TOY_RANKER_CHAT_TEMPLATE
     return tokenizer
+
+
+def answer_token_budget(n_candidates: int) -> int:
+    """The `max_new_tokens` that fits the toy VLM's longest answer for `n_candidates`: per object at most 17 tokens
+    (opening, three id digits, explanation key, four words and marks, score key, three score digits), then the
+    closing and `</s>`."""
+    return 17 * n_candidates + 2
 
 
 def toy_ranker_vlm(config: ToyRankerVLMConfig | None = None):
@@ -303,6 +308,11 @@ def toy_ranker_vlm(config: ToyRankerVLMConfig | None = None):
         tie_word_embeddings=True,
         seed=config.seed,
     )
+    # PyTorch's default initialisation for the projector, as in the preference toy VLM (at LLaVA's std of 0.02 the
+    # vision pre-training does not teach the shape)
+    for module in model.model.multi_modal_projector.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
@@ -386,8 +396,9 @@ def train_toy_ranker_vlm(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
 ):
-    """Train every weight of the toy VLM on fresh captioning and ranking conversations (next-token loss on the
-    answers), AdamW with linear warmup to a constant learning rate.
+    """Train the toy VLM: first its vision side on caption words (`pretrain_toy_vision` of the preference toy VLM,
+    for `config.vision_pretrain_steps`), then every weight on fresh captioning and ranking conversations
+    (next-token loss on the answers), AdamW with linear warmup to a constant learning rate.
 
     Args:
         model: The toy VLM (`toy_ranker_vlm`).
@@ -402,6 +413,8 @@ def train_toy_ranker_vlm(
     from transformers import get_constant_schedule_with_warmup
 
     config = config or ToyRankerVLMConfig()
+    if config.vision_pretrain_steps > 0:
+        pretrain_toy_vision(model, processor, _vision_pretraining_config(config), progress)
     rng = np.random.default_rng(config.seed + 1)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
@@ -424,6 +437,17 @@ def train_toy_ranker_vlm(
         if callback is not None:
             callback(step + 1, loss.item())
     return model.eval()
+
+
+def _vision_pretraining_config(config: ToyRankerVLMConfig) -> ToyVLMConfig:
+    """The settings of `pretrain_toy_vision` for this model (its widths, image size, steps and seed)."""
+    return ToyVLMConfig(
+        image_size=config.image_size,
+        vision_hidden_size=config.vision_hidden_size,
+        text_hidden_size=config.text_hidden_size,
+        vision_pretrain_steps=config.vision_pretrain_steps,
+        seed=config.seed,
+    )
 
 
 def default_cache_dir() -> Path:
@@ -488,13 +512,13 @@ def evaluate_toy_ranker_vlm(
     Returns:
         `profile_exact` (share of profiles equal to the true one), `parse_rate` (share of candidates that got a
         score), `score_mae` (mean absolute error of the parsed scores against the true agreement with the true
-        profile) and `score_corr` (their Pearson correlation).
+        profile), `score_corr` (their Pearson correlation) and `score_exact` (the share of them equal to it).
     """
     config = config or ToyRankerVLMConfig()
     rng = np.random.default_rng(seed)
     size = config.image_size
     pipeline = VLMRankerPipeline(
-        model, processor, RankerConfig(k_subset=k, n_trials=1, max_new_tokens=16 * k + 8, batch_size=16)
+        model, processor, RankerConfig(k_subset=k, n_trials=1, max_new_tokens=answer_token_budget(k), batch_size=16)
     )
     users, truths, requests = [], [], []
     for u in range(n_users):
@@ -518,4 +542,59 @@ def evaluate_toy_ranker_vlm(
         "parse_rate": len(predicted) / (n_users * k),
         "score_mae": float(np.abs(predicted - true).mean()) if len(true) else float("nan"),
         "score_corr": float(np.corrcoef(predicted, true)[0, 1]) if len(true) > 1 else float("nan"),
+        "score_exact": float((predicted == true).mean()) if len(true) else float("nan"),
     }
+
+
+def answer_accuracy_by_field(
+    model, processor, config: ToyRankerVLMConfig | None = None, n_conversations: int = 64, seed: int = 12345
+) -> dict[str, float]:
+    """Teacher-forced accuracy per part of the answers on fresh training-like conversations: the share of answer
+    tokens the model predicts (greedy) given the true answer so far — which part of the task is learnt.
+
+    Args:
+        model: The toy VLM.
+        processor: Its processor.
+        config: The settings that draw the conversations (history sizes, tastes, image size).
+        n_conversations: Captioning conversations, and ranking conversations of 5 candidates, each.
+        seed: Seed of the conversations.
+
+    Returns:
+        `profile/<attribute>` (the profile word of each field), `id` (id digits), `explanation/<attribute>` (the
+        candidate's value of each field), `mark/<attribute>` (its `+`/`-`), `score` (score digits) and `syntax`
+        (everything else).
+    """
+    config = config or ToyRankerVLMConfig()
+    rng = np.random.default_rng(seed)
+    tokenizer = processor.tokenizer
+    kinds = {tokenizer.convert_tokens_to_ids(f" {w}"): f"profile/{a}" for a, pair in ATTRIBUTES.items() for w in pair}
+    first_words = {tokenizer.convert_tokens_to_ids(w): a for a, words in explanation_words().items() for w in words}
+    marks = set(tokenizer.convert_tokens_to_ids([SHARED, NOT_SHARED]))
+    id_keys = set(tokenizer.convert_tokens_to_ids(['[{"image_id": ', '}, {"image_id": ']))
+    score_key = tokenizer.convert_tokens_to_ids('", "similarity_score": ')
+    explanation_key = tokenizer.convert_tokens_to_ids(', "explanation": "')
+    digits = set(tokenizer.convert_tokens_to_ids(list("0123456789")))
+    hits: dict[str, list[bool]] = {}
+    for n_candidates in (None, 5):
+        batch = tokenize_conversations(processor, training_conversations(config, n_conversations, rng, n_candidates))
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            predicted = model(**batch).logits[:, :-1].argmax(-1)
+        for row_predicted, row_target in zip(predicted.tolist(), labels[:, 1:].tolist(), strict=True):
+            number, field_ = "syntax", 0
+            for guess, target in zip(row_predicted, row_target, strict=True):
+                if target == -100:
+                    continue
+                if target in digits:
+                    kind = number
+                elif target in marks:
+                    kind = f"mark/{PROFILE_FIELDS[field_][1]}"
+                    field_ += 1
+                else:
+                    number = "id" if target in id_keys else "score" if target == score_key else "syntax"
+                    field_ = 0 if target == explanation_key else field_
+                    kind = kinds.get(target, "syntax")
+                    if n_candidates is not None and target in first_words | kinds:
+                        kind = f"explanation/{PROFILE_FIELDS[field_][1]}"
+                hits.setdefault(kind, []).append(guess == target)
+    return {kind: float(np.mean(values)) for kind, values in sorted(hits.items())}

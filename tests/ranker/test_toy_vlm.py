@@ -2,6 +2,7 @@
 
 import importlib.util
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from imagegem_hf.ranker import RankerConfig, RankItem, VLMRankerPipeline, parse_
 from imagegem_hf.ranker.toy_vlm import (
     ToyProfile,
     ToyRankerVLMConfig,
+    answer_token_budget,
     pretrained_toy_ranker_vlm,
+    ranking_answer,
     tokenize_conversations,
     toy_ranker_tokenizer,
     toy_ranker_vlm,
@@ -25,19 +28,42 @@ HISTORY = np.array([[1, 1, 1, 1], [1, 1, -1, 1], [1, -1, -1, 1], [-1, 1, -1, -1]
 
 def test_profile_text_score_and_explanation_match_a_hand_computation():
     profile = ToyProfile.of(HISTORY)
+    # majorities: red 4/5, circle 4/5, dark 3/5 (bright 2/5), striped 3/5
     assert profile.text() == (
-        "1. Primary Subject Type: circle (4/5)\n"
-        "2. Defining Visual Features: red (4/5)\n"
-        "3. Artistic Style: striped (3/5)\n"
-        "4. Background Elements: dark (3/5)"
+        "1. Primary Subject Type: circle\n"
+        "2. Defining Visual Features: red\n"
+        "3. Artistic Style: striped\n"
+        "4. Background Elements: dark"
     )
     assert ToyProfile.parse(profile.text()) == profile
     assert ToyProfile.parse("red circles, mostly") is None
+    assert ToyProfile.of(HISTORY[:2]).values == (1, 1, -1, 1)  # a 1–1 tie of brightness goes to the latest image
     blue_bright_striped_circle = np.array([-1, 1, 1, 1])
-    # shares of the history with the candidate's values: blue 1/5, circle 4/5, bright 2/5, striped 3/5; 25 points each
-    assert profile.score(blue_bright_striped_circle) == round(25 * (1 + 4 + 2 + 3) / 5)
-    assert profile.explanation(blue_bright_striped_circle) == "shares circle striped"
-    assert profile.explanation(-np.array([1, 1, -1, 1])) == "shares nothing"
+    # shared with the profile: circle and striped (not blue, not bright); 25 points per shared field
+    assert profile.score(blue_bright_striped_circle) == 50
+    assert profile.explanation(blue_bright_striped_circle) == "circle+ blue- striped+ bright-"
+    assert profile.score(-np.array([1, 1, -1, 1])) == 0
+    assert profile.explanation(-np.array([1, 1, -1, 1])) == "square- blue- plain- bright-"
+
+
+def test_ranking_answers_explain_before_they_score_and_the_score_counts_the_shared_fields():
+    rng = np.random.default_rng(1)
+    for content, _, answer in training_conversations(ToyRankerVLMConfig(), 8, rng, 6):
+        profile = ToyProfile.parse(content[0]["text"].split("\n", 1)[1].split("\n\n")[0])
+        assert profile is not None
+        for record in json.loads(answer):
+            assert list(record) == ["image_id", "explanation", "similarity_score"]
+            marks = [word[-1] for word in record["explanation"].split(" ")]
+            assert len(marks) == 4 and set(marks) <= {"+", "-"}
+            assert record["similarity_score"] == 25 * marks.count("+")
+
+
+def test_the_answer_token_budget_fits_the_longest_answer():
+    tokenizer = toy_ranker_tokenizer()
+    for n in (1, 5, 10):
+        longest = ranking_answer(list(range(990, 990 + n)), ToyProfile((1, 1, 1, 1)), [np.ones(4)] * n)
+        assert json.loads(longest)[0]["similarity_score"] == 100
+        assert len(tokenizer(longest, add_special_tokens=False).input_ids) + 1 == answer_token_budget(n)  # + </s>
 
 
 def test_ids_are_the_same_digit_tokens_in_the_prompt_and_in_the_answer():
@@ -55,7 +81,7 @@ def test_ids_are_the_same_digit_tokens_in_the_prompt_and_in_the_answer():
         return ["".join(itertools.takewhile(str.isdigit, tokens[i:])) for i in starts]
 
     assert after(prompt_tokens, "image_id: ") == shown
-    assert after(answer_tokens, '[{"image_id": ') + after(answer_tokens, '"}, {"image_id": ') == shown
+    assert after(answer_tokens, '[{"image_id": ') + after(answer_tokens, '}, {"image_id": ') == shown
     for number in ("7", "42", "100", "999"):  # one token per digit, ids and scores alike
         assert tokenizer.tokenize(number) == list(number)
 
@@ -72,13 +98,14 @@ def test_training_answers_parse_to_the_programmatic_scores():
             texts = [part["text"] for part in content if part["type"] == "text"]
             if n_candidates is None:
                 assert texts[-1] == VLMRankerPipeline(backend=object()).templates.image_captioning
-                assert ToyProfile.parse(answer).n == len(images)
+                assert ToyProfile.parse(answer) is not None and len(images) >= 1
                 continue
             shown = [t.split(": ")[1].rstrip(". ") for t in texts if t.startswith("image_id: ")]
             parsed = parse_scores(answer, shown)
-            # '[{"image_id": ', then per object: id digits, score key, score digits, explanation, closing
+            # '[{"image_id": ', then per object: id digits, explanation key, 4 words and 4 marks, score key, score
+            # digits, closing
             digits = sum(len(i) + len(str(round(s))) for i, s in parsed.scores.items())
-            assert len(ids) == 1 + digits + 3 * n_candidates
+            assert len(ids) == 1 + digits + 11 * n_candidates
             profile = ToyProfile.parse(texts[0].split("\n", 1)[1].split("\n\n")[0])
             assert list(parsed.scores) == shown and not parsed.problems
             assert len(images) == n_candidates and profile is not None
@@ -91,7 +118,9 @@ def test_training_answers_parse_to_the_programmatic_scores():
 def test_training_runs_caches_and_loads_with_the_auto_classes(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    config = ToyRankerVLMConfig(train_steps=3, batch_size=2, text_hidden_size=32, text_layers=1)
+    config = ToyRankerVLMConfig(
+        vision_pretrain_steps=2, train_steps=3, batch_size=2, text_hidden_size=32, text_layers=1
+    )
     folder = pretrained_toy_ranker_vlm(config, cache_dir=tmp_path, progress=False)
     assert (folder / "training.json").is_file() and folder.parent == tmp_path
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
