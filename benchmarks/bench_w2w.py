@@ -10,13 +10,17 @@
    from the page cache first: a corpus of thousands of SDXL LoRAs is terabytes and is never cached), over 48
    rank-32 files (3.8 GB). The two run back to back in 6 repeats, order alternated; the median of the per-repeat
    ratios is reported. Target: within 2× of the read floor. The 1-process and page-cache-warm figures are
-   printed too.
+   printed too. With `--compare-tree PATH` (another checkout of the repository, e.g. `git worktree add PATH
+   <commit>`), the same build is also timed in child processes importing that checkout's `imagegem_hf`,
+   alternating with this one, on the same files from disk: the before/after cost of a change to the build
+   (target: at most 10% slower).
 3. Peak memory (RSS of a child process) of building a space over ≥ 2,000 SDXL-shaped rank-1 vectors of the full
    SDXL UNet attention/feed-forward layout, generated reproducibly from seeds, vs the N × d × 4 bytes a dense data
    matrix would take. Target: < 8 GB.
 
     python benchmarks/bench_w2w.py            # all three (about 10 minutes on one busy core)
     python benchmarks/bench_w2w.py --quick    # smaller sizes, same code paths
+    python benchmarks/bench_w2w.py --only throughput --compare-tree ../old-checkout
 
 Everything runs with `--threads` BLAS/torch threads (default 1): on a shared, oversubscribed machine, multi-threaded
 small linear algebra spends most of its time waiting at thread barriers, which would distort both sides.
@@ -25,6 +29,7 @@ small linear algebra spends most of its time waiting at thread barriers, which w
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -147,7 +152,50 @@ def write_loras(n_files: int, folder: Path, rank: int) -> None:
         save_file(tensors, str(folder / f"sdxl_lora_{seed:03d}.safetensors"))
 
 
-def bench_throughput(n_files: int, folder: Path, rank: int = 32, repeats: int = 6) -> str:
+def build_child(folder: Path, workers: int) -> None:
+    """Time one `WeightSpace.build` over the benchmark's files in `folder` and print `{"seconds", "module"}` (run by
+    `--compare-tree` in a child process, with the checkout under test on `PYTHONPATH`)."""
+    files = sorted(folder.glob("sdxl_lora_*.safetensors"))
+    options = {"show_progress": False} if "show_progress" in inspect.signature(WeightSpace.build).parameters else {}
+    with tempfile.TemporaryDirectory(dir=folder, prefix="build-") as cache:
+        start = time.perf_counter()
+        WeightSpace.build(
+            files, n_components=len(files) - 1, base="sdxl", cache_dir=cache, num_workers=workers, **options
+        )
+        seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "module": inspect.getfile(WeightSpace)}))
+
+
+def compare_trees(folder: Path, tree: Path, workers: int, repeats: int, evict) -> str:
+    """Build times of this checkout vs `tree` on the same files from disk, in fresh child processes, alternating
+    which goes first; the median of the per-repeat time ratios is reported."""
+    trees = {"ours": Path(__file__).resolve().parents[1], "baseline": tree.resolve()}
+    times: dict[str, list[float]] = {name: [] for name in trees}
+    for repeat in range(repeats):
+        for name in list(trees) if repeat % 2 == 0 else list(trees)[::-1]:
+            evict()
+            env = {**os.environ, "PYTHONPATH": str(trees[name]), "OMP_NUM_THREADS": "1"}
+            command = [sys.executable, __file__, "--build-child", str(workers), "--cache-dir", str(folder)]
+            out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+            child = json.loads(out.strip().splitlines()[-1])
+            if not Path(child["module"]).resolve().is_relative_to(trees[name]):
+                raise RuntimeError(f"the {name} child imported {child['module']}, not the checkout {trees[name]}")
+            times[name].append(child["seconds"])
+    ratios = [ours / base for ours, base in zip(times["ours"], times["baseline"], strict=True)]
+    n_files = len(list(folder.glob("sdxl_lora_*.safetensors")))
+    print(
+        f"[throughput] this checkout vs {tree}: build {', '.join(f'{t:.2f}' for t in times['ours'])} s vs "
+        f"{', '.join(f'{t:.2f}' for t in times['baseline'])} s; time ratio per repeat "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}"
+    )
+    ratio = statistics.median(ratios)
+    ours, base = (n_files / statistics.median(times[name]) for name in ("ours", "baseline"))
+    return result_line("build_vs_compare_tree_time_ratio", ours, base, ratio, "<=1.10", ratio <= 1.10)
+
+
+def bench_throughput(
+    n_files: int, folder: Path, rank: int = 32, repeats: int = 6, compare_tree: Path | None = None
+) -> str:
     workers = (os.cpu_count() or 1) + 1  # the CLI's default: one more than the CPUs, one waits on the disk
     layout = sdxl_layout(SDXL_TRANSFORMERS[:5])  # down_blocks.1, down_blocks.2, mid_block: 386 layers
     # The files are generated in a child process: gigabytes of generator garbage in this process would slow down
@@ -212,9 +260,12 @@ def bench_throughput(n_files: int, folder: Path, rank: int = 32, repeats: int = 
         f"  page cache warm: read only {n_files / warm_read:.1f}, full path {n_files / warm_ours:.1f}"
     )
     ratio = statistics.median(ratios)
-    return result_line(
+    line = result_line(
         "reduce_stream_vs_read_floor_slowdown", n_files / cold_ours, n_files / cold_read, ratio, "<=2", ratio <= 2
     )
+    if compare_tree is not None:
+        line += "\n" + compare_trees(folder, compare_tree, workers, 2 * repeats, evict)
+    return line
 
 
 class SeededVectors:
@@ -304,6 +355,13 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="Where temporary files go (needs ~N·d·2 bytes).")
     parser.add_argument("--threads", type=int, default=1, help="BLAS / torch threads for ours and the baselines.")
     parser.add_argument("--only", default="reduce,throughput,memory", help="Comma-separated subset to run.")
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        default=None,
+        help="Another checkout of this repository: also time the throughput build with its imagegem_hf.",
+    )
+    parser.add_argument("--build-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits
 
@@ -311,6 +369,9 @@ def main() -> None:
     threadpool_limits(limits=args.threads)
     if args.write_loras is not None:
         write_loras(args.write_loras, Path(args.cache_dir), rank=32)
+        return
+    if args.build_child is not None:
+        build_child(Path(args.cache_dir), args.build_child)
         return
     if args.memory_child is not None:
         memory_child(args.memory_child, args.components, args.cache_dir)
@@ -320,7 +381,8 @@ def main() -> None:
         if "reduce" in only:
             lines.append(bench_reduce(n_loras=1 if args.quick else 3))
         if "throughput" in only:
-            lines.append(bench_throughput(n_files=6 if args.quick else 48, folder=Path(tmp)))
+            n_files = 6 if args.quick else 48
+            lines.append(bench_throughput(n_files=n_files, folder=Path(tmp), compare_tree=args.compare_tree))
         if "memory" in only:
             n = 200 if args.quick else 2000
             lines.append(bench_memory(n=n, components=args.components, folder=Path(tmp), threads=args.threads))

@@ -7,7 +7,7 @@ measured on users never seen in training, beside the global scores, the referenc
 attributes, and the same model with each reference pair's liked and disliked image swapped.
 
     python benchmarks/learn_preference.py            # full size
-    python benchmarks/learn_preference.py --small    # the slow test's size
+    python benchmarks/learn_preference.py --small    # 256 training users, a quicker look
 
 Prints the learning table and `RESULT name ours=... baseline=... ratio=... target=... PASS|FAIL` lines.
 """
@@ -84,7 +84,9 @@ def results_from(table) -> list[Result]:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="The demo's and the slow test's size.")
+    parser.add_argument(
+        "--small", action="store_true", help="256 training users (quicker; the targets are set for the full size)."
+    )
     parser.add_argument("--output-dir", default="learn_preference_output", help="Stage folders and the table.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the users and the training runs.")
     parser.add_argument("--stage1-steps", type=int, default=None, help="Override the stage 1 steps.")

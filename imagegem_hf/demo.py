@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,12 @@ class DemoContext:
         return path
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (a stage's cost on a shared machine)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, users: int = 2000, only: list[str] | None = None):
     """Run the demo stages and return `{stage: summary lines}`.
 
@@ -76,9 +83,10 @@ def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, users: int =
         if only and name != "data" and name not in only:
             continue
         print(f"\n=== demo stage: {name} ===", flush=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         summary[name] = importlib.import_module(module).run_demo(context)
-        print(f"--- {name} done in {time.perf_counter() - start:.1f}s", flush=True)
+        wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+        print(f"--- {name} done in {wall:.1f}s ({cpu:.1f} CPU s, this process and its children)", flush=True)
     print("\n=== demo summary ===")
     for name, lines in summary.items():
         print(f"[{name}]")

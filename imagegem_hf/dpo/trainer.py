@@ -151,7 +151,9 @@ class DiffusionDPOTrainer(Trainer):
         reference_unet = None
         if args.mode == "lora":
             from peft import LoraConfig
+            from transformers import set_seed
 
+            set_seed(args.seed)  # the adapter is drawn before Trainer seeds itself: from the run's seed too
             unet = _copy(pipeline.unet, frozen_dtype)
             unet.requires_grad_(False)
             unet.add_adapter(

@@ -90,32 +90,6 @@ def one_vs_three_groups(
 
 
 @torch.no_grad()
-def score_targets(
-    model,
-    builder: PreferenceSequenceBuilder,
-    items: Sequence[tuple[PreferenceExample, str]],
-    load_image: Callable[[str], Image.Image],
-    n_ref: int | None = None,
-    batch_size: int = 8,
-    desc: str = "scoring",
-) -> np.ndarray:
-    """`P(like)` of each `(example, target image key)` with the example's first `n_ref` references (default order).
-
-    Example:
-        ```python
-        >>> p = score_targets(model, builder, [(e, e.image0) for e in examples], images.__getitem__)  # doctest: +SKIP
-        ```
-    """
-    device = next(model.parameters()).device
-    scores = []
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, disable=len(items) <= batch_size):
-        chunk = items[start : start + batch_size]
-        batch = builder([e.query(load_image, key, n_ref) for e, key in chunk]).to(device)
-        scores.append(model(**batch).p_like.float().cpu().numpy())
-    return np.concatenate(scores) if scores else np.zeros(0)
-
-
-@torch.no_grad()
 def score_pairs(
     model,
     builder: PreferenceSequenceBuilder,
@@ -124,23 +98,40 @@ def score_pairs(
     n_ref: int | None = None,
     batch_size: int = 8,
     desc: str = "pairs",
+    targets: Sequence[tuple[str, str]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`P(like)` of `image0` and of `image1` of each example, both scored on one shared encoding of its references.
+    """`P(like)` of two target images of each example, both scored on one shared encoding of its references.
+
+    Args:
+        model: A `PreferencePrototypeModel`.
+        builder: Its sequence builder.
+        examples: The examples whose first `n_ref` references are shown.
+        load_image: Image key → PIL image.
+        n_ref: References per example (default: all the example stores).
+        batch_size: Examples per forward pass.
+        desc: Progress bar label.
+        targets: Per example, the two image keys to score (default `(image0, image1)`).
+
+    Returns:
+        The scores of the first and of the second target of every example.
 
     Example:
         ```python
         >>> p0, p1 = score_pairs(model, builder, examples, images.__getitem__)  # doctest: +SKIP
         ```
     """
+    targets = [(e.image0, e.image1) for e in examples] if targets is None else list(targets)
+    if len(targets) != len(examples):
+        raise ValueError(f"targets has {len(targets)} entries for {len(examples)} examples; give one pair each.")
     device = next(model.parameters()).device
     first, second = [], []
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=len(examples) <= batch_size):
-        chunk = examples[start : start + batch_size]
+        chunk = list(zip(examples[start : start + batch_size], targets[start : start + batch_size], strict=True))
         batch = build_pair_batch(
             builder,
-            [e.query(load_image, e.image0, n_ref) for e in chunk],
-            [e.query(load_image, e.image1, n_ref) for e in chunk],
+            [e.query(load_image, a, n_ref) for e, (a, _) in chunk],
+            [e.query(load_image, b, n_ref) for e, (_, b) in chunk],
         ).to(device)
         p_like = model(**batch).p_like.float().cpu().numpy()
         first.append(p_like[: len(chunk)])
@@ -266,6 +257,33 @@ class PreferenceEvalResult:
         return paths
 
 
+def _group_scores(model, builder, test_sets, pair_scores, groups, load_image, n_ref: int, batch_size: int):
+    """`P(like)` of each 1-vs-3 group's `[liked, disliked, d2, d3]` (groups × 4), or None without groups.
+
+    The liked and the disliked target are the example's own pair, already in `pair_scores`; the two extra dislikes
+    are scored as one more pair on the same shared reference prefix. A group thus costs one prefix encoding instead
+    of four full sequences (whose token ids the prefix split reproduces, see `build_pair_batch`).
+    """
+    if not groups:
+        return None
+    own = {}
+    for split, examples in test_sets.items():
+        p0, p1, _ = pair_scores[split]
+        for e, s0, s1 in zip(examples, p0, p1, strict=True):
+            own[id(e)] = (s0, s1) if e.liked == e.image0 else (s1, s0)
+    extra = score_pairs(
+        model,
+        builder,
+        [e for e, _ in groups],
+        load_image,
+        n_ref,
+        batch_size=batch_size,
+        desc="1 vs 3",
+        targets=[(keys[2], keys[3]) for _, keys in groups],
+    )
+    return np.column_stack([np.array([own[id(e)] for e, _ in groups]), *extra])
+
+
 def _metrics(pair_scores: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], group_scores: np.ndarray | None):
     all_scores = [np.concatenate(parts) for parts in zip(*pair_scores.values(), strict=True)]
     row = {"pairwise top-1": pairwise_accuracy(*all_scores)}
@@ -334,9 +352,8 @@ def evaluate_preference(
 
     rows = {}
     pair_scores = model_scores(n_ref)
-    group_items = [(e, key) for e, keys in groups for key in keys]
-    group_scores = score_targets(model, builder, group_items, load_image, n_ref, batch_size=batch_size, desc="1 vs 3")
-    rows["preference model"] = _metrics(pair_scores, group_scores.reshape(len(groups), -1) if groups else None)
+    group_scores = _group_scores(model, builder, test_sets, pair_scores, groups, load_image, n_ref, batch_size)
+    rows["preference model"] = _metrics(pair_scores, group_scores)
     for name, scorer in (baselines or {}).items():
         pairs = {}
         for split, examples in test_sets.items():

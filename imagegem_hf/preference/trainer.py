@@ -352,8 +352,13 @@ def train_preference_model(
         >>> stage2 = train_preference_model("out/s1/model", processor, train, images.get, args2)  # doctest: +SKIP
         ```
     """
+    from transformers import set_seed
+
     from imagegem_hf.preference.sequence import PreferenceSequenceBuilder
 
+    # The new weights (stage 1's LoRA, stage 2's prototypes) are drawn here, before the Trainer seeds itself: seed
+    # them from `args.seed` too, so a run does not depend on what the process drew before it.
+    set_seed(args.seed)
     if not isinstance(model, PreferencePrototypeModel):
         overrides = {"num_prototypes": args.num_prototypes} if args.stage == 2 else {}
         model = PreferencePrototypeModel.from_pretrained(model, **overrides, **backbone_load_kwargs(args))

@@ -24,19 +24,21 @@ from imagegem_hf.toy.world import all_prompts, attribute_accuracy, full_prompts
 BASE_NAME = "toy SD"
 
 
-def dpo_prompt_split() -> tuple[list[str], list[str]]:
-    """`(train_prompts, heldout_prompts)`: every third fully specified prompt (12) is held out; the other 72
-    prompts of the grammar are for mining pairs.
+def dpo_prompt_split() -> tuple[list[str], list[str], list[str]]:
+    """`(train_prompts, validation_prompts, heldout_prompts)` of the toy grammar's 84 prompts.
+
+    Every third fully specified prompt (12) is held out for the final evaluation; the next one of each three (12)
+    is the validation split on which training settings are chosen; the other 60 prompts are for mining pairs.
 
     Example:
         ```python
-        >>> train, heldout = dpo_prompt_split()
-        >>> len(train), len(heldout), set(train) & set(heldout)
-        (72, 12, set())
+        >>> train, validation, heldout = dpo_prompt_split()
+        >>> len(train), len(validation), len(heldout), set(train) & set(heldout), set(validation) & set(heldout)
+        (60, 12, 12, set(), set())
         ```
     """
-    heldout = full_prompts()[::3]
-    return [p for p in all_prompts() if p not in heldout], heldout
+    heldout, validation = full_prompts()[::3], full_prompts()[1::3]
+    return [p for p in all_prompts() if p not in heldout and p not in validation], validation, heldout
 
 
 def sample_images(
@@ -85,11 +87,32 @@ def mine_pairs(
 
 
 def flip_labels(dataset, seed: int = 0):
-    """The control: the same exchange-format pairs with each `label_0` replaced by a fair coin (so about half the
-    preferences are reversed and none carries information)."""
-    rng = np.random.default_rng(seed)
-    coins = rng.random(len(dataset)) < 0.5
-    return dataset.map(lambda row, i: {"label_0": float(coins[i])}, with_indices=True)
+    """The control: the same exchange-format pairs with each preference reversed by a fair coin of its own.
+
+    The coins come from a stream of their own (`seed` spawns it), never from the one `exchange_format` draws the
+    winner's side with: with the same seed both would draw the same bits, so "flipping" would give every pair its
+    true label back. About half the preferences are reversed and the labels carry no information.
+
+    Args:
+        dataset: Pairs in the exchange format (`label_0` 1.0 or 0.0).
+        seed: Seed of the coins.
+
+    Returns:
+        The dataset with `label_0` replaced by `1 − label_0` where the coin came up heads.
+
+    Example:
+        ```python
+        >>> from datasets import Dataset
+        >>> pairs = Dataset.from_dict({"label_0": [1.0, 0.0] * 100})
+        >>> flipped = flip_labels(pairs)
+        >>> 0.4 < sum(a != b for a, b in zip(pairs["label_0"], flipped["label_0"])) / 200 < 0.6
+        True
+        ```
+    """
+    coins = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,))).random(len(dataset)) < 0.5
+    return dataset.map(
+        lambda row, i: {"label_0": 1.0 - row["label_0"] if coins[i] else row["label_0"]}, with_indices=True
+    )
 
 
 def reward_gain(scores: pd.DataFrame, base: str, tuned: str, column: str = "reward") -> dict[str, float]:
@@ -102,16 +125,19 @@ def reward_gain(scores: pd.DataFrame, base: str, tuned: str, column: str = "rewa
         column: The score column.
 
     Returns:
-        `win_rate` (tuned strictly higher), `mean_gain`, `seed_std` (standard deviation over seeds of the per-seed
-        mean gain), `n` (images per model).
+        `win_rate` (tuned higher; a tie, e.g. two identical images or two without a subject, counts one half, so
+        that a model equal to the base scores 0.5), `ties` (their fraction), `mean_gain`, `seed_std` (standard
+        deviation over seeds of the per-seed mean gain), `n` (images per model).
     """
     keys = ["prompt", "seed"]
     a = scores[scores.model == base].set_index(keys)[column]
     b = scores[scores.model == tuned].set_index(keys)[column].reindex(a.index)
     gain = (b - a).rename("gain").reset_index()
     per_seed = gain.groupby("seed")["gain"].mean()
+    ties = gain["gain"] == 0
     return {
-        "win_rate": float((gain["gain"] > 0).mean()),
+        "win_rate": float(((gain["gain"] > 0) + 0.5 * ties).mean()),
+        "ties": float(ties.mean()),
         "mean_gain": float(gain["gain"].mean()),
         "seed_std": float(per_seed.std(ddof=1)),
         "n": int(len(gain)),
@@ -130,12 +156,20 @@ class ToyDPOConfig:
         ```
     """
 
-    train_seeds: int = field(default=8, metadata={"help": "Base samples per training prompt (72 prompts)."})
+    train_seeds: int = field(default=8, metadata={"help": "Base samples per training prompt (60 prompts)."})
     eval_seeds: int = field(default=17, metadata={"help": "Seeds per held-out prompt (12 prompts)."})
     pairs_per_cluster: int = field(default=4, metadata={"help": "Min-max pairs per prompt cluster."})
+    min_cluster_size: int = field(
+        default=4,
+        metadata={
+            "help": "HDBSCAN's smallest prompt cluster (images). At most train_seeds, each prompt's samples form a "
+            "cluster of their own, so both images of a pair answer the caption; above it, clusters merge prompts "
+            "and the losers are mostly images of other prompts."
+        },
+    )
     max_steps: int = field(default=300, metadata={"help": "Diffusion-DPO training steps."})
     batch_size: int = field(default=8, metadata={"help": "Pairs per step."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the LoRA."})
     beta_dpo: float = field(default=5000.0, metadata={"help": "β of the Diffusion-DPO loss."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank on the UNet's attention projections."})
     seed: int = field(default=0, metadata={"help": "Seed of the pair order, label sides and LoRA init."})
@@ -146,10 +180,12 @@ def mine_toy_pairs(output_dir: str | os.PathLike, config: ToyDPOConfig, base_pat
     `(pairs, exchange-format dataset)`."""
     from imagegem_hf.data.pairs import exchange_format, image_dir_loader
 
-    train_prompts, _ = dpo_prompt_split()
+    train_prompts, _, _ = dpo_prompt_split()
     pixel_dir = Path(output_dir) / "pixels"
     images = sample_images(load_toy_pipeline(base_path), train_prompts, range(config.train_seeds), pixel_dir)
-    pairs = mine_pairs(images, pixel_dir, pairs_per_cluster=config.pairs_per_cluster)
+    pairs = mine_pairs(
+        images, pixel_dir, pairs_per_cluster=config.pairs_per_cluster, min_cluster_size=config.min_cluster_size
+    )
     if pairs.empty:
         raise ValueError(f"No preference pair found among {len(images)} images; raise train_seeds.")
     return pairs, exchange_format(pairs, image_dir_loader(pixel_dir), seed=config.seed)
@@ -182,9 +218,16 @@ def train_toy_dpo(dataset, output_dir: str | os.PathLike, config: ToyDPOConfig, 
 
 
 def evaluate_toy_dpo(
-    lora_dirs: dict[str, str | os.PathLike], config: ToyDPOConfig, base_path=None
+    lora_dirs: dict[str, str | os.PathLike], config: ToyDPOConfig, base_path=None, split: str = "held-out"
 ) -> tuple[object, dict[str, dict[str, float]]]:
-    """Base vs each tuned LoRA on the held-out prompts (seeds 1000, 1001, ...), scored by `ToyReward`.
+    """Base vs each tuned LoRA on the held-out prompts (seeds 1000, 1001, ...) or the validation prompts (seeds
+    2000, 2001, ...), scored by `ToyReward`.
+
+    Args:
+        lora_dirs: `{name: folder}` of `train_toy_dpo` outputs.
+        config: Its `eval_seeds` sets the seeds per prompt.
+        base_path: The base pipeline folder (default: the shipped toy base).
+        split: `"held-out"` (the final evaluation) or `"validation"` (for choosing training settings).
 
     Returns:
         `(report, stats)`: the `DPOEvaluation` (base first) and, per tuned name, `reward_gain`'s numbers plus the
@@ -193,22 +236,25 @@ def evaluate_toy_dpo(
     from imagegem_hf.dpo.evaluate import evaluate_pipelines
     from imagegem_hf.dpo.trainer import load_dpo_weights
 
-    _, heldout = dpo_prompt_split()
+    if split not in ("held-out", "validation"):
+        raise ValueError(f"split must be 'held-out' or 'validation', got {split!r}.")
+    _, validation, heldout = dpo_prompt_split()
+    prompt_set, first_seed = (heldout, 1000) if split == "held-out" else (validation, 2000)
     pipelines = {BASE_NAME: load_toy_pipeline(base_path)}
     for name, folder in lora_dirs.items():
         pipelines[name] = load_toy_pipeline(base_path)
         load_dpo_weights(pipelines[name], folder)
     report = evaluate_pipelines(
         pipelines,
-        heldout,
+        prompt_set,
         {"reward": ToyReward()},
-        seeds=range(1000, 1000 + config.eval_seeds),
-        subset="held-out",
+        seeds=range(first_seed, first_seed + config.eval_seeds),
+        subset=split,
         batch_size=64,
         num_inference_steps=TOY_INFERENCE_STEPS,
         guidance_scale=TOY_GUIDANCE_SCALE,
     )
-    prompts = [p for p in heldout for _ in range(config.eval_seeds)]
+    prompts = [p for p in prompt_set for _ in range(config.eval_seeds)]
     base_accuracy = attribute_accuracy(report.images[BASE_NAME], prompts)["mean"]
     stats = {}
     for name in lora_dirs:

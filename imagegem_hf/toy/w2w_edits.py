@@ -6,6 +6,10 @@ direction is learnt for the edited attribute (warmth by default) and for the oth
 edited attribute's direction is debiased against the other's. Held-out LoRAs are then edited at a grid of strengths
 along the raw and the debiased direction, and both attributes are measured on images generated with the same
 prompts and seeds at every strength. The benchmark, the slow test and the demo all run `run_w2w_effect`.
+
+Images are generated at guidance 2: guidance amplifies what the prompt asks for, which a colour grade is not. Over
+24 user LoRAs, the Spearman correlation between a user's warmth and the measured warmth of their samples is 0.36 at
+guidance 4, 0.69 at 2 and 0.89 at 1 (brightness: 0.80, 0.73, 0.35), so at 2 both attributes label the LoRAs.
 """
 
 from __future__ import annotations
@@ -52,10 +56,13 @@ class W2WToyConfig:
     eval_seeds: int = field(default=1, metadata={"help": "Seeds per prompt of each edited LoRA's images."})
     n_strengths: int = field(default=9, metadata={"help": "Edit strengths, evenly spaced and symmetric around 0."})
     strength_span: float = field(
-        default=1.5, metadata={"help": "Largest |α|, in standard deviations of the LoRAs along the raw direction."}
+        default=3.0, metadata={"help": "Largest |α|, in standard deviations of the LoRAs along the raw direction."}
     )
     num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps of every image."})
-    guidance_scale: float = field(default=4.0, metadata={"help": "Classifier-free guidance of every image."})
+    guidance_scale: float = field(
+        default=2.0,
+        metadata={"help": "Classifier-free guidance of every image (stronger guidance hides colour grades)."},
+    )
 
 
 def small_config() -> W2WToyConfig:

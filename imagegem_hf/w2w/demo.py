@@ -1,5 +1,5 @@
 """Demo stage `w2w`, in the toy world: user-made LoRAs fine-tuned from the toy base, a weight space over them, a
-warmth direction learnt from the measured warmth of their samples and debiased against subject size, and edits of
+warmth direction learnt from the measured warmth of their samples and debiased against brightness, and edits of
 held-out LoRAs: a strength grid with the measured attributes under each image, and both attributes against α for
 the raw and the debiased direction.
 

@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from imagegem_hf.testing import single_torch_thread
-from tests.distributed import dpo_worker, preference_worker
+from tests.distributed import assert_same_weights, dpo_worker, preference_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,12 +34,6 @@ def launch_two_processes(module: str, *arguments: str | Path) -> None:
         [*command, *map(str, arguments)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-4000:]
-
-
-def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float) -> None:
-    assert got.keys() == expected.keys() and got
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=atol, msg=key)
 
 
 def files(folder: Path) -> set[str]:

@@ -574,3 +574,17 @@ def test_a_pairs_draws_do_not_depend_on_its_batch(tmp_path):
         split = torch.cat([getattr(halves[1], term), getattr(halves[0], term)])
         torch.testing.assert_close(split, getattr(whole, term), rtol=1e-5, atol=1e-3 if term == "inside" else 1e-6)
     assert whole.inside.abs().min() > 1e-2  # the terms are not trivially equal
+
+
+def test_the_initial_lora_comes_from_the_run_seed_not_from_earlier_draws(tmp_path):
+    def initial_lora(draws_before: int) -> dict[str, torch.Tensor]:
+        pipe = tiny_sd_pipeline(seed=0)  # (seeds the global generator itself)
+        torch.rand(draws_before)  # other work of the process, after loading the pipeline
+        args = DiffusionDPOConfig(str(tmp_path / str(draws_before)), lora_rank=2, use_cpu=True, report_to=[])
+        unet = DiffusionDPOTrainer(pipe, args, train_dataset=_pairs()).model.unet
+        return {k: v.detach().clone() for k, v in unet.named_parameters() if v.requires_grad}
+
+    first, second = initial_lora(0), initial_lora(7)
+    assert first and first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=0, rtol=0, msg=key)

@@ -1,7 +1,4 @@
-"""Synthetic users whose taste is only in their references (fast); the learning benchmark at a small size (slow)."""
-
-import importlib.util
-from pathlib import Path
+"""Synthetic users whose taste is only in their references (fast); the demo's learning run (slow)."""
 
 import numpy as np
 import pytest
@@ -86,13 +83,20 @@ def test_global_scores_are_at_chance_and_the_reference_rule_is_not(world):
 
 
 @pytest.mark.slow
-def test_learning_benchmark_passes_at_a_small_size(tmp_path):
-    path = Path(__file__).parents[2] / "benchmarks" / "learn_preference.py"
-    spec = importlib.util.spec_from_file_location("learn_preference", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    results = benchmark.main(["--small", "--output-dir", str(tmp_path)])
-    assert results and all(r.passed for r in results), [str(r) for r in results]
+def test_the_demo_size_run_learns_to_read_references(tmp_path):
+    """The demo's run (256 training users): far below the benchmark's accuracy, yet the model clearly reads the
+    references (measured 63.8–66.5% unseen, 30–33% swapped, by thread count) while every global score stays at
+    chance."""
+    from imagegem_hf.preference.learning import demo_learning_config, run_learning_experiment
+
+    table = run_learning_experiment(demo_learning_config(), tmp_path).table
+    unseen, swapped = "pairwise unseen", "pairwise unseen, references swapped"
+    model, stage1 = table.loc["stage 1 + prototypes (stage 2)"], table.loc["stage 1 (LoRA)"]
+    best_global = table.loc[[m for m in table.index if m.startswith("global:")], unseen].max()
+    assert best_global <= 0.6 and table.loc["reference rule (true attributes)", unseen] >= 0.95
+    assert abs(table.loc["toy VLM before stage 1", unseen] - 0.5) <= 0.06  # untrained: chance (448 pairs)
+    assert model[unseen] >= 0.6 and model[swapped] <= 0.4, model
+    assert model[unseen] >= stage1[unseen] - 0.02
 
 
 def test_toy_vlm_reference_turn_is_five_tokens_and_shared_prefix_matches_full_sequences(world):
