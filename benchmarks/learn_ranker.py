@@ -37,6 +37,7 @@ from imagegem_hf.ranker.toy_vlm import (
     evaluate_toy_ranker_vlm,
     pretrained_toy_ranker_vlm,
     toy_ranker_vlm,
+    vision_word_accuracy,
 )
 from imagegem_hf.ranker.two_stage import rank_metrics
 from imagegem_hf.recsys import ItemKNN, SASRec
@@ -99,7 +100,7 @@ def main(argv=None) -> list[Result]:
     args = parse_args(argv)
     world_config = ToyRankingWorldConfig()
     if args.small:
-        world_config = replace(world_config, n_users=360)
+        world_config = replace(world_config, n_users=600)
         args.stability_users = min(args.stability_users, 12)
     vlm_config = ToyRankerVLMConfig()
 
@@ -116,6 +117,10 @@ def main(argv=None) -> list[Result]:
     quality = evaluate_toy_ranker_vlm(ranker.model, ranker.processor, vlm_config, n_users=16, k=args.k_subset)
     untrained = evaluate_toy_ranker_vlm(*toy_ranker_vlm(vlm_config), vlm_config, n_users=4, k=args.k_subset)
     print(f"toy VLM on fresh images: {quality}  (untrained: {untrained})")
+    vision = vision_word_accuracy(ranker.model, ranker.processor, vlm_config)
+    print(
+        "toy VLM images whose embedding points to their word: " + ", ".join(f"{k} {v:.3f}" for k, v in vision.items())
+    )
     fields = answer_accuracy_by_field(ranker.model, ranker.processor, vlm_config)
     print("toy VLM teacher-forced accuracy per answer part: " + ", ".join(f"{k} {v:.3f}" for k, v in fields.items()))
 

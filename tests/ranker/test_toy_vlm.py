@@ -1,24 +1,28 @@
 """The toy ranker VLM: its answers, tokenizer and training (fast); the learning benchmark at a small size (slow)."""
 
 import importlib.util
-import itertools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from imagegem_hf.preference.synthetic_users import ATTRIBUTES, draw_attributes, render_image
 from imagegem_hf.ranker import RankerConfig, RankItem, VLMRankerPipeline, parse_scores
 from imagegem_hf.ranker.toy_vlm import (
     ToyProfile,
     ToyRankerVLMConfig,
     answer_token_budget,
+    pretrain_vision_on_words,
     pretrained_toy_ranker_vlm,
     ranking_answer,
     tokenize_conversations,
     toy_ranker_tokenizer,
     toy_ranker_vlm,
+    train_toy_ranker_vlm,
     training_conversations,
 )
 
@@ -66,7 +70,7 @@ def test_the_answer_token_budget_fits_the_longest_answer():
         assert len(tokenizer(longest, add_special_tokens=False).input_ids) + 1 == answer_token_budget(n)  # + </s>
 
 
-def test_ids_are_the_same_digit_tokens_in_the_prompt_and_in_the_answer():
+def test_ids_are_the_same_single_tokens_in_the_prompt_and_in_the_answer():
     _, processor = toy_ranker_vlm(ToyRankerVLMConfig())
     tokenizer = processor.tokenizer
     rng = np.random.default_rng(0)
@@ -76,14 +80,26 @@ def test_ids_are_the_same_digit_tokens_in_the_prompt_and_in_the_answer():
     answer_tokens = tokenizer.convert_ids_to_tokens(tokenizer(answer, add_special_tokens=False).input_ids)
     shown = [t.split(": ")[1].rstrip(". ") for part in content if (t := part.get("text", "")).startswith("image_id: ")]
 
-    def after(tokens, marker):  # the digit tokens that follow each `marker` token
-        starts = [i + 1 for i, t in enumerate(tokens) if t == marker]
-        return ["".join(itertools.takewhile(str.isdigit, tokens[i:])) for i in starts]
+    def after(tokens, markers):  # the token that follows each marker token
+        return [tokens[i + 1] for i, t in enumerate(tokens) if t in markers]
 
-    assert after(prompt_tokens, "image_id: ") == shown
-    assert after(answer_tokens, '[{"image_id": ') + after(answer_tokens, '}, {"image_id": ') == shown
-    for number in ("7", "42", "100", "999"):  # one token per digit, ids and scores alike
-        assert tokenizer.tokenize(number) == list(number)
+    assert after(prompt_tokens, {"image_id: "}) == shown
+    assert after(answer_tokens, {'[{"image_id": ', '}, {"image_id": '}) == shown
+    # one token per number, ids and scores alike, also where a number is followed by text
+    for number in ("0", "7", "42", "100", "437", "999"):
+        assert tokenizer.tokenize(number) == [number]
+    assert tokenizer.tokenize("image_id: 437. ") == ["image_id: ", "437", ". "]
+    # the profile's field titles stay whole beside the numbers
+    assert tokenizer.tokenize(ToyProfile((1, 1, 1, 1)).text()) == [
+        "1. Primary Subject Type:",
+        " circle",
+        "\n2. Defining Visual Features:",
+        " red",
+        "\n3. Artistic Style:",
+        " striped",
+        "\n4. Background Elements:",
+        " bright",
+    ]
 
 
 def test_training_answers_parse_to_the_programmatic_scores():
@@ -102,10 +118,9 @@ def test_training_answers_parse_to_the_programmatic_scores():
                 continue
             shown = [t.split(": ")[1].rstrip(". ") for t in texts if t.startswith("image_id: ")]
             parsed = parse_scores(answer, shown)
-            # '[{"image_id": ', then per object: id digits, explanation key, 4 words and 4 marks, score key, score
-            # digits, closing
-            digits = sum(len(i) + len(str(round(s))) for i, s in parsed.scores.items())
-            assert len(ids) == 1 + digits + 11 * n_candidates
+            # per object: its opening, the id, the explanation key, 4 words and 4 marks, the score key, the score;
+            # then the closing
+            assert len(ids) == 13 * n_candidates + 1
             profile = ToyProfile.parse(texts[0].split("\n", 1)[1].split("\n\n")[0])
             assert list(parsed.scores) == shown and not parsed.problems
             assert len(images) == n_candidates and profile is not None
@@ -135,6 +150,54 @@ def test_training_runs_caches_and_loads_with_the_auto_classes(tmp_path):
     items = [RankItem(i, image=im) for i, im in enumerate(images)]
     result = ranker.rank(ToyProfile.of(HISTORY).text(), items, seed=0)
     assert sorted(s.item_id for s in result.scores) == [0, 1, 2]
+
+
+def test_vision_pretraining_points_images_to_their_words_at_the_norm_of_the_tokens():
+    config = ToyRankerVLMConfig(vision_pretrain_steps=60, text_hidden_size=32, text_layers=1)
+    model, processor = toy_ranker_vlm(config)
+    pretrain_vision_on_words(model, processor, config, progress=False)
+    rng = np.random.default_rng(3)
+    attributes = draw_attributes(256, rng)
+    with torch.no_grad():
+        pixels = processor.image_processor([render_image(a, rng, 16) for a in attributes], return_tensors="pt")
+        images = model.get_image_features(**pixels).pooler_output  # per image, its one patch's LM embedding
+        images = torch.cat(list(images)).reshape(len(attributes), -1)
+        words = model.get_input_embeddings().weight
+        numbers = words[processor.tokenizer.convert_tokens_to_ids([str(n) for n in range(1000)])]
+    assert images.norm(dim=-1).mean().item() == pytest.approx(1.0, rel=0.1)
+    assert numbers.norm(dim=-1).mean().item() == pytest.approx(1.0, rel=0.1)
+    tokenizer = processor.tokenizer
+    # colour and brightness are read within these few steps (the learning benchmark prints all four after training)
+    for a, (pos, neg) in (
+        (a, ATTRIBUTES[name]) for a, name in enumerate(ATTRIBUTES) if name in ("colour", "brightness")
+    ):
+        direction = (
+            words[tokenizer.convert_tokens_to_ids(f" {pos}")] - words[tokenizer.convert_tokens_to_ids(f" {neg}")]
+        )
+        right = ((images @ direction > 0).numpy() == (attributes[:, a] > 0)).mean()
+        assert right > 0.9, (pos, neg, right)
+
+
+def test_training_keeps_the_vision_side_and_the_attribute_words_as_pretrained():
+    config = ToyRankerVLMConfig(
+        vision_pretrain_steps=2, train_steps=3, batch_size=2, text_hidden_size=32, text_layers=1
+    )
+    model, processor = toy_ranker_vlm(config)
+    pretrain_vision_on_words(model, processor, config, progress=False)
+    tokenizer = processor.tokenizer
+    attribute_words = tokenizer.convert_tokens_to_ids(
+        [f" {w}" for pair in ATTRIBUTES.values() for w in pair] + ["circle", "square"]
+    )
+    other_words = tokenizer.convert_tokens_to_ids(["42", '", "similarity_score": ', "+"])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    words_before = model.get_input_embeddings().weight.detach().clone()
+    train_toy_ranker_vlm(model, processor, replace(config, vision_pretrain_steps=0), progress=False)
+    for name, p in model.named_parameters():
+        vision = name.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+        assert torch.equal(p, before[name]) == vision, name
+    words = model.get_input_embeddings().weight
+    assert torch.equal(words[attribute_words], words_before[attribute_words])
+    assert not torch.equal(words[other_words], words_before[other_words])
 
 
 def test_rank_batch_samples_trials_at_the_configured_temperature():
