@@ -27,7 +27,9 @@ def test_world_picks_follow_taste_and_community():
 
 def test_the_test_item_is_a_typical_pick_when_picks_come_in_a_random_order():
     def utility_by_time(random_pick_order):
-        config = ToyRankingWorldConfig(n_items=200, n_users=200, random_pick_order=random_pick_order)
+        config = ToyRankingWorldConfig(
+            n_items=200, n_users=200, interactions_per_user=12, random_pick_order=random_pick_order
+        )
         world = toy_ranking_world(config)
         picks = world.interactions.sort_values(["user", "timestamp"])
         users = picks["user"].str[1:].astype(int).to_numpy()
