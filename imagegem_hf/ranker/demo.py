@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from imagegem_hf.ranker.pipeline_vlm_ranker import VLMRankerPipeline
 from imagegem_hf.ranker.toy_ranking import ToyRankingWorldConfig, plot_reranking, table7, toy_ranking_world
-from imagegem_hf.ranker.toy_vlm import pretrained_toy_ranker_vlm
+from imagegem_hf.ranker.toy_vlm import answer_token_budget, pretrained_toy_ranker_vlm
 from imagegem_hf.recsys import ItemKNN
 
 DEMO_USERS = 24
@@ -26,7 +26,7 @@ def run_demo(context) -> list[str]:
 
     def make_pipeline() -> VLMRankerPipeline:
         return VLMRankerPipeline.from_pretrained(
-            folder, k_subset=5, n_trials=4, max_new_tokens=16 * 5 + 8, batch_size=16
+            folder, k_subset=5, n_trials=4, max_new_tokens=answer_token_budget(5), batch_size=16
         )
 
     result = table7(world, make_pipeline, {"ItemKNN": ItemKNN()}, top_m=TOP_M, seed=context.seed, max_users=DEMO_USERS)

@@ -2,11 +2,11 @@
 
 Items are synthetic images (`imagegem_hf.preference.synthetic_users.render_image`: four independent binary
 attributes) with a popularity. Items and users belong to communities. A user has a signed taste over the
-attributes and picks items one after another, without repeats, with probability
-`∝ exp(taste_strength · w·a + community_bonus · [same community] + popularity)`: collaborative filtering learns the
-communities and the popular items from co-occurrences (and some of the taste), but the taste itself is visual, so a
-VLM that reads the user's latest images can re-rank the CF candidates better. The last pick is the test item
-(leave-one-last).
+attributes and draws their picks without repeats, with probability
+`∝ exp(taste_strength · w·a + community_bonus · [same community] + popularity)`, and makes them in a random order in
+time: collaborative filtering learns the communities and the popular items from co-occurrences (and some of the
+taste), but the taste itself is visual, so a VLM that reads the user's latest images can re-rank the CF candidates
+better. The last pick is the test item (leave-one-last).
 
 `table7` runs CF retrieval (any `imagegem_hf.recsys` model) → top-M → VLM re-ranking with the latest H items
 through `rerank_and_evaluate`, plus the control in which each user's profile is written from another user's history.
@@ -51,9 +51,14 @@ class ToyRankingWorldConfig:
     """Sizes and taste model of the toy recommendation world."""
 
     n_items: int = field(default=960, metadata={"help": "Catalogue size (item ids 0..n_items-1, at most 1,000)."})
-    n_users: int = field(default=600, metadata={"help": "Users (even: tastes come in mirrored couples)."})
+    n_users: int = field(default=1600, metadata={"help": "Users (even: tastes come in mirrored couples)."})
     interactions_per_user: int = field(
-        default=12, metadata={"help": "Picks per user; the last is the test item, the one before it validation."}
+        default=6,
+        metadata={
+            "help": "Picks per user; the last is the test item, the one before it validation (the more picks, the "
+            "more of the visual taste CF learns: re-ranking the ItemKNN top 10 by the true agreement gained +0.03 "
+            "NDCG@5 with 12 picks, +0.06 to +0.12 with 8, +0.10 to +0.15 with 6)."
+        },
     )
     taste_concentration: float = field(default=3.0, metadata={"help": "Dirichlet α of each user's attribute mix."})
     taste_strength: float = field(default=4.0, metadata={"help": "Weight of the visual utility w·a in the picks."})
@@ -62,6 +67,14 @@ class ToyRankingWorldConfig:
     )
     community_bonus: float = field(default=3.0, metadata={"help": "Pick-logit bonus of the user's community."})
     popularity_std: float = field(default=0.5, metadata={"help": "Std of the items' log-popularity."})
+    random_pick_order: bool = field(
+        default=True,
+        metadata={
+            "help": "Order each user's picks at random in time; else in the order of the sequential draw, most "
+            "wanted first (the test item is then the user's least wanted pick and the latest history items the next "
+            "least wanted; the ranking by true visual utility gained +0.04 NDCG@5 over SASRec there)."
+        },
+    )
     image_size: int = field(default=16, metadata={"help": "Side of the item images."})
     seed: int = field(default=0, metadata={"help": "Seed of items, tastes and picks."})
 
@@ -138,6 +151,8 @@ def toy_ranking_world(config: ToyRankingWorldConfig | None = None) -> ToyRanking
         logits = config.taste_strength * attributes @ w + community + popularity
         gumbel = -np.log(-np.log(rng.random(config.n_items)))
         picks = np.argsort(-(logits + gumbel))[: config.interactions_per_user]  # sampling without replacement
+        if config.random_pick_order:
+            picks = rng.permutation(picks)
         rows += [(f"u{user:04d}", int(item), t) for t, item in enumerate(picks)]
     interactions = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
     return ToyRankingWorld(

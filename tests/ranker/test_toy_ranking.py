@@ -25,6 +25,23 @@ def test_world_picks_follow_taste_and_community():
     assert agreement > 0.2  # chance: 0 (attributes are ±1 and independent of the tastes)
 
 
+def test_the_test_item_is_a_typical_pick_when_picks_come_in_a_random_order():
+    def utility_by_time(random_pick_order):
+        config = ToyRankingWorldConfig(
+            n_items=200, n_users=200, interactions_per_user=12, random_pick_order=random_pick_order
+        )
+        world = toy_ranking_world(config)
+        picks = world.interactions.sort_values(["user", "timestamp"])
+        users = picks["user"].str[1:].astype(int).to_numpy()
+        visual = np.einsum("ij,ij->i", world.tastes[users], world.attributes[picks["item"].to_numpy()])
+        return visual.reshape(config.n_users, config.interactions_per_user).mean(0)  # per place in time
+
+    ordered, shuffled = utility_by_time(False), utility_by_time(True)
+    # in the sequential draw's order the test item (the last pick) is the least wanted; in a random order, typical
+    assert ordered[-1] < ordered.mean() - 0.05 and ordered[0] > ordered.mean() + 0.05
+    assert abs(shuffled[-1] - shuffled.mean()) < 0.05
+
+
 def test_other_users_histories_gives_no_user_their_own():
     payload = {"histories": {f"u{i}": [i, i + 100] for i in range(7)}, "rankings": {}, "targets": {}}
     control = other_users_histories(payload, seed=0)
