@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="bench_output/learn_w2w", help="Where the figure and numbers go.")
     parser.add_argument("--cache-dir", default=None, help="Folder of the user LoRAs (default: the toy cache).")
-    parser.add_argument("--small", action="store_true", help="The smaller size of the slow test (24 LoRAs).")
+    parser.add_argument("--small", action="store_true", help="The smaller size of the slow test (40 LoRAs).")
     parser.add_argument("--base", default=None, help="Toy pipeline folder (default: the shipped toy base).")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
