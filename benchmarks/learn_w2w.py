@@ -1,10 +1,10 @@
 """Does a W2W edit do what it says? Measured in the toy world on user-made LoRAs fine-tuned from the toy base.
 
 64 toy users each get a LoRA (kohya files, ranks 1–16) in their own colour grade along two attributes measured from
-pixels, warmth (mean R − B) and brightness, which are correlated across users. The LoRAs are labelled by the measured
-attributes of their own samples, a `WeightSpace` is built over 52 of them, a warmth direction is learnt and debiased
-against the brightness direction, and the 12 held-out LoRAs are edited at 9 strengths, with the same prompts and
-seeds at every strength. Targets:
+pixels (R − B and the green level of the background), warmth and brightness, which are correlated across users. The
+LoRAs are labelled by the measured attributes of their own samples, a `WeightSpace` is built over 52 of them, a
+warmth direction is learnt and debiased against the brightness direction, and the 12 held-out LoRAs are edited at 9
+strengths, with the same prompts and seeds at every strength. Targets:
 
 - the edited attribute moves monotonically with α along the learnt direction: Spearman ≥ 0.9 over the strengths
   (baseline: a direction learnt from shuffled labels, the control that must fail);
