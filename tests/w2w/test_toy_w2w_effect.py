@@ -38,7 +38,8 @@ def test_toy_w2w_edits_move_the_attribute_and_the_control_does_not(effect):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    strict=True, reason="Not met at this size: debiasing shrinks brightness's change per unit α 1.3× over 40 LoRAs (target 5×)."
+    strict=True,
+    reason="Not met at this size: debiasing shrinks brightness's change per unit α 1.3× over 40 LoRAs (target 5×).",
 )
 def test_toy_w2w_debias_shrinks_the_other_attribute(effect):
     assert abs(effect.slope("raw", "brightness")) >= 5 * abs(effect.slope("debiased", "brightness"))
