@@ -272,6 +272,33 @@ def parse_scores(text: str, candidate_ids: Iterable[Any], id_key: str = "image_i
             result.explanations[item_id] = explanation if isinstance(explanation, str) else str(explanation)
     for candidate in wanted:
         if candidate not in result.scores:
-            problems.add(f"no score for candidate {candidate}")
+            problems.add(_missing(candidate))
     result.problems = problems.as_list()
     return result
+
+
+def _missing(candidate: str) -> str:
+    return f"no score for candidate {candidate}"
+
+
+def merge_retry(first: ParsedScores, retry: ParsedScores) -> ParsedScores:
+    """A trial's parse completed by a retry's: the retry's scores of candidates the first left unscored.
+
+    The problems are the first parse's, less the "no score" of candidates the retry scored, then the retry's own
+    (its "no score" lines are already among the first's).
+
+    Example:
+        ```python
+        >>> from imagegem_hf.ranker.parsing import merge_retry, parse_scores
+        >>> first = parse_scores('{"image_id": 7, "similarity_score": 85}', [7, 8])
+        >>> merged = merge_retry(first, parse_scores('{"image_id": 8, "similarity_score": 20}', [8]))
+        >>> merged.scores, merged.problems
+        ({'7': 85.0, '8': 20.0}, [])
+        ```
+    """
+    new = {k: v for k, v in retry.scores.items() if k not in first.scores}
+    explanations = {**first.explanations, **{k: retry.explanations.get(k, "") for k in new}}
+    solved = {_missing(k) for k in new}
+    problems = [p for p in first.problems if p not in solved]
+    problems += [p for p in retry.problems if not p.startswith(_missing(""))]
+    return ParsedScores(scores={**first.scores, **new}, explanations=explanations, problems=problems)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from imagegem_hf.hub import atomic_directory, card_license, hub_repo_id, read_json, render_card, resolve, write_json
 from imagegem_hf.ranker.backends import FailedReply, OpenAIChatBackend, TransformersBackend
-from imagegem_hf.ranker.parsing import parse_scores
+from imagegem_hf.ranker.parsing import merge_retry, parse_scores
 from imagegem_hf.ranker.prompts import RankerTemplates
 
 CONFIG_NAME = "ranker_config.json"
@@ -44,10 +44,11 @@ class RankerConfig:
         n_trials: Trials per user (T in B.1.5).
         max_new_tokens: Generation budget per prompt.
         batch_size: Prompts per `generate` call.
-        max_retries: Re-generations (sampled) of a trial whose output yields no score at all.
+        max_retries: Re-generations (sampled) for the candidates a trial's output left unscored: the trial is
+            asked again about those candidates only (all of them when it gave no score at all).
         max_prompt_chars: Item prompts are cut to this many characters.
         temperature: Sampling temperature of the scoring trials; 0 decodes them greedily. Retries of trials that
-            gave no score always sample (at this temperature, or at 0.7 when it is 0).
+            left candidates unscored always sample (at this temperature, or at 0.7 when it is 0).
     """
 
     item_type: str = "image"
@@ -360,14 +361,15 @@ class VLMRankerPipeline:
         """Score several users' candidates; all trials of all users are generated in shared batches.
 
         Each user gets `n_trials` random `k_subset`-subsets of their candidates (successive random permutations,
-        so every candidate is covered when `k · T ≥ M`), each in a shuffled order; a trial whose output gives no
-        score at all is re-generated with sampling up to `max_retries` times. Trials are sampled at
-        `config.temperature` (seeded by `seed`) when it is above 0, else decoded greedily.
+        so every candidate is covered when `k · T ≥ M`), each in a shuffled order; the candidates a trial's output
+        leaves unscored (a skipped or misspelt id, an answer cut short, no JSON at all) are asked about again, in a
+        prompt of their own, with sampling, up to `max_retries` times. Trials are sampled at `config.temperature`
+        (seeded by `seed`) when it is above 0, else decoded greedily.
         """
         rng = np.random.default_rng(seed)
         id_key = self.templates.id_key(self.config.item_type)
         trials = []  # (request index, candidate positions)
-        prompts = []
+        prompts, headers = [], []
         problems: list[list[str]] = [[] for _ in requests]
         for r, (profile, candidates) in enumerate(requests):
             if not candidates:
@@ -381,6 +383,7 @@ class VLMRankerPipeline:
                     f"{self.templates.ranking(self.config.item_type)}\n\n{self.templates.multi_candidate_suffix}"
                 )
                 prompts.append(self._content([candidates[i] for i in subset], header, with_ids=True))
+                headers.append(header)
                 trials.append((r, subset))
         temperature = self.config.temperature
         sample_seed = 1000 * seed if temperature > 0 else None
@@ -394,15 +397,23 @@ class VLMRankerPipeline:
             for reply, (r, subset) in zip(replies, trials, strict=True)
         ]
         for attempt in range(self.config.max_retries):
-            failed = [t for t, p in enumerate(parsed) if not p.scores]
-            if not failed:
+            missing = {
+                t: [i for i in subset if str(requests[r][1][i].item_id) not in parsed[t].scores]
+                for t, (r, subset) in enumerate(trials)
+            }
+            missing = {t: positions for t, positions in missing.items() if positions}
+            if not missing:
                 break
+            retry_prompts = [  # the trial's prompt, with the candidates it left unscored only
+                self._content([requests[trials[t][0]][1][i] for i in positions], headers[t], with_ids=True)
+                for t, positions in missing.items()
+            ]
             retried = self.generate(
-                [prompts[t] for t in failed], sample_seed=1000 * seed + 1 + attempt, temperature=temperature or 0.7
+                retry_prompts, sample_seed=1000 * seed + 1 + attempt, temperature=temperature or 0.7
             )
-            for t, reply in zip(failed, retried, strict=True):
-                r, subset = trials[t]
-                parsed[t] = parse_scores(reply, [requests[r][1][i].item_id for i in subset], id_key)
+            for (t, positions), reply in zip(missing.items(), retried, strict=True):
+                ids = [requests[trials[t][0]][1][i].item_id for i in positions]
+                parsed[t] = merge_retry(parsed[t], parse_scores(reply, ids, id_key))
         per_request: list[dict[str, list[float]]] = [{} for _ in requests]
         explanations: list[dict[str, list[str]]] = [{} for _ in requests]
         for t, reply in enumerate(replies):

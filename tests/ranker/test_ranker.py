@@ -176,6 +176,30 @@ def test_unparseable_trials_are_retried_and_unscored_items_rank_last():
     assert any("no score" in p for p in result.problems)
 
 
+def test_candidates_a_trial_left_unscored_are_asked_about_again_alone():
+    # call 0 (trial 0: 3 candidates) skips its second candidate; its retry (call 2) is asked about that one only
+    skipped = {}
+
+    def plan(item_id, position, call):
+        if call == 0 and position == 1:
+            skipped["id"] = item_id
+            return None
+        return 10.0 * int(item_id[1:]) + call
+
+    pipeline, model = scripted_pipeline(plan, k_subset=3, n_trials=2, max_retries=1, batch_size=1, max_new_tokens=400)
+    result = pipeline.rank("profile", candidates(6), seed=0)
+    assert model.calls == 3
+    assert re.findall(r"image_id: (\w+)\.", model.prompts[2]) == [skipped["id"]]
+    by_id = {s.item_id: s for s in result.scores}
+    assert all(s.n_trials == 1 for s in result.scores)
+    assert by_id[skipped["id"]].mean == 10.0 * int(skipped["id"][1:]) + 2  # the retry's score
+    assert not any("no score" in p for p in result.problems)
+    pipeline, model = scripted_pipeline(plan, k_subset=3, n_trials=2, max_retries=0, batch_size=1, max_new_tokens=400)
+    result = pipeline.rank("profile", candidates(6), seed=0)
+    assert model.calls == 2 and [s.item_id for s in result.scores if s.n_trials == 0] == [skipped["id"]]
+    assert f"no score for candidate {skipped['id']}" in result.problems
+
+
 def test_caption_is_cached_per_user():
     pipeline, model = scripted_pipeline(lambda i, p, c: 1.0)
     history = candidates(2)
