@@ -249,8 +249,8 @@ def test_learning_benchmark_passes_at_a_small_size(small_benchmark):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="the toy VLM's rank std ratio is 0.397 (<= 0.5), but its single pass over 10 candidates sampled at 0.7 "
-    "leaves 5.3% of them unscored, over the 5% the check allows",
+    reason="with every candidate scored (retries ask again about skipped ones) the toy VLM's errors are mostly "
+    "sampling noise: rank std ratio 0.772 at full size (pure noise 0.928, pure position bias 0.396; target <= 0.5)",
 )
 def test_randomized_scoring_stabilises_the_toy_vlm_at_a_small_size(small_benchmark):
     assert small_benchmark[TOY_VLM_STABILITY].passed, str(small_benchmark[TOY_VLM_STABILITY])
