@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from imagegem_hf.toy import load_toy_pipeline
@@ -87,14 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, curves in effect.curves.items():
         print(f"{key:>9}: " + "; ".join(f"{n} {[round(float(v), 3) for v in c]}" for n, c in curves.items()))
     print(f"held-out classifier accuracy: {accuracies}; figure → {figure}")
-    inner = abs(effect.strengths) <= effect.strengths.max() / 2 + 1e-9
-    inner_slopes = {
-        k: np.polyfit(effect.strengths[inner], effect.curves[k][config.other][inner], 1)[0]
-        for k in ("raw", "debiased")
-    }
     print(
         f"{config.other} per unit α over |α| ≤ half the span: "
-        + ", ".join(f"{k} {v:+.5f}" for k, v in inner_slopes.items())
+        + ", ".join(f"{k} {effect.slope(k, config.other, span=0.5):+.5f}" for k in ("raw", "debiased"))
     )
     print(f"wall {time.time() - start:.0f} s, CPU {time.process_time() - cpu:.0f} s")
     lines = report(effect, config)

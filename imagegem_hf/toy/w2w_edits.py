@@ -110,9 +110,10 @@ class W2WToyEffect:
 
         return float(spearmanr(self.strengths, self.curves[direction][attribute]).statistic)
 
-    def slope(self, direction: str, attribute: str) -> float:
-        """Least-squares change of the attribute per unit α."""
-        return float(np.polyfit(self.strengths, self.curves[direction][attribute], 1)[0])
+    def slope(self, direction: str, attribute: str, span: float = 1.0) -> float:
+        """Least-squares change of the attribute per unit α, over the strengths with |α| ≤ `span` × the largest."""
+        inner = np.abs(self.strengths) <= span * np.abs(self.strengths).max() + 1e-9
+        return float(np.polyfit(self.strengths[inner], self.curves[direction][attribute][inner], 1)[0])
 
 
 def measure_loras(
