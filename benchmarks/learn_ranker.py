@@ -47,8 +47,8 @@ from imagegem_hf.recsys import ItemKNN, SASRec
 # the instability that randomized scoring addresses: scores "vary across different inference requests or ranking
 # orders". With M = 10, k = 5, T = 4 every candidate is scored twice, which cuts sampling noise by √2 only, so a 2×
 # steadier ranking needs the order effect to dominate: here the position error (std 3 · 2.87 = 8.6 points over 10
-# places) dominates the noise (std 2). Measured at --small: with noise std 6 the rank std ratio is 0.591 (its score
-# error ratio `stand_in_error_ratio` 0.495), with pure noise 0.928, with pure position bias 0.396.
+# places) dominates the noise (std 2). Measured over 24 users: without the position bias the rank std ratio is 0.62,
+# 0.65 and 0.83 at noise std 1, 2 and 6; with the position bias alone, 0.44.
 RELEVANCE_SCALE, POSITION_BIAS, NOISE_STD = 10.0, 3.0, 2.0
 
 

@@ -166,19 +166,8 @@ def run_w2w_effect(
     order = np.random.default_rng(config.loras.seed).permutation(len(files))
     held_out, train = sorted(order[: config.n_held_out].tolist()), sorted(order[config.n_held_out :].tolist())
     space = WeightSpace.build([files[i] for i in train], n_components=config.n_components, show_progress=show_progress)
-    labels = {
-        name: np.array([attribute_labels({i: label_scores[name][i] for i in train})[i] for i in train])
-        for name in (config.attribute, config.other)
-    }
-    raw = preference_direction(space, None, labels[config.attribute], name=config.attribute)
-    other = preference_direction(space, None, labels[config.other], name=config.other)
-    shuffled_labels = uninformative_labels(labels[config.attribute], config.loras.seed + 1)
-    directions = {
-        "raw": raw,
-        "other": other,
-        "debiased": debias(space, raw, [other]),
-        "shuffled": preference_direction(space, None, shuffled_labels, name="shuffled"),
-    }
+    directions = learn_directions(space, {name: values[train] for name, values in label_scores.items()}, config)
+    raw = directions["raw"]
     # the LoRAs' spread along the raw direction, in α units (a unit step moves the coefficients by normal / norm)
     spread = float(np.std(space.training_coefficients() @ raw.normal) * _coefficient_norm(space, raw))
     strengths = np.linspace(-config.strength_span, config.strength_span, config.n_strengths) * spread
@@ -195,6 +184,46 @@ def run_w2w_effect(
             curves[key][name] = per_lora.mean(axis=1)
             errors[key][name] = per_lora.std(axis=1, ddof=1) / np.sqrt(len(held_out))
     return W2WToyEffect(strengths, curves, errors, directions, space, label_scores, held_out, files)
+
+
+def learn_directions(
+    space: WeightSpace, label_scores: dict[str, np.ndarray], config: W2WToyConfig
+) -> dict[str, Direction]:
+    """The experiment's directions from the measured attributes of the LoRAs the space was built from.
+
+    Each attribute is split at its median (`attribute_labels`); with an odd number of LoRAs the middle one is left
+    unlabelled and out of that attribute's fit.
+
+    Args:
+        space: The weight space.
+        label_scores: `{attribute: mean measured value per LoRA}`, in the order of `space.training_coefficients()`.
+        config: Which attribute is edited (`config.attribute`) and which is kept (`config.other`).
+
+    Returns:
+        `{"raw", "other", "debiased", "shuffled"}`: the edited attribute's direction, the other's, the first
+        debiased against the second, and the control learnt from `uninformative_labels`.
+
+    Example:
+        ```python
+        >>> directions = learn_directions(space, {"warmth": w, "brightness": b}, W2WToyConfig())  # doctest: +SKIP
+        >>> sorted(directions)  # doctest: +SKIP
+        ['debiased', 'other', 'raw', 'shuffled']
+        ```
+    """
+    coefficients = space.training_coefficients()
+    fits = {}
+    for name in (config.attribute, config.other):
+        scores = np.asarray(label_scores[name])
+        if len(scores) != len(coefficients):
+            raise ValueError(f"Got {len(scores)} {name} scores for a space over {len(coefficients)} LoRAs.")
+        labelled = attribute_labels(dict(enumerate(scores.tolist())))
+        rows = sorted(labelled)
+        fits[name] = (coefficients[rows], np.array([labelled[r] for r in rows]))
+    x, y = fits[config.attribute]
+    raw = preference_direction(space, x, y, name=config.attribute)
+    other = preference_direction(space, *fits[config.other], name=config.other)
+    shuffled = preference_direction(space, x, uninformative_labels(y, config.loras.seed + 1), name="shuffled")
+    return {"raw": raw, "other": other, "debiased": debias(space, raw, [other]), "shuffled": shuffled}
 
 
 def uninformative_labels(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -29,6 +29,31 @@ def test_control_labels_carry_no_information_about_the_real_ones(n_positive, n_n
     assert ((z != y) & (y == 1)).sum() == flipped and ((z != y) & (y == -1)).sum() == flipped
 
 
+def test_directions_are_learnt_from_an_odd_number_of_loras():
+    # A median split of 61 LoRAs labels 60 of them; the middle one must be left out of the fit, not looked up.
+    import numpy as np
+
+    from imagegem_hf.testing import tiny_sd_components
+    from imagegem_hf.toy.w2w_edits import W2WToyConfig, learn_directions
+    from imagegem_hf.w2w import WeightSpace, lora_target_shapes, preference_direction
+    from imagegem_hf.w2w.demo import synthetic_loras
+
+    shapes = lora_target_shapes(tiny_sd_components(seed=0)["unet"], ["to_q", "to_k", "to_v", "to_out.0"])
+    loras, _, planted = synthetic_loras(shapes, n=61, seed=1, noise=0.04)
+    space = WeightSpace.build(loras, n_components=12, show_progress=False)
+    warmth = np.array([space.vectorize(lora)[0] @ planted for lora in loras])
+    brightness = np.random.default_rng(0).normal(size=61)
+    directions = learn_directions(space, {"warmth": warmth, "brightness": brightness}, W2WToyConfig())
+    assert (directions["raw"].n_positive, directions["raw"].n_negative) == (30, 30)
+    # the same fit, labelled by hand: the 30 highest +1, the 30 lowest −1, the median LoRA out
+    order = np.argsort(warmth)
+    rows = np.r_[order[:30], order[-30:]]
+    by_hand = preference_direction(space, space.training_coefficients()[rows], np.r_[[-1] * 30, [1] * 30])
+    assert float(directions["raw"].vector @ by_hand.vector) > 0.999
+    assert float(directions["raw"].vector @ planted) > 0.9
+    assert abs(float(directions["debiased"].normal @ directions["other"].normal)) < 1e-6
+
+
 @pytest.mark.slow
 def test_toy_w2w_edits_move_the_attribute_and_the_control_does_not(effect):
     assert effect.spearman("raw", "warmth") >= 0.9
