@@ -38,9 +38,6 @@ TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2
 STYLE_ATTRIBUTES = ("warmth", "brightness")
 TINT = 0.4  # the red gain (and blue loss) of the warmest style
 EXPOSURE = 0.7  # log2 of the gamma of the darkest style (the brightest: its inverse)
-# Version of the training procedure (part of a collection's cache key): 2 scales each LoRA's learning rate
-# (`update_scales`).
-TOY_LORA_RECIPE = 2
 
 
 @dataclass(frozen=True)
@@ -324,27 +321,6 @@ def _training_pool(pipe, styles: Sequence[UserStyle], config: ToyLoRAConfig, sho
     return torch.stack(latents), _encode_prompts(pipe, [*prompts, ""])
 
 
-def update_scales(ranks: Sequence[int], alphas: Sequence[float]) -> torch.Tensor:
-    """Per-LoRA learning-rate factors `min(1, 1 / ((α / r) · √r))`: no ΔW moves faster than a rank-1 α = 1 LoRA's.
-
-    Adam moves every factor entry by about the learning rate per step whatever its gradient, so ΔW = (α / r) · up ·
-    down grows about (α / r) · √r times as fast as for rank 1 at α = 1 (r independent components). At one learning
-    rate for all, the rank-16 LoRAs at α = 16 (4× as fast) over-trained: over 64 LoRAs, the measured brightness of
-    their samples correlated −0.10 with their style (0.50 for rank 8 at α = 8, 0.83–0.99 for the others), and
-    those 4 LoRAs alone broke the weight space's linear read-out of brightness (leave-one-out R² −0.37 with them,
-    0.73 without, 12 components), so debiasing against it left brightness moving. Slower LoRAs keep the full rate.
-
-    Example:
-        ```python
-        >>> from imagegem_hf.toy.loras import update_scales
-        >>> update_scales([1, 4, 16, 16], [1.0, 4.0, 16.0, 1.0]).tolist()
-        [1.0, 0.5, 0.25, 1.0]
-        ```
-    """
-    speed = torch.tensor([a / r * np.sqrt(r) for r, a in zip(ranks, alphas, strict=True)], dtype=torch.float32)
-    return torch.clamp(1.0 / speed, max=1.0)
-
-
 def train_user_loras(
     pipe, styles: Sequence[UserStyle], config: ToyLoRAConfig | None = None, show_progress: bool = True
 ) -> tuple[list[LoRA], list[float]]:
@@ -393,9 +369,7 @@ def train_user_loras(
     stacked = StackedLoRA.for_unet(pipe.unet, ranks, alphas, config.target_modules, generator, shared_init=True)
     latents, embeddings = _training_pool(pipe, styles, config, show_progress)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    params = list(stacked.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    step_scale = update_scales(ranks, alphas)
+    optimizer = torch.optim.AdamW(stacked.parameters(), lr=config.learning_rate, weight_decay=0.0)
     n_loras, pool = latents.shape[:2]
     owner = torch.arange(n_loras).repeat(config.batch_per_lora)  # row i·K + k: LoRA k's copy of draw i
     pipe.unet.requires_grad_(False)
@@ -420,12 +394,7 @@ def train_user_loras(
             loss = F.mse_loss(prediction, noise[rows], reduction="sum") / noise.numel()
             loss.backward()
             total += loss.item()
-        before = [p.detach().clone() for p in params]
         optimizer.step()
-        # LoRA k's learning rate is step_scale[k] × the config's (the factors stack the LoRAs on dim 0)
-        with torch.no_grad():
-            for p, old in zip(params, before, strict=True):
-                p.copy_(old + (p - old) * step_scale.view(-1, *[1] * (p.dim() - 1)))
         losses.append(total)
     return [stacked.to_lora(k) for k in range(n_loras)], losses
 
@@ -465,9 +434,9 @@ def user_lora_collection(
 ) -> UserLoRAs:
     """The toy users' LoRAs as kohya files in `folder`, trained on the first call and reused afterwards.
 
-    `folder/users.json` records the config, the base pipeline's weight fingerprint, `TOY_LORA_RECIPE` and each
-    user's style; a folder made with another config, base or recipe is retrained. By default the folder is named
-    after all three, under `default_cache_dir()`, so collections of different configs are kept side by side.
+    `folder/users.json` records the config, the base pipeline's weight fingerprint and each user's style; a folder
+    made with another config or base is retrained. By default the folder is named after both, under
+    `default_cache_dir()`, so collections of different configs are kept side by side.
 
     Example:
         ```python
@@ -479,11 +448,7 @@ def user_lora_collection(
         ```
     """
     config = config or ToyLoRAConfig()
-    key = {
-        "config": json.loads(json.dumps(asdict(config))),
-        "base": _base_fingerprint(pipe),
-        "recipe": TOY_LORA_RECIPE,
-    }
+    key = {"config": json.loads(json.dumps(asdict(config))), "base": _base_fingerprint(pipe)}
     if folder is None:
         folder = default_cache_dir() / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(folder)
