@@ -19,6 +19,9 @@ from imagegem_hf.w2w.lora_io import LoRA, LoRAModule
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEMO_LORAS = 24
+# A grade tints multiplicatively (R × (1 + 0.4 w)), so it shows on a light background: on the dark one the grid's
+# warmth moved +0.02 → +0.07 across the strengths.
+GRID_PROMPT = "a circle on a light background"
 
 
 def synthetic_loras(
@@ -122,7 +125,7 @@ def run_demo(context) -> list[str]:
     for user in effect.held_out[:2]:
         for key in ("raw", "debiased"):
             result = editor(
-                "a circle on a dark background",
+                GRID_PROMPT,
                 lora=effect.files[user],
                 direction=effect.directions[key],
                 strengths=[float(a) for a in effect.strengths],
