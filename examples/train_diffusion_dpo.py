@@ -20,6 +20,7 @@ from datasets import load_dataset
 from diffusers import DiffusionPipeline
 from transformers import HfArgumentParser
 
+from imagegem_hf.distributed import end_distributed
 from imagegem_hf.dpo import DiffusionDPOConfig, DiffusionDPOTrainer
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     trainer.create_model_card(model_name=args.hub_model_id)
     if args.push_to_hub:
         trainer.push_to_hub()
+    end_distributed()
 
 
 if __name__ == "__main__":

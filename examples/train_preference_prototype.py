@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from imagegem_hf.distributed import end_distributed
 from imagegem_hf.preference.trainer import PreferencePrototypeTrainingConfig, train_from_dataset
 
 
@@ -81,6 +82,7 @@ def main() -> None:
         model, dataset = smoke_inputs(script, args)
     path = train_from_dataset(model, dataset, args, resume_from_checkpoint=args.resume_from_checkpoint)
     print(f"model → {path}")
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -64,13 +64,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         # User errors: one clear line, no traceback (use -v for the stack).
         if args.verbose:
             raise
         print(f"imagegem {args.command}: error: {err}", file=sys.stderr)
         return 2
+    if "torch" in sys.modules:  # a process group needs torch; the commands that never import it skip the check
+        from imagegem_hf.distributed import end_distributed
+
+        end_distributed()
+    return status
 
 
 if __name__ == "__main__":

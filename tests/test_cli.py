@@ -84,3 +84,19 @@ def test_command_table_matches_what_the_areas_register():
     assert build_parser().format_help() == parser.format_help()
     for name, _, _ in COMMANDS:  # and so is the help of the parser that runs a command
         assert build_parser([name]).format_help() == parser.format_help()
+
+
+def test_a_finished_command_tears_down_the_process_group_and_a_failed_one_leaves_it(tmp_path, capsys):
+    # Left to interpreter shutdown, a gloo group can abort the process after its work is done (SIGABRT).
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["dataset", "build", str(tmp_path / "missing"), str(tmp_path / "ds")]) == 2
+        assert "error" in capsys.readouterr().err
+        assert dist.is_initialized()  # an error leaves it: the other ranks may still be inside a collective
+        assert main(["dataset", "synth", str(tmp_path / "raw"), "--users", "5", "--seed", "1"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -70,7 +70,8 @@ def run(out: Path, world_size: int, rank: int) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    from imagegem_hf.distributed import process_count_and_index
+    from imagegem_hf.distributed import end_distributed, process_count_and_index
 
     count, index = process_count_and_index()
     run(Path(sys.argv[1]), count, index)
+    end_distributed()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagegem_hf.distributed import is_main_process, process_count_and_index
+from imagegem_hf.distributed import end_distributed, is_main_process, process_count_and_index
 from imagegem_hf.dpo.evaluate import evaluate_pipelines
 from imagegem_hf.embeddings import CLIPEmbedder, SentenceTransformerEmbedder
 from imagegem_hf.recsys import image_features
@@ -81,3 +81,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     assert process_count_and_index()[0] == 2
     run(Path(sys.argv[1]), Path(sys.argv[2]))
+    end_distributed()

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     f"""
     import numpy as np, pandas as pd, torch
     from imagegem_hf.data.pairs import scorer_scores
-    from imagegem_hf.distributed import is_main_process, process_count_and_index
+    from imagegem_hf.distributed import end_distributed, is_main_process, process_count_and_index
     from imagegem_hf.fetch.local_server import png_bytes
     from imagegem_hf.scoring import PickScore
     from imagegem_hf.testing import tiny_clip_model
@@ -40,6 +40,8 @@ SCRIPT = textwrap.dedent(
     if is_main_process():
         np.save("scores.npy", scores.to_numpy())
         print("PROBLEMS", problems)
+    end_distributed()  # a gloo group left to interpreter shutdown can abort the process (SIGABRT) after the work
+    assert not torch.distributed.is_initialized()
     """
 )
 
