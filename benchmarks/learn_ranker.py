@@ -45,12 +45,11 @@ from imagegem_hf.recsys import ItemKNN, SASRec
 # Stand-in scorer: relevance = 50 + RELEVANCE_SCALE · (the user's true pick logit), minus POSITION_BIAS points per
 # position down the list, plus Gaussian noise of NOISE_STD at temperature 1. ImageGem (§4.2) names the two sources of
 # the instability that randomized scoring addresses: scores "vary across different inference requests or ranking
-# orders". With M = 10, k = 5, T = 4 every candidate is scored twice, which cuts sampling noise by √2 only, so
-# with noise of the size of the score gaps a 2× steadier ranking needs the order effect to dominate: here the
-# position error (std 3 · 2.87 = 8.6 points over 10
-# places) dominates the noise (std 2). Measured over 24 users: without the position bias the rank std ratio is 0.29,
-# 0.62, 0.65 and 0.83 at noise std 0.5, 1, 2 and 6 (swaps are tail events, rarer still once averaged when the noise
-# is small against the score gaps); with the position bias alone, 0.44.
+# orders". With M = 10, k = 5, T = 4 every candidate is scored twice, which cuts sampling noise by √2 only, so with
+# noise of the size of the score gaps a 2× steadier ranking needs the order effect to dominate: here the position
+# error (std 3 · 2.87 = 8.6 points over 10 places) dominates the noise (std 2). Measured over 24 users: without the
+# position bias the rank std ratio is 0.29, 0.62, 0.65 and 0.83 at noise std 0.5, 1, 2 and 6 (swaps are tail events,
+# rarer still once averaged when the noise is small against the score gaps); with the position bias alone, 0.44.
 RELEVANCE_SCALE, POSITION_BIAS, NOISE_STD = 10.0, 3.0, 2.0
 
 

@@ -232,13 +232,13 @@ def background_colour(image: Image.Image | np.ndarray, border: int = 2) -> np.nd
     Example:
         ```python
         >>> from imagegem_hf.toy.world import ToySpec, background_colour, render
-        >>> background_colour(render(ToySpec("red", "circle", "dark", size=8.0))).round(2).tolist()
+        >>> [round(float(c), 2) for c in background_colour(render(ToySpec("red", "circle", "dark", size=8.0)))]
         [0.15, 0.15, 0.15]
         ```
     """
     x = _as_array(image)
-    ring = [x[:border].reshape(-1, 3), x[-border:].reshape(-1, 3), x[:, :border].reshape(-1, 3)]
-    return np.median(np.concatenate([*ring, x[:, -border:].reshape(-1, 3)]), axis=0)
+    ring = [x[:border], x[-border:], x[:, :border], x[:, -border:]]
+    return np.median(np.concatenate([side.reshape(-1, 3) for side in ring]), axis=0)
 
 
 def _templates(cx: float, cy: float, radius: float, size: int) -> dict[str, np.ndarray]:
