@@ -490,6 +490,12 @@ def _attribute_word_pairs(tokenizer) -> list[tuple[int, int, int]]:
     return pairs
 
 
+def _fresh_images(n: int, rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[Image.Image]]:
+    """`n` random attribute draws `(n, 4)` and their images."""
+    attributes = draw_attributes(n, rng)
+    return attributes, [render_image(a, rng, size) for a in attributes]
+
+
 def _image_embeddings(model, processor, images: list[Image.Image]) -> torch.Tensor:
     """`(n, text_hidden_size)`: each image's language-model input embedding (its one patch, projected)."""
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -544,8 +550,8 @@ def pretrain_vision_on_words(model, processor, config: ToyRankerVLMConfig | None
     model.train()
     bar = tqdm(range(config.vision_pretrain_steps), desc="toy ranker VLM vision pre-training", disable=not progress)
     for _ in bar:
-        attributes = draw_attributes(128, rng)
-        logits, index = _word_logits(model, processor, [render_image(a, rng, config.image_size) for a in attributes])
+        attributes, images = _fresh_images(128, rng, config.image_size)
+        logits, index = _word_logits(model, processor, images)
         targets = torch.from_numpy(attributes[:, index] > 0).float()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
         optimizer.zero_grad()
@@ -557,13 +563,7 @@ def pretrain_vision_on_words(model, processor, config: ToyRankerVLMConfig | None
     # embeddings, so that an image's position in the language model held little but the image); scaling the
     # projector's output keeps every word logit's sign, and brings the images to the norm of the tokens
     with torch.no_grad():
-        norm = (
-            _image_embeddings(
-                model, processor, [render_image(a, rng, config.image_size) for a in draw_attributes(512, rng)]
-            )
-            .norm(dim=-1)
-            .mean()
-        )
+        norm = _image_embeddings(model, processor, _fresh_images(512, rng, config.image_size)[1]).norm(dim=-1).mean()
         output = model.model.multi_modal_projector.linear_2
         output.weight /= norm
         output.bias /= norm
@@ -578,8 +578,8 @@ def vision_word_accuracy(
     right sign, both spellings counted): what the vision side hands the language model."""
     config = config or ToyRankerVLMConfig()
     rng = np.random.default_rng(seed)
-    attributes = draw_attributes(n_images, rng)
-    logits, index = _word_logits(model, processor, [render_image(a, rng, config.image_size) for a in attributes])
+    attributes, images = _fresh_images(n_images, rng, config.image_size)
+    logits, index = _word_logits(model, processor, images)
     right = ((logits > 0).numpy() == (attributes[:, index] > 0)).mean(0)
     return {
         name: float(right[[j for j, a in enumerate(index) if a == i]].mean()) for name, i in _ATTRIBUTE_INDEX.items()
