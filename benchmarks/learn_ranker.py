@@ -213,8 +213,15 @@ def main(argv=None) -> list[Result]:
                     backend=backend, config=RankerConfig(temperature=args.temperature, **overrides)
                 )
                 requests = [(u, candidates[u]) for u in users]
-            stability[(scorer, setting)] = rank_stability(pipeline, requests, seeds)
-            print(f"stability {scorer:8s} {setting:12s} {stability[(scorer, setting)]}")
+            stability[(scorer, setting)] = measured = rank_stability(pipeline, requests, seeds)
+            print(
+                f"stability {scorer:8s} {setting:12s} rank std {measured['rank_std']:.3f}, Kendall τ "
+                f"{measured['kendall_tau']:.3f}, unscored {measured['unscored_fraction']:.3f}; score minus the "
+                "candidate's median, by place shown (from the first): mean "
+                + " ".join(f"{v:+.1f}" for v in measured["bias_by_place"])
+                + ", mean |·| "
+                + " ".join(f"{v:.1f}" for v in measured["spread_by_place"])
+            )
     print(
         "stand-in score error (position bias and noise), randomized over single pass: "
         f"{stand_in_error_ratio(args.top_m, args.k_subset, args.trials):.3f}× its std (pure noise: "

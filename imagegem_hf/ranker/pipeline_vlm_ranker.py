@@ -63,13 +63,26 @@ class RankerConfig:
 
 @dataclass
 class CandidateScore:
-    """An item's aggregated score over the trials that scored it."""
+    """An item's aggregated score over the trials that scored it.
+
+    Attributes:
+        item_id: The candidate's id.
+        mean: Mean of its scores (NaN when no trial scored it).
+        std: Their standard deviation.
+        n_trials: How many trials scored it.
+        explanations: The explanation given with each score.
+        values: Each score, in trial order.
+        places: Where the candidate stood (from 0) in the prompt that gave each score: its trial's, or for a
+            candidate scored by a retry, the retry's own prompt. With `values`, this shows a VLM's position bias.
+    """
 
     item_id: Any
     mean: float
     std: float
     n_trials: int
     explanations: list[str] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    places: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -396,6 +409,7 @@ class VLMRankerPipeline:
             parse_scores(reply, [requests[r][1][i].item_id for i in subset], id_key)
             for reply, (r, subset) in zip(replies, trials, strict=True)
         ]
+        retry_places: dict[tuple[int, str], int] = {}  # (trial, item id) → place in the retry that scored it
         for attempt in range(self.config.max_retries):
             missing = {
                 t: [i for i in subset if str(requests[r][1][i].item_id) not in parsed[t].scores]
@@ -413,31 +427,34 @@ class VLMRankerPipeline:
             )
             for (t, positions), reply in zip(missing.items(), retried, strict=True):
                 ids = [requests[trials[t][0]][1][i].item_id for i in positions]
+                scored_before = set(parsed[t].scores)
                 parsed[t] = merge_retry(parsed[t], parse_scores(reply, ids, id_key))
-        per_request: list[dict[str, list[float]]] = [{} for _ in requests]
+                for place, item_id in enumerate(map(str, ids)):
+                    if item_id in parsed[t].scores and item_id not in scored_before:
+                        retry_places[(t, item_id)] = place
+        per_request: list[dict[str, list[tuple[float, int]]]] = [{} for _ in requests]  # (score, place)
         explanations: list[dict[str, list[str]]] = [{} for _ in requests]
         for t, reply in enumerate(replies):
             if isinstance(reply, FailedReply) and not parsed[t].scores:
                 problems[trials[t][0]].append(f"trial {t}: no answer from the VLM ({reply.reason})")
-        for (r, _), result in zip(trials, parsed, strict=True):
+        for t, ((r, subset), result) in enumerate(zip(trials, parsed, strict=True)):
+            shown = {str(requests[r][1][i].item_id): place for place, i in enumerate(subset)}
             for item_id, score in result.scores.items():
-                per_request[r].setdefault(item_id, []).append(score)
+                place = retry_places.get((t, item_id), shown[item_id])
+                per_request[r].setdefault(item_id, []).append((score, place))
                 explanations[r].setdefault(item_id, []).append(result.explanations.get(item_id, ""))
             problems[r] += result.problems
         out = []
         for r, (_, candidates) in enumerate(requests):
             scored = []
             for position, item in enumerate(candidates):
-                values = per_request[r].get(str(item.item_id), [])
+                values = [score for score, _ in per_request[r].get(str(item.item_id), [])]
+                places = [place for _, place in per_request[r].get(str(item.item_id), [])]
                 mean = float(np.mean(values)) if values else float("nan")
                 std = float(np.std(values)) if values else float("nan")
+                explained = explanations[r].get(str(item.item_id), [])
                 scored.append(
-                    (
-                        position,
-                        CandidateScore(
-                            item.item_id, mean, std, len(values), explanations[r].get(str(item.item_id), [])
-                        ),
-                    )
+                    (position, CandidateScore(item.item_id, mean, std, len(values), explained, values, places))
                 )
             scored.sort(key=lambda ps: (np.isnan(ps[1].mean), -np.nan_to_num(ps[1].mean), ps[0]))
             out.append(RankingResult([s for _, s in scored], problems[r]))

@@ -10,8 +10,9 @@ better. The last pick is the test item (leave-one-last).
 
 `table7` runs CF retrieval (any `imagegem_hf.recsys` model) → top-M → VLM re-ranking with the latest H items
 through `rerank_and_evaluate`, plus the control in which each user's profile is written from another user's history.
-`rank_stability` measures how much the VLM's order of each candidate moves between scoring seeds, and
-`PositionBiasedScorer` is a stand-in scorer with a known position bias and noise, served to the pipeline as a backend.
+`rank_stability` measures how much the VLM's order of each candidate moves between scoring seeds and how its
+scores depend on the place a candidate is shown at; `PositionBiasedScorer` is a stand-in scorer with a known
+position bias and noise, served to the pipeline as a backend.
 
 Example:
     ```python
@@ -331,8 +332,8 @@ class PositionBiasedScorer:
 
 def rank_stability(
     pipeline: VLMRankerPipeline, requests: list[tuple[str, list[RankItem]]], seeds: list[int]
-) -> dict[str, float]:
-    """How much the ranking moves between scoring seeds.
+) -> dict[str, Any]:
+    """How much the ranking moves between scoring seeds, and how a candidate's score depends on where it is shown.
 
     Args:
         pipeline: The ranker (its config sets k, T and the temperature).
@@ -342,10 +343,21 @@ def rank_stability(
     Returns:
         `rank_std`: the std over seeds of each candidate's rank, averaged over candidates and users;
         `kendall_tau`: Kendall τ between the rankings of every two seeds, averaged over pairs and users;
-        `unscored_fraction`: share of candidates left unscored.
+        `unscored_fraction`: share of candidates left unscored;
+        `bias_by_place` and `spread_by_place`: per place in the prompt (from 0), the mean signed and the mean
+        absolute difference between a score given there and the median of all the candidate's scores over all
+        seeds. A position bias shows as a trend in the first, order-dependent errors as a rise in the second.
+
+    Example:
+        ```python
+        >>> stability = rank_stability(pipeline, requests, seeds=[0, 1, 2, 3, 4])  # doctest: +SKIP
+        >>> sorted(stability)  # doctest: +SKIP
+        ['bias_by_place', 'kendall_tau', 'rank_std', 'spread_by_place', 'unscored_fraction']
+        ```
     """
     runs = [pipeline.rank_batch(requests, seed=s) for s in seeds]
     stds, taus, unscored = [], [], []
+    deviations: dict[int, list[float]] = {}
     for r, (_, candidates) in enumerate(requests):
         ids = [str(c.item_id) for c in candidates]
         ranks = np.array([[[str(i) for i in run[r].ranking].index(c) for c in ids] for run in runs])
@@ -354,10 +366,21 @@ def rank_stability(
             tau = kendalltau(ranks[a], ranks[b]).statistic
             taus.append(0.0 if np.isnan(tau) else float(tau))
         unscored += [s.n_trials == 0 for run in runs for s in run[r].scores]
+        scorings: dict[str, list[tuple[float, int]]] = {}
+        for run in runs:
+            for s in run[r].scores:
+                scorings.setdefault(str(s.item_id), []).extend(zip(s.values, s.places, strict=True))
+        for pairs in scorings.values():
+            median = float(np.median([value for value, _ in pairs]))
+            for value, place in pairs:
+                deviations.setdefault(place, []).append(value - median)
+    places = range(max(deviations, default=-1) + 1)
     return {
         "rank_std": float(np.mean(stds)),
         "kendall_tau": float(np.mean(taus)),
         "unscored_fraction": float(np.mean(unscored)),
+        "bias_by_place": [float(np.mean(deviations.get(p, np.nan))) for p in places],
+        "spread_by_place": [float(np.mean(np.abs(deviations.get(p, np.nan)))) for p in places],
     }
 
 

@@ -143,6 +143,8 @@ def test_randomized_scoring_is_the_mean_over_trials_and_deterministic():
         positions = [s.index(index) for s in subsets if index in s]
         assert score.n_trials == len(positions)
         assert score.mean == pytest.approx(np.mean([10.0 * index + p for p in positions]))
+        assert score.places == positions
+        assert score.values == [10.0 * index + p for p in positions]
     assert result.ranking == ["c5", "c4", "c3", "c2", "c1", "c0"]
     assert pipeline.rank("profile", cands, seed=3).ranking == result.ranking
     assert result.scores[0].explanations[0] == "because c5"
@@ -198,6 +200,25 @@ def test_candidates_a_trial_left_unscored_are_asked_about_again_alone():
     result = pipeline.rank("profile", candidates(6), seed=0)
     assert model.calls == 2 and [s.item_id for s in result.scores if s.n_trials == 0] == [skipped["id"]]
     assert f"no score for candidate {skipped['id']}" in result.problems
+
+
+def test_a_retried_candidate_records_its_place_in_the_retry_prompt():
+    # call 0 (trial 0: 4 candidates) skips its first and third; the retry shows those two alone, at places 0 and 1
+    skipped = []
+
+    def plan(item_id, position, call):
+        if call == 0 and position in (0, 2):
+            skipped.append(item_id)
+            return None
+        return 10.0 * int(item_id[1:]) + position  # the place the model read the candidate at, in the score
+
+    pipeline, model = scripted_pipeline(plan, k_subset=4, n_trials=2, max_retries=1, batch_size=1, max_new_tokens=500)
+    result = pipeline.rank("profile", candidates(8), seed=0)
+    assert model.calls == 3 and re.findall(r"image_id: (\w+)\.", model.prompts[2]) == skipped
+    by_id = {s.item_id: s for s in result.scores}
+    assert [by_id[i].places for i in skipped] == [[0], [1]]
+    for score in result.scores:
+        assert [v - 10.0 * int(score.item_id[1:]) for v in score.values] == score.places
 
 
 def test_caption_is_cached_per_user():

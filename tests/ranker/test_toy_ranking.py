@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from imagegem_hf.ranker import RankerConfig, RankItem, VLMRankerPipeline
+from imagegem_hf.ranker import RankerConfig, RankItem, VLMRankerPipeline, trial_subsets
 from imagegem_hf.ranker.toy_ranking import (
     PositionBiasedScorer,
     ToyRankingWorldConfig,
@@ -87,6 +87,35 @@ def test_randomized_scoring_stabilises_a_position_biased_noisy_scorer():
     assert stable["randomized"]["rank_std"] <= 0.5 * stable["single"]["rank_std"], stable
     assert stable["randomized"]["kendall_tau"] > stable["single"]["kendall_tau"], stable
     greedy = VLMRankerPipeline(backend=PositionBiasedScorer(relevance, 0.0, 6.0), config=RankerConfig())
-    assert rank_stability(greedy, requests, seeds=[0, 1, 2]) == pytest.approx(
-        {"rank_std": 0.0, "kendall_tau": 1.0, "unscored_fraction": 0.0}
+    steady = rank_stability(greedy, requests, seeds=[0, 1, 2])
+    assert [steady[k] for k in ("rank_std", "kendall_tau", "unscored_fraction")] == pytest.approx([0.0, 1.0, 0.0])
+    assert steady["bias_by_place"] == steady["spread_by_place"] == pytest.approx([0.0] * 5, abs=0.01)
+
+
+def test_rank_stability_reports_the_score_error_by_place_shown():
+    requests, relevance = _requests(n_users=6)
+    bias = 2.0
+    pipeline = VLMRankerPipeline(
+        backend=PositionBiasedScorer(relevance, position_bias=bias, noise_std=0.0),
+        config=RankerConfig(k_subset=10, n_trials=1, temperature=1.0),
     )
+    seeds = [0, 1, 2, 3]
+    measured = rank_stability(pipeline, requests, seeds)
+    # by hand: the order each seed shows each user's candidates in (one generator per seed, users in turn)
+    scorings = {}
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        for profile, items in requests:
+            (order,) = trial_subsets(10, 10, 1, rng)
+            for place, i in enumerate(order):
+                score = relevance(profile, items[i].item_id) - bias * place
+                scorings.setdefault((profile, i), []).append((place, score))
+    deviations = {place: [] for place in range(10)}
+    for pairs in scorings.values():
+        median = np.median([score for _, score in pairs])
+        for place, score in pairs:
+            deviations[place].append(score - median)
+    expected_bias = [np.mean(deviations[p]) for p in range(10)]
+    assert measured["bias_by_place"] == pytest.approx(expected_bias, abs=0.01)  # scores have 2 decimals
+    assert measured["spread_by_place"] == pytest.approx([np.mean(np.abs(deviations[p])) for p in range(10)], abs=0.01)
+    assert measured["bias_by_place"][0] > 0 > measured["bias_by_place"][-1]
