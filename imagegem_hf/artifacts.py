@@ -126,9 +126,10 @@ class Artifact:
         return self.load.format(folder=repr(str(self.folder)))
 
     def check_code(self) -> str:
-        """The snippet that checks the load, with `folder` defined."""
+        """The snippet that checks the load, with `folder` defined as an absolute path (the fresh process runs in
+        an empty scratch directory, so a folder given relative to this one would not be found there)."""
         body = self.check if self.check is not None else f"{self.imports}\n{self.load.format(folder='folder')}"
-        return f"folder = {str(self.folder)!r}\n" + textwrap.dedent(body)
+        return f"folder = {str(self.folder.resolve())!r}\n" + textwrap.dedent(body)
 
 
 @dataclass
@@ -137,6 +138,18 @@ class ArtifactCheck:
 
     artifact: Artifact
     result: FreshProcessResult
+
+
+class ArtifactLoadError(RuntimeError):
+    """Raised when saved artifacts do not load in a fresh process; `checks` holds every outcome."""
+
+    def __init__(self, checks: Sequence[ArtifactCheck]) -> None:
+        self.checks = list(checks)
+        failed = [check for check in self.checks if not check.result.ok]
+        super().__init__(
+            f"{len(failed)} of {len(self.checks)} artifacts did not load in a fresh process without imagegem_hf: "
+            + "; ".join(f"{check.artifact.name} at {check.artifact.folder} ({check.result.error})" for check in failed)
+        )
 
 
 def check_artifacts(

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagegem_hf.artifacts import artifact_table, check_artifacts, demo_artifacts
+from imagegem_hf.artifacts import ArtifactLoadError, artifact_table, check_artifacts, demo_artifacts
 
 # (stage name, module with `run_demo(context) -> list[str]`)
 STAGES: tuple[tuple[str, str], ...] = (
@@ -66,6 +67,10 @@ def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, users: int =
         users: Users in the synthetic sample (≈25 images each).
         only: Run only these stages (the `data` stage always runs, the others read its output).
 
+    Raises:
+        ArtifactLoadError: When a saved artifact does not load with its plain Hugging Face call in a fresh process
+            (after every stage has run and `artifacts.md` is written).
+
     Example:
         ```python
         >>> from imagegem_hf.demo import run_demo
@@ -92,10 +97,13 @@ def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, users: int =
         print(f"[{name}]")
         for line in lines:
             print(f"  {line}")
-    table = artifact_table(check_artifacts(demo_artifacts(context.output_dir, stages=list(summary))))
+    checks = check_artifacts(demo_artifacts(context.output_dir, stages=list(summary)))
+    table = artifact_table(checks)
     (context.output_dir / "artifacts.md").write_text(table + "\n", encoding="utf-8")
     print("\n=== artifacts, loaded with the plain Hugging Face libraries in fresh processes without imagegem_hf ===")
     print(table)
+    if not all(check.result.ok for check in checks):
+        raise ArtifactLoadError(checks)
     return summary
 
 
@@ -111,5 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_demo(args.output_dir, seed=args.seed, users=args.users, only=args.only.split(",") if args.only else None)
+    try:
+        run_demo(args.output_dir, seed=args.seed, users=args.users, only=args.only.split(",") if args.only else None)
+    except ArtifactLoadError as err:
+        print(f"imagegem demo: error: {err} (table: {Path(args.output_dir) / 'artifacts.md'})", file=sys.stderr)
+        return 1
     return 0

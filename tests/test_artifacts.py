@@ -4,6 +4,7 @@ imagegem_hf, and a folder that does not load (or does not exist) is reported as 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -50,6 +51,18 @@ def test_artifact_table_loads_each_folder_in_a_fresh_process(tmp_path):
     assert lines[4].endswith(f"| missing | FAIL: {tmp_path / 'missing'} does not exist |")
 
 
+def test_a_folder_given_relative_to_the_working_directory_loads(tmp_path, monkeypatch):
+    # `make demo` passes `--output-dir demo_output`; the fresh process runs in a scratch directory of its own
+    (tmp_path / "out" / "model").mkdir(parents=True)
+    weight, bias = np.ones((2, 3), dtype=np.float32), np.ones(3, dtype=np.float32)
+    save_file({"weight": weight, "bias": bias}, tmp_path / "out" / "model" / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    (check,) = check_artifacts([Artifact("model", "out/model", LOAD, check=CHECK)], show_progress=False)
+    assert check.result.ok, check.result.error
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "model" / "loaded.npy"), [3.0, 3.0])
+    assert "safetensors.numpy.load_file('out/model' + '/model.safetensors')" in artifact_table([check])
+
+
 def test_demo_artifacts_cover_every_kind(tmp_path):
     names = [artifact.name for artifact in demo_artifacts(tmp_path)]
     assert names == [
@@ -72,3 +85,23 @@ def test_demo_artifacts_cover_every_kind(tmp_path):
 def test_fresh_process_cannot_import_imagegem():
     result = run_without_imagegem("import imagegem_hf")
     assert not result.ok and result.error == "ModuleNotFoundError: No module named 'imagegem_hf'"
+
+
+def test_the_demo_from_a_relative_output_dir_loads_its_dataset_and_fails_on_an_artifact_that_does_not_load(
+    tmp_path, monkeypatch, capsys
+):
+    import imagegem_hf.demo as demo
+    from imagegem_hf.cli import main
+
+    monkeypatch.chdir(tmp_path)  # `make demo` writes to demo_output, relative to the clone
+    every = demo.demo_artifacts
+
+    def with_a_missing_one(output_dir, stages=None):
+        return [*every(output_dir, stages), Artifact("never saved", Path(output_dir) / "missing", LOAD)]
+
+    monkeypatch.setattr(demo, "demo_artifacts", with_a_missing_one)
+    assert main(["demo", "--only", "data", "--users", "40"]) == 1
+    error = capsys.readouterr().err
+    assert "1 of 2 artifacts did not load" in error and "never saved at demo_output/missing" in error
+    rows = (tmp_path / "demo_output" / "artifacts.md").read_text().splitlines()
+    assert rows[2].startswith("| dataset | demo_output/dataset |") and rows[2].endswith("| OK |")
