@@ -432,8 +432,8 @@ class VLMRankerPipeline:
                 for place, item_id in enumerate(map(str, ids)):
                     if item_id in parsed[t].scores and item_id not in scored_before:
                         retry_places[(t, item_id)] = place
-        per_request: list[dict[str, list[tuple[float, int]]]] = [{} for _ in requests]  # (score, place)
-        explanations: list[dict[str, list[str]]] = [{} for _ in requests]
+        # per request, item id → (score, place shown, explanation) of each trial that scored it
+        per_request: list[dict[str, list[tuple[float, int, str]]]] = [{} for _ in requests]
         for t, reply in enumerate(replies):
             if isinstance(reply, FailedReply) and not parsed[t].scores:
                 problems[trials[t][0]].append(f"trial {t}: no answer from the VLM ({reply.reason})")
@@ -441,18 +441,18 @@ class VLMRankerPipeline:
             shown = {str(requests[r][1][i].item_id): place for place, i in enumerate(subset)}
             for item_id, score in result.scores.items():
                 place = retry_places.get((t, item_id), shown[item_id])
-                per_request[r].setdefault(item_id, []).append((score, place))
-                explanations[r].setdefault(item_id, []).append(result.explanations.get(item_id, ""))
+                per_request[r].setdefault(item_id, []).append((score, place, result.explanations.get(item_id, "")))
             problems[r] += result.problems
         out = []
         for r, (_, candidates) in enumerate(requests):
             scored = []
             for position, item in enumerate(candidates):
-                values = [score for score, _ in per_request[r].get(str(item.item_id), [])]
-                places = [place for _, place in per_request[r].get(str(item.item_id), [])]
+                scorings = per_request[r].get(str(item.item_id), [])
+                values = [score for score, _, _ in scorings]
+                places = [place for _, place, _ in scorings]
+                explained = [explanation for _, _, explanation in scorings]
                 mean = float(np.mean(values)) if values else float("nan")
                 std = float(np.std(values)) if values else float("nan")
-                explained = explanations[r].get(str(item.item_id), [])
                 scored.append(
                     (position, CandidateScore(item.item_id, mean, std, len(values), explained, values, places))
                 )
