@@ -94,8 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--temperature",
         type=float,
         default=0.7,
-        help="Sampling temperature of the stability study (the pipeline's retry temperature; at 1.0 the toy VLM's "
-        "single pass of 10 candidates leaves 14%% of them unscored: one of its 1,000 number tokens is sampled off).",
+        help="Sampling temperature of the stability study (the pipeline's retry temperature).",
     )
     parser.add_argument("--max-users", type=int, default=None, help="Eligible users re-ranked per CF model.")
     parser.add_argument("--stability-users", type=int, default=24, help="Users of the stability study.")
