@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument(
         "--small", action="store_true", help="256 training users (quicker; the targets are set for the full size)."
     )
-    parser.add_argument("--output-dir", default="learn_preference_output", help="Stage folders and the table.")
+    parser.add_argument("--output-dir", default="bench_output/learn_preference", help="Stage folders and the table.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the users and the training runs.")
     parser.add_argument("--stage1-steps", type=int, default=None, help="Override the stage 1 steps.")
     parser.add_argument("--stage1-learning-rate", type=float, default=None, help="Override the stage 1 peak rate.")
