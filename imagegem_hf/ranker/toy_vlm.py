@@ -461,7 +461,10 @@ def train_toy_ranker_vlm(
     return model.eval()
 
 
-def _train_conversations(model, processor, config: ToyRankerVLMConfig, progress: bool, callback) -> None:
+def _train_conversations(
+    model, processor, config: ToyRankerVLMConfig, progress: bool, callback: Callable[[int, float], None] | None
+) -> None:
+    """The conversation stage of `train_toy_ranker_vlm` (the caller sets the thread count)."""
     from transformers import get_linear_schedule_with_warmup
 
     rng = np.random.default_rng(config.seed + 1)
