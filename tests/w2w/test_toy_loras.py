@@ -98,3 +98,28 @@ def test_style_measures_read_the_grade_off_the_background_not_the_subject():
     expected = (round(255 * 0.6 * grey) - min(round(255 * 1.4 * grey), 255)) / 255  # R × 0.6, B × 1.4 (clipped)
     np.testing.assert_allclose(measured["warmth"], [0.0, expected], atol=1 / 255)
     np.testing.assert_allclose(measured["brightness"], [round(255 * grey) / 255] * 2, atol=1 / 255)  # G is untinted
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1.0])
+def test_user_loras_train_with_the_configured_weight_decay(monkeypatch, weight_decay):
+    # One step by hand: AdamW's first update is lr · sign(g) (bias-corrected, eps aside), after the decoupled
+    # decay p ← p · (1 − lr · wd). A factor that gets no gradient (`up` starts at zero, so `down` does not) only
+    # decays.
+    from imagegem_hf.toy import load_toy_pipeline
+    from imagegem_hf.toy.loras import ToyLoRAConfig, UserStyle, train_user_loras
+
+    captured = {}
+    original = StackedLoRA.for_unet
+
+    def for_unet(*args, **kwargs):
+        captured["stacked"] = original(*args, **kwargs)
+        captured["down"] = [p.detach().clone() for p in captured["stacked"].down]
+        return captured["stacked"]
+
+    monkeypatch.setattr(StackedLoRA, "for_unet", for_unet)
+    config = ToyLoRAConfig(n_loras=2, ranks=(2,), images_per_lora=2, steps=1, weight_decay=weight_decay)
+    loras, _ = train_user_loras(load_toy_pipeline(), [UserStyle(1.0, 0.0), UserStyle(-1.0, 0.5)], config, False)
+    assert len(loras) == 2
+    factor = 1 - config.learning_rate * weight_decay
+    for before, after in zip(captured["down"], captured["stacked"].down, strict=True):
+        torch.testing.assert_close(after.detach(), before * factor)
