@@ -4,17 +4,19 @@
    subjects are better) scores the images; prompts are clustered with HDBSCAN and paired min-max, as ImageGem §4.1.
 2. `DiffusionDPOTrainer` trains a rank-8 LoRA on those pairs; the control trains the same LoRA on the same pairs
    with the same settings, each preference reversed by a fair coin.
-3. Base, DPO and control generate the 12 held-out prompts × 17 held-out seeds (204 images each, same noise per
+3. Base, DPO and control generate the 18 held-out prompts × 12 held-out seeds (216 images each, same noise per
    (prompt, seed)); `ToyReward` scores them.
 
 Targets: win rate of DPO vs base ≥ 0.65; mean reward gain > 3 × the standard deviation over seeds of the per-seed
 mean gain; control win rate ≤ 0.55. The base's prompt following (≥ 0.80, chance printed) and the tuned model's on
 the held-out prompts are reported beside them.
 
-The settings (`ToyDPOConfig`'s defaults) were chosen on 12 validation prompts that neither mining nor the held-out
-evaluation uses: `--split validation` evaluates there instead.
+The settings (`ToyDPOConfig`'s defaults) were chosen on validation prompts that neither mining nor the held-out
+evaluation uses: `--split validation` evaluates on the 6 of them (36 seeds each) instead. With a third as many
+prompts per seed, the per-seed mean gain varies more there, so compare win rates and gains on that split, not the
+gain over its seed std.
 
-Run: `python benchmarks/learn_dpo.py [--max-steps 300 --train-seeds 8 --eval-seeds 17] [--split validation]
+Run: `python benchmarks/learn_dpo.py [--max-steps 300 --train-seeds 8 --eval-seeds 12] [--split validation]
 [--control-seed 0]`.
 """
 

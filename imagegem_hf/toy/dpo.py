@@ -19,7 +19,7 @@ import pandas as pd
 from imagegem_hf.toy.evaluation import TOY_GUIDANCE_SCALE, TOY_INFERENCE_STEPS, generate
 from imagegem_hf.toy.pipeline import load_toy_pipeline
 from imagegem_hf.toy.reward import ToyReward
-from imagegem_hf.toy.world import all_prompts, attribute_accuracy, full_prompts
+from imagegem_hf.toy.world import BACKGROUNDS, COLOURS, SHAPES, all_prompts, attribute_accuracy, prompt_for
 
 BASE_NAME = "toy SD"
 
@@ -27,17 +27,29 @@ BASE_NAME = "toy SD"
 def dpo_prompt_split() -> tuple[list[str], list[str], list[str]]:
     """`(train_prompts, validation_prompts, heldout_prompts)` of the toy grammar's 84 prompts.
 
-    Every third fully specified prompt (12) is held out for the final evaluation; the next one of each three (12)
-    is the validation split on which training settings are chosen; the other 60 prompts are for mining pairs.
+    18 fully specified prompts are held out for the final evaluation: each colour with each shape once, on the dark
+    and the light background in turn (9 each). Six more, one per colour, each on the background its colour and
+    shape are not held out on, are the validation split on which training settings are chosen. The other 60 prompts
+    (12 fully specified, 48 naming fewer attributes) are for mining pairs.
 
     Example:
         ```python
         >>> train, validation, heldout = dpo_prompt_split()
         >>> len(train), len(validation), len(heldout), set(train) & set(heldout), set(validation) & set(heldout)
-        (60, 12, 12, set(), set())
+        (60, 6, 18, set(), set())
+        >>> heldout[:2]
+        ['a red circle on a dark background', 'a red square on a light background']
         ```
     """
-    heldout, validation = full_prompts()[::3], full_prompts()[1::3]
+    colours, shapes, backgrounds = list(COLOURS), list(SHAPES), list(BACKGROUNDS)
+    heldout = [
+        prompt_for(colour, shape, backgrounds[(i + j) % 2])
+        for i, colour in enumerate(colours)
+        for j, shape in enumerate(shapes)
+    ]
+    validation = [
+        prompt_for(colour, shapes[i % 3], backgrounds[(i + i % 3 + 1) % 2]) for i, colour in enumerate(colours)
+    ]
     return [p for p in all_prompts() if p not in heldout and p not in validation], validation, heldout
 
 
@@ -157,7 +169,13 @@ class ToyDPOConfig:
     """
 
     train_seeds: int = field(default=8, metadata={"help": "Base samples per training prompt (60 prompts)."})
-    eval_seeds: int = field(default=17, metadata={"help": "Seeds per held-out prompt (12 prompts)."})
+    eval_seeds: int = field(
+        default=12,
+        metadata={
+            "help": "Seeds per held-out prompt (18 prompts). The 6 validation prompts get three times as many, so "
+            "both splits have as many images."
+        },
+    )
     pairs_per_cluster: int = field(default=4, metadata={"help": "Min-max pairs per prompt cluster."})
     min_cluster_size: int = field(
         default=4,
@@ -221,11 +239,12 @@ def evaluate_toy_dpo(
     lora_dirs: dict[str, str | os.PathLike], config: ToyDPOConfig, base_path=None, split: str = "held-out"
 ) -> tuple[object, dict[str, dict[str, float]]]:
     """Base vs each tuned LoRA on the held-out prompts (seeds 1000, 1001, ...) or the validation prompts (seeds
-    2000, 2001, ...), scored by `ToyReward`.
+    2000, 2001, ...), scored by `ToyReward`, with the same noise for every prompt of one seed.
 
     Args:
         lora_dirs: `{name: folder}` of `train_toy_dpo` outputs.
-        config: Its `eval_seeds` sets the seeds per prompt.
+        config: Its `eval_seeds` sets the seeds per held-out prompt; the validation split, with a third as many
+            prompts, gets three times as many seeds.
         base_path: The base pipeline folder (default: the shipped toy base).
         split: `"held-out"` (the final evaluation) or `"validation"` (for choosing training settings).
 
@@ -240,6 +259,7 @@ def evaluate_toy_dpo(
         raise ValueError(f"split must be 'held-out' or 'validation', got {split!r}.")
     _, validation, heldout = dpo_prompt_split()
     prompt_set, first_seed = (heldout, 1000) if split == "held-out" else (validation, 2000)
+    n_seeds = config.eval_seeds * len(heldout) // len(prompt_set)
     pipelines = {BASE_NAME: load_toy_pipeline(base_path)}
     for name, folder in lora_dirs.items():
         pipelines[name] = load_toy_pipeline(base_path)
@@ -248,13 +268,13 @@ def evaluate_toy_dpo(
         pipelines,
         prompt_set,
         {"reward": ToyReward()},
-        seeds=range(first_seed, first_seed + config.eval_seeds),
+        seeds=range(first_seed, first_seed + n_seeds),
         subset=split,
         batch_size=64,
         num_inference_steps=TOY_INFERENCE_STEPS,
         guidance_scale=TOY_GUIDANCE_SCALE,
     )
-    prompts = [p for p in prompt_set for _ in range(config.eval_seeds)]
+    prompts = [p for p in prompt_set for _ in range(n_seeds)]
     base_accuracy = attribute_accuracy(report.images[BASE_NAME], prompts)["mean"]
     stats = {}
     for name in lora_dirs:
