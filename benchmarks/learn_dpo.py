@@ -98,7 +98,8 @@ def main() -> None:
     dpo, control = stats["DPO"], stats["control"]
     print(
         f"DPO: win rate {dpo['win_rate']:.3f}, mean gain {dpo['mean_gain']:.3f} ± {dpo['seed_std']:.3f} (seed std) "
-        f"over {dpo['n']} images; held-out attribute accuracy {dpo['accuracy']:.3f} (base {dpo['base_accuracy']:.3f})"
+        f"over {dpo['n']} images; {args.split} attribute accuracy {dpo['accuracy']:.3f} "
+        f"(base {dpo['base_accuracy']:.3f})"
     )
     print(
         f"control: win rate {control['win_rate']:.3f}, mean gain {control['mean_gain']:.3f} ± "
