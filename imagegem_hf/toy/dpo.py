@@ -42,13 +42,15 @@ def dpo_prompt_split() -> tuple[list[str], list[str], list[str]]:
         ```
     """
     colours, shapes, backgrounds = list(COLOURS), list(SHAPES), list(BACKGROUNDS)
-    heldout = [
-        prompt_for(colour, shape, backgrounds[(i + j) % 2])
-        for i, colour in enumerate(colours)
-        for j, shape in enumerate(shapes)
-    ]
+
+    def background(i: int, j: int, other: bool = False) -> str:
+        """The background colour i and shape j are held out on, or the other one."""
+        return backgrounds[(i + j + other) % len(backgrounds)]
+
+    heldout = [prompt_for(c, s, background(i, j)) for i, c in enumerate(colours) for j, s in enumerate(shapes)]
     validation = [
-        prompt_for(colour, shapes[i % 3], backgrounds[(i + i % 3 + 1) % 2]) for i, colour in enumerate(colours)
+        prompt_for(c, shapes[i % len(shapes)], background(i, i % len(shapes), other=True))
+        for i, c in enumerate(colours)
     ]
     return [p for p in all_prompts() if p not in heldout and p not in validation], validation, heldout
 
