@@ -72,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="Folder of the user LoRAs (default: the toy cache).")
     parser.add_argument("--small", action="store_true", help="The smaller size of the slow test (40 LoRAs).")
     parser.add_argument("--base", default=None, help="Toy pipeline folder (default: the shipped toy base).")
+    parser.add_argument("--align-signs", action="store_true", help="Signs fixed by the population (align_signs).")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # several threads on a shared 2-core machine spin against each other
     config = small_config() if args.small else W2WToyConfig()
+    config.align_signs = args.align_signs
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     start, cpu = time.time(), time.process_time()

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from imagegem_hf.toy.loras import ToyLoRAConfig, generate_with_loras, style_measures, user_lora_collection
+from imagegem_hf.toy.loras import (
+    STYLE_ATTRIBUTES,
+    ToyLoRAConfig,
+    generate_with_loras,
+    style_measures,
+    user_lora_collection,
+)
 from imagegem_hf.w2w.directions import Direction, debias, preference_direction
 from imagegem_hf.w2w.labels import attribute_labels
 from imagegem_hf.w2w.lora_io import LoRA, load_lora
@@ -56,6 +62,13 @@ class W2WToyConfig:
         metadata={
             "help": "Principal components of the weight space (over 52 LoRAs, 24 left the brightness classifier at "
             "0.73 held-out accuracy and debiasing shrank brightness's slope 1.3×; 12: 0.91 and 3.6–3.8×)."
+        },
+    )
+    align_signs: bool = field(
+        default=False,
+        metadata={
+            "help": "Fix the LoRAs' component signs by the population (`WeightSpace.build(align_signs=True)`) "
+            "instead of each LoRA's own rule (README, W2W)."
         },
     )
     prompts: tuple[str, ...] = field(default=PROMPTS, metadata={"help": "Prompts of every measurement."})
@@ -165,7 +178,12 @@ def run_w2w_effect(
     label_scores = {name: values.mean(axis=1) for name, values in scores.items()}
     order = np.random.default_rng(config.loras.seed).permutation(len(files))
     held_out, train = sorted(order[: config.n_held_out].tolist()), sorted(order[config.n_held_out :].tolist())
-    space = WeightSpace.build([files[i] for i in train], n_components=config.n_components, show_progress=show_progress)
+    space = WeightSpace.build(
+        [files[i] for i in train],
+        n_components=config.n_components,
+        show_progress=show_progress,
+        align_signs=config.align_signs,
+    )
     directions = learn_directions(space, {name: values[train] for name, values in label_scores.items()}, config)
     raw = directions["raw"]
     # the LoRAs' spread along the raw direction, in α units (a unit step moves the coefficients by normal / norm)
@@ -224,6 +242,41 @@ def learn_directions(
     other = preference_direction(space, *fits[config.other], name=config.other)
     shuffled = preference_direction(space, x, uninformative_labels(y, config.loras.seed + 1), name="shuffled")
     return {"raw": raw, "other": other, "debiased": debias(space, raw, [other]), "shuffled": shuffled}
+
+
+def held_out_style_r2(
+    files: list[Path], styles: np.ndarray, n_components: int, align_signs: bool, folds: int = 4, seed: int = 0
+) -> dict[str, float]:
+    """How linearly a weight space holds the users' true styles: `{attribute: R²}` of least-squares predictions of
+    held-out LoRAs' styles from their coefficients (`folds`-fold, pooled), each fold's space built over the rest.
+
+    Args:
+        files: The user LoRA files.
+        styles: `(len(files), 2)` true styles, columns in `STYLE_ATTRIBUTES` order.
+        n_components: Principal components of each space.
+        align_signs: `WeightSpace.build(align_signs=...)`.
+        folds: Folds of the split.
+        seed: Seed of the split.
+
+    Example:
+        ```python
+        >>> held_out_style_r2(collection.files, styles, 12, align_signs=True)  # doctest: +SKIP
+        {'warmth': 0.91, 'brightness': 0.73}
+        ```
+    """
+    order = np.random.default_rng(seed).permutation(len(files))
+    predictions = np.zeros_like(styles)
+    for fold in np.array_split(order, folds):
+        train = np.setdiff1d(order, fold)
+        space = WeightSpace.build(
+            [files[i] for i in train], n_components=n_components, show_progress=False, align_signs=align_signs
+        )
+        design = np.c_[space.training_coefficients(), np.ones(len(train))]
+        weights = np.linalg.lstsq(design, styles[train], rcond=None)[0]
+        predictions[fold] = np.c_[space.project([files[i] for i in fold]), np.ones(len(fold))] @ weights
+    residual = ((predictions - styles) ** 2).sum(axis=0)
+    total = ((styles - styles.mean(axis=0)) ** 2).sum(axis=0)
+    return {name: float(r2) for name, r2 in zip(STYLE_ATTRIBUTES, 1.0 - residual / total, strict=True)}
 
 
 def uninformative_labels(labels: np.ndarray, seed: int) -> np.ndarray:

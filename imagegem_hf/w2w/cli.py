@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--base", default=None, help="Required base architecture: sd15, sd2 or sdxl.")
     build.add_argument("--no-standardize", action="store_true", help="Do not z-score coordinates before PCA.")
+    build.add_argument(
+        "--align-signs",
+        action="store_true",
+        help="Fix the LoRAs' component signs by the population's axes instead of each LoRA's own rule (ImageGem's); "
+        "WeightSpace.build's align_signs.",
+    )
     build.add_argument("--cache-dir", default=None, help="Where the temporary N × d disk cache goes.")
     build.add_argument(
         "--num-workers",
@@ -111,6 +117,7 @@ def _build(args: argparse.Namespace) -> int:
         files,
         n_components=args.components,
         standardize=not args.no_standardize,
+        align_signs=args.align_signs,
         rank=args.rank,
         base=args.base,
         cache_dir=args.cache_dir,

@@ -6,7 +6,9 @@ With `"gram"` (default): the r×r Gram matrices upᵀ·up and down·downᵀ (one
 peak), a Cholesky root L·Lᵀ = down·downᵀ in float64, and the top eigenpair of the r×r core Lᵀ·(upᵀ·up)·L give
 the singular vectors as up·x_up and downᵀ·x_down; `"qr"` (Householder QR of both factors and an r×r SVD) is
 slower, for ill-conditioned factors. The singular value is split as √s on each side and the sign is fixed
-(largest-magnitude entry of `u` positive), so equal LoRAs always give equal vectors. `select_layers` is the
+(largest-magnitude entry of `u` positive), so equal LoRAs always give equal vectors; a `WeightSpace` built with
+`align_signs=True` re-fixes it by the population, which keeps LoRAs whose top components nearly coincide on the
+same side of the space. `select_layers` is the
 paper's alternative: keep only the `attn_v` and/or feed-forward layers at a fixed rank.
 """
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .lora_io import LoRA, map_lora, read_lora_header
+from .lora_io import W2W_GAUGE_KEY, W2W_GAUGE_VECTOR, LoRA, map_lora, read_lora_header
 from .reduce import reduced_factors
 
 ModuleSlot = tuple[str, int, int, tuple[int, ...], int]  # (name, out_features, in_features, kernel, offset)
@@ -33,7 +33,26 @@ def known_base(base: str | None) -> str | None:
     return None if base in (None, "unknown") else base
 
 
-@dataclass(frozen=True)
+def component_groups(layout: Sequence[ModuleSlot], rank: int, vector_length: int) -> np.ndarray:
+    """Which singular component of which module each coordinate of a vector belongs to: `(vector_length,)` int64,
+    component j of the i-th module of `layout` being group `i · rank + j` (its `down` row j and `up` column j).
+
+    Example:
+        ```python
+        >>> from imagegem_hf.w2w.vectorize import component_groups
+        >>> component_groups([("a", 2, 3, (), 0)], rank=1, vector_length=5).tolist()
+        [0, 0, 0, 0, 0]
+        ```
+    """
+    groups = np.empty(vector_length, dtype=np.int64)
+    for i, (_, n_out, n_in, _, offset) in enumerate(layout):
+        components = i * rank + np.arange(rank)
+        groups[offset : offset + rank * n_in] = np.repeat(components, n_in)  # down: (rank, in), row j
+        groups[offset + rank * n_in : offset + rank * (n_in + n_out)] = np.tile(components, n_out)  # up: column j
+    return groups
+
+
+@dataclass(frozen=True, eq=False)
 class Vectorizer:
     """Reduces a LoRA to `rank` per module and flattens it along `layout` (down factors, then up, per module).
 
@@ -44,12 +63,16 @@ class Vectorizer:
         rank: Singular components kept per module.
         vector_length: Length of the vectors.
         base: Base architecture of the space (`None`/`"unknown"`: not checked).
+        sign_reference: The space's sign reference (`WeightSpace.build(align_signs=True)`), a vector in the layout:
+            each reduced component is flipped (its `up` and `down` together, so ΔW is unchanged) where its dot
+            product with the reference's is negative. `None`: the sign rule of the reduction alone.
     """
 
     layout: tuple[ModuleSlot, ...]
     rank: int
     vector_length: int
     base: str | None
+    sign_reference: np.ndarray | None = None
 
     def vectorize(self, lora: LoRA, out: np.ndarray | None = None) -> tuple[np.ndarray, list[str], list[str]]:
         """`(vector, missing, ignored)`: the float32 vector (written into `out` if given), the layout modules the
@@ -75,6 +98,12 @@ class Vectorizer:
             down = flat[offset : offset + rank * n_in].view(rank, n_in)
             destinations[name] = (flat[offset + rank * n_in : offset + rank * (n_in + n_out)].view(n_out, rank), down)
         reduced_factors(lora, rank, out=destinations)  # written straight into the vector
+        if self.sign_reference is not None:
+            coordinates = lora.metadata.get(W2W_GAUGE_KEY) == W2W_GAUGE_VECTOR
+            for name, n_out, n_in, _, offset in self.layout:
+                if name in destinations and not (coordinates and lora.modules[name].rank == rank):
+                    # a weight-space point (an edit) keeps its factors: they are its coordinates
+                    _align_signs_(vector, self.sign_reference, offset, rank, n_in, n_out)
         ignored = sorted(set(lora.modules) - {slot[0] for slot in self.layout})
         return vector, missing, ignored
 
@@ -92,6 +121,22 @@ class Vectorizer:
         if known_base(self.base) and known_base(lora.base) and lora.base != self.base:
             raise ValueError(f"Architecture mismatch: a {lora.base} LoRA in a {self.base} weight space.")
         return self.vectorize(lora, out)
+
+
+def _align_signs_(vector: np.ndarray, reference: np.ndarray, offset: int, rank: int, n_in: int, n_out: int) -> None:
+    """In place: negate each component (down row j, up column j) of the module at `offset` whose dot product with
+    the same coordinates of `reference` is negative."""
+    stop = offset + rank * (n_in + n_out)
+    down, up = vector[offset : offset + rank * n_in].reshape(rank, n_in), vector[offset + rank * n_in : stop]
+    up = up.reshape(n_out, rank)
+    ref_down = reference[offset : offset + rank * n_in].reshape(rank, n_in)
+    ref_up = reference[offset + rank * n_in : stop].reshape(n_out, rank)
+    dots = np.einsum("ji,ji->j", down, ref_down, dtype=np.float64)
+    dots += np.einsum("oj,oj->j", up, ref_up, dtype=np.float64)
+    flip = dots < 0
+    if flip.any():
+        down[flip] *= -1.0
+        up[:, flip] *= -1.0
 
 
 def _header_problem(item: Any, base: str | None) -> tuple[str | None, str | None]:

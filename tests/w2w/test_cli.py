@@ -40,12 +40,14 @@ def test_build_direction_edit_grid(tmp_path, capsys):
     explained = 100 * space.explained_variance_ratio().sum()
     assert f"8 components explaining {explained:.1f}% of the variance" in capsys.readouterr().out
     assert space.n_components == 8 and space.config.model_ids[0] == "m00"
+    assert not space.config.aligned_signs  # ImageGem's per-LoRA sign rule
     # the paper's alternative: value projections only, at the LoRAs' own rank
     values = ["w2w", "build", str(folder), "--output", str(tmp_path / "v"), "--components", "4", "--layers", "attn_v"]
-    assert _run([*values, "--rank", "2"]) == 0
+    assert _run([*values, "--rank", "2", "--align-signs"]) == 0
     attn_v = WeightSpace.from_pretrained(tmp_path / "v")
     assert attn_v.config.module_names == [n for n in space.config.module_names if n.endswith(".to_v")]
     assert attn_v.config.rank == 2 and attn_v.config.n_ignored_modules > 0
+    assert attn_v.config.aligned_signs and attn_v.sign_reference.abs().sum() > 0
 
     args = ["w2w", "direction", str(tmp_path / "space"), "--labels", str(tmp_path / "labels.csv")]
     assert _run([*args, "--test-fraction", "0.25", "--output", str(tmp_path / "d.safetensors")]) == 0

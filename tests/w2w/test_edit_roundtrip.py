@@ -21,11 +21,11 @@ from imagegem_hf.w2w.demo import synthetic_loras
 from imagegem_hf.w2w.lora_io import W2W_GAUGE_KEY
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=[False, True], ids=["sign_rule", "aligned_signs"])
+def setup(request):
     shapes = lora_target_shapes(tiny_sd_components(seed=0)["unet"], ["to_q", "to_k", "to_v", "to_out.0"])
     loras, labels, _ = synthetic_loras(shapes, n=24, seed=5, noise=0.2)
-    space = WeightSpace.build(loras, n_components=8, show_progress=False)
+    space = WeightSpace.build(loras, n_components=8, show_progress=False, align_signs=request.param)
     direction = preference_direction(space, None, labels, test_fraction=0)
     return space, loras, direction
 
@@ -72,8 +72,10 @@ def test_edit_save_load_unedit_gives_back_the_original_delta_w(setup, tmp_path, 
             torch.testing.assert_close(delta, reference, atol=1e-5 * float(reference.abs().max()), rtol=0)
 
 
-def test_unmarked_files_are_canonicalised(setup, tmp_path):
-    space, _, _ = setup
+@pytest.mark.parametrize("align_signs", [True, False])
+def test_unmarked_files_are_canonicalised(setup, tmp_path, align_signs):
+    _, loras, _ = setup
+    space = WeightSpace.build(loras, n_components=8, show_progress=False, align_signs=align_signs)
     rng = np.random.default_rng(0)
     modules = {}
     for name, n_out, n_in, _, _ in space.layout:  # rank 1, |up| ≠ |down|, and the largest entry of up negative
@@ -85,7 +87,10 @@ def test_unmarked_files_are_canonicalised(setup, tmp_path):
     for (_, n_out, n_in, _, offset), module in zip(space.layout, modules.values(), strict=True):
         down, up = vector[offset : offset + n_in], vector[offset + n_in : offset + n_in + n_out]
         assert np.isclose(np.linalg.norm(down), np.linalg.norm(up), rtol=1e-5)  # √s on each side
-        assert up[np.abs(up).argmax()] > 0  # sign rule
+        if align_signs:  # the component points along the space's sign reference
+            assert float(np.r_[down, up] @ space.sign_reference.numpy()[offset : offset + n_in + n_out]) > 0
+        else:
+            assert up[np.abs(up).argmax()] > 0  # the reduction's sign rule
         torch.testing.assert_close(
             torch.outer(torch.from_numpy(up), torch.from_numpy(down)), module.delta_weight(), atol=1e-5, rtol=1e-5
         )

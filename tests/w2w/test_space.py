@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagegem_hf.w2w import LoRA, LoRAModule, WeightSpace, rank1_reduce, save_lora
+from imagegem_hf.w2w import LoRA, LoRAModule, WeightSpace, load_lora, rank1_reduce, save_lora
 
 SHAPES = {
     "unet.a.attn1.to_q": (12, 10, ()),
@@ -55,12 +55,39 @@ def _dense_vectors(paths, space):
             else:
                 parts += [module.down.reshape(-1).numpy(), module.up.reshape(-1).numpy()]
         rows.append(np.concatenate(parts))
-    return np.stack(rows)
+    x = np.stack(rows)
+    if space.config.aligned_signs:
+        x = _aligned(x, space)
+    return x
 
 
-def test_streaming_dual_pca_matches_dense_pca(lora_files, tmp_path):
+def _aligned(x: np.ndarray, space: WeightSpace, passes: int = 2) -> np.ndarray:
+    """Rank-1 rows with each module's factors flipped to point along the axis of 2 power iterations from their sum
+    (dense numpy, module by module); the axis is checked against the space's `sign_reference`."""
+    x = x.astype(np.float64).copy()
+    for _, n_out, n_in, _, offset in space.layout:
+        block = x[:, offset : offset + n_in + n_out]  # a view: down then up of one rank-1 module
+        axis = block.sum(axis=0)
+        for _ in range(passes - 1):
+            axis = block.T @ (block @ (axis / np.linalg.norm(axis)))
+        axis /= np.linalg.norm(axis)
+        np.testing.assert_allclose(space.sign_reference.numpy()[offset : offset + n_in + n_out], axis, atol=1e-5)
+        block *= np.where(block @ axis < 0, -1.0, 1.0)[:, None]
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("align_signs", [False, True])
+@pytest.mark.parametrize("block_bytes", [64, 2**20], ids=["disk", "memory"])
+def test_streaming_dual_pca_matches_dense_pca(lora_files, tmp_path, align_signs, block_bytes):
     n = len(lora_files)
-    space = WeightSpace.build(lora_files, n_components=n - 1, cache_dir=tmp_path, block_bytes=64, show_progress=False)
+    space = WeightSpace.build(
+        lora_files,
+        n_components=n - 1,
+        cache_dir=tmp_path,
+        block_bytes=block_bytes,
+        show_progress=False,
+        align_signs=align_signs,
+    )
     assert space.config.module_names == sorted(SHAPES)
     assert space.config.missing_counts == [0, 0, 2, 0]  # ff.net.2 missing in two LoRAs, zero-filled
     assert len(space.config.kernel_sizes[3]) == 2 and space.config.base == "unknown"
@@ -282,3 +309,62 @@ def test_layer_selection_keeps_only_the_chosen_layers(lora_files):
         WeightSpace.build(lora_files, n_components=3, layers="attn_k", show_progress=False)
     with pytest.raises(ValueError, match="None of the 1 modules of the LoRAs is a ff layer"):
         WeightSpace.build(lora_files, n_components=3, modules={"unet.a.attn1.to_q": (12, 10, ())}, layers="ff")
+
+
+def test_aligned_signs_keep_nearly_equal_loras_together(tmp_path):
+    # Rank-1 LoRAs that differ by a little noise: the largest entry of `up` is one of two of nearly equal size and
+    # opposite sign, so the reduction's sign rule alone puts some of them at −θ, on the other side of the space.
+    rng = np.random.default_rng(0)
+    n_out, n_in = 12, 10
+    common_up, common_down = rng.normal(size=n_out), rng.normal(size=n_in)
+    common_up[:2] = [3.0, -3.0]
+    loras = []
+    for _ in range(12):
+        up = common_up + 0.05 * rng.normal(size=n_out)
+        down = common_down + 0.05 * rng.normal(size=n_in)
+        module = LoRAModule(down=torch.tensor(down[None], dtype=torch.float32), up=torch.tensor(up[:, None]).float())
+        loras.append(LoRA({"unet.a.attn1.to_q": module}))
+    cosines = {}
+    for align in (False, True):
+        space = WeightSpace.build(loras, n_components=3, show_progress=False, align_signs=align)
+        x = np.stack([space.vectorize(lora)[0] for lora in loras]).astype(np.float64)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        cosines[align] = x @ x.T
+        assert space.config.aligned_signs is align
+        space.save_pretrained(tmp_path / str(align))
+        loaded = WeightSpace.from_pretrained(tmp_path / str(align))
+        np.testing.assert_array_equal(loaded.project(loras), space.project(loras))
+    assert cosines[False].min() < -0.9  # the sign rule split them
+    assert cosines[True].min() > 0.9  # one side of the space, as their ΔW are
+
+
+@pytest.mark.parametrize("block_bytes", [64, 2**20], ids=["disk", "memory"])
+def test_aligned_signs_at_rank_2_match_a_dense_computation(lora_files, tmp_path, block_bytes):
+    kwargs = {"cache_dir": tmp_path, "block_bytes": block_bytes, "show_progress": False}
+    plain = WeightSpace.build(lora_files, n_components=4, rank=2, **kwargs)
+    space = WeightSpace.build(lora_files, n_components=4, rank=2, align_signs=True, **kwargs)
+    x = np.stack([plain.vectorize(load_lora(f))[0] for f in lora_files]).astype(np.float64)
+    reference = space.sign_reference.numpy()
+    for _, n_out, n_in, _, offset in space.layout:
+        down = x[:, offset : offset + 2 * n_in].reshape(-1, 2, n_in)
+        up = x[:, offset + 2 * n_in : offset + 2 * (n_in + n_out)].reshape(-1, n_out, 2)
+        ref_down = reference[offset : offset + 2 * n_in].reshape(2, n_in)
+        ref_up = reference[offset + 2 * n_in : offset + 2 * (n_in + n_out)].reshape(n_out, 2)
+        for j in range(2):  # component j: down row j and up column j, two power iterations from their sum
+            block = np.concatenate([down[:, j], up[:, :, j]], axis=1)
+            axis = block.sum(axis=0)
+            axis = block.T @ (block @ (axis / np.linalg.norm(axis)))
+            axis /= np.linalg.norm(axis)
+            np.testing.assert_allclose(np.r_[ref_down[j], ref_up[:, j]], axis, atol=1e-5)
+            signs = np.where(block @ axis < 0, -1.0, 1.0)
+            aligned = [space.vectorize(load_lora(f))[0] for f in lora_files]
+            got = np.stack(
+                [
+                    np.r_[
+                        v[offset + j * n_in : offset + (j + 1) * n_in],
+                        v[offset + 2 * n_in : offset + 2 * (n_in + n_out)].reshape(n_out, 2)[:, j],
+                    ]
+                    for v in aligned
+                ]
+            )
+            np.testing.assert_allclose(got, block * signs[:, None], rtol=1e-5, atol=1e-6)
