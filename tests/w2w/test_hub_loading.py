@@ -54,7 +54,7 @@ np.save(f"{{root}}/remote_projection.npy", space.project(f"{{root}}/user.safeten
 def test_w2w_pipeline_loads_with_trust_remote_code_without_imagegem(tmp_path, monkeypatch):
     sd = tiny_sd_pipeline(seed=0)
     loras, labels, _ = synthetic_loras(lora_target_shapes(sd.unet, ATTENTION_TARGETS), n=12, seed=2)
-    space = WeightSpace.build(loras, n_components=5, show_progress=False)
+    space = WeightSpace.build(loras, n_components=5, show_progress=False, align_signs=True)  # all of its code
     direction = preference_direction(space, None, labels, test_fraction=0)
     pipe = W2WEditPipeline(**{k: sd.components[k] for k in COMPONENTS}, weight_space=space)
     pipe.set_progress_bar_config(disable=True)
