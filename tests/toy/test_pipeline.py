@@ -3,6 +3,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from imagegem_hf.toy import TOY_PIPELINE_PATH, full_prompts, load_toy_pipeline, prompt_following
 
 
@@ -41,3 +43,34 @@ def test_shipped_base_follows_prompts_above_chance():
     for attribute, values in (("colour", 6), ("shape", 3), ("background", 2)):
         p = 1 / values
         assert accuracy[attribute] > p + 3 * math.sqrt(p * (1 - p) / 72), attribute
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="The toy VAE, trained on ungraded renders only, erases most of a background tint and turns exposure into "
+    "tint (README, W2W in the toy world): a likely reason why W2W debiasing of warmth against brightness falls short.",
+)
+def test_toy_vae_keeps_the_two_colour_grades_apart():
+    import torch
+
+    from imagegem_hf.toy.loras import UserStyle, _pixels, style_images, style_measures
+
+    pipe = load_toy_pipeline()
+    images, _ = style_images(UserStyle(0.0, 0.0), 16, seed=3)
+
+    def round_trip(style: UserStyle) -> dict:
+        graded = [style.grade(image) for image in images]
+        with torch.no_grad():
+            decoded = pipe.vae.decode(pipe.vae.encode(_pixels(graded)).latent_dist.mean).sample
+        measured = style_measures(pipe.image_processor.postprocess(decoded, output_type="pil"))
+        return {name: float(values.mean()) for name, values in measured.items()}
+
+    def change(attribute: str, measured: str) -> float:
+        low, high = (UserStyle(**{"warmth": 0.0, "brightness": 0.0, attribute: sign}) for sign in (-1.0, 1.0))
+        return round_trip(high)[measured] - round_trip(low)[measured]
+
+    graded = style_measures([UserStyle(1.0, 0.0).grade(images[0]), UserStyle(-1.0, 0.0).grade(images[0])])
+    tint = float(graded["warmth"][0] - graded["warmth"][1])
+    # measured today: the tint keeps 0.024 of 0.43, and exposure moves R − B by 0.058
+    assert change("warmth", "warmth") >= 0.5 * tint
+    assert abs(change("brightness", "warmth")) <= 0.2 * change("warmth", "warmth")
