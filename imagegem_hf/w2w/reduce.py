@@ -198,6 +198,14 @@ def top_singular_factors(
     return u, vt.mT, s.to(dtype)
 
 
+def coordinate_modules(lora: LoRA, rank: int) -> set[str]:
+    """The modules whose factors `reduced_factors` keeps as they are: those of rank `rank` in a LoRA written from a
+    weight-space vector (its metadata holds `W2W_GAUGE_KEY`), whose factors are its coordinates."""
+    if lora.metadata.get(W2W_GAUGE_KEY) != W2W_GAUGE_VECTOR:
+        return set()
+    return {name for name, module in lora.modules.items() if module.rank == rank}
+
+
 @torch.no_grad()
 def reduced_factors(
     lora: LoRA,
@@ -229,11 +237,11 @@ def reduced_factors(
         raise ValueError(f"rank must be ≥ 1, got {rank}.")
     names = [n for n in lora.modules if out is None or n in out]
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if lora.metadata.get(W2W_GAUGE_KEY) == W2W_GAUGE_VECTOR:  # a weight-space point: its factors are its coordinates
-        for name in [n for n in names if lora.modules[n].rank == rank]:
-            module = lora.modules[name]
-            results[name] = (module.up_2d().float() * module.scale, module.down_2d().float())
-            names.remove(name)
+    kept = coordinate_modules(lora, rank)
+    for name in [n for n in names if n in kept]:  # in the LoRA's module order
+        module = lora.modules[name]
+        results[name] = (module.up_2d().float() * module.scale, module.down_2d().float())
+        names.remove(name)
     if method == "gram":
         groups: dict[int, list[str]] = {}
         for name in names:

@@ -714,7 +714,7 @@ class _BlockCache:
         n_groups = int(groups.max(initial=-1)) + 1
         scores = np.ones((self.n_rows, n_groups), dtype=np.float64)  # first pass: the axis is the rows' sum
         axis = np.empty(self.dim, dtype=np.float64)
-        width = max(1, SIGN_STEP_ELEMENTS // self.n_rows)
+        width = self._sign_step
         for step in range(SIGN_PASSES):
             new_scores, row_scores = np.zeros_like(scores), scores.astype(np.float32)
             for start, stop, x in self._raw_blocks(f"Sign axes ({step + 1}/{SIGN_PASSES})", show_progress):
@@ -746,11 +746,15 @@ class _BlockCache:
         self.groups = groups
         return axis.astype(np.float32)
 
+    @property
+    def _sign_step(self) -> int:
+        """Columns per step of the sign passes."""
+        return max(1, SIGN_STEP_ELEMENTS // self.n_rows)
+
     def _apply_signs_(self, data: np.ndarray, start: int, stop: int) -> None:
         if self.signs is not None:
-            width = max(1, SIGN_STEP_ELEMENTS // self.n_rows)
-            for chunk in range(start, stop, width):
-                end = min(chunk + width, stop)
+            for chunk in range(start, stop, self._sign_step):
+                end = min(chunk + self._sign_step, stop)
                 data[:, chunk - start : end - start] *= self.signs[:, self.groups[chunk:end]]
 
     def _blocks(self, desc: str, show_progress: bool, standardize: bool | None = None):

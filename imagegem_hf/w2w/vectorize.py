@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .lora_io import W2W_GAUGE_KEY, W2W_GAUGE_VECTOR, LoRA, map_lora, read_lora_header
-from .reduce import reduced_factors
+from .lora_io import LoRA, map_lora, read_lora_header
+from .reduce import coordinate_modules, reduced_factors
 
 ModuleSlot = tuple[str, int, int, tuple[int, ...], int]  # (name, out_features, in_features, kernel, offset)
 ON_ERROR = ("raise", "skip")
@@ -99,10 +99,9 @@ class Vectorizer:
             destinations[name] = (flat[offset + rank * n_in : offset + rank * (n_in + n_out)].view(n_out, rank), down)
         reduced_factors(lora, rank, out=destinations)  # written straight into the vector
         if self.sign_reference is not None:
-            coordinates = lora.metadata.get(W2W_GAUGE_KEY) == W2W_GAUGE_VECTOR
+            kept = coordinate_modules(lora, rank)  # a weight-space point (an edit) keeps its coordinates
             for name, n_out, n_in, _, offset in self.layout:
-                if name in destinations and not (coordinates and lora.modules[name].rank == rank):
-                    # a weight-space point (an edit) keeps its factors: they are its coordinates
+                if name in destinations and name not in kept:
                     _align_signs_(vector, self.sign_reference, offset, rank, n_in, n_out)
         ignored = sorted(set(lora.modules) - {slot[0] for slot in self.layout})
         return vector, missing, ignored

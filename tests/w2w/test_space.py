@@ -345,6 +345,7 @@ def test_aligned_signs_at_rank_2_match_a_dense_computation(lora_files, tmp_path,
     space = WeightSpace.build(lora_files, n_components=4, rank=2, align_signs=True, **kwargs)
     x = np.stack([plain.vectorize(load_lora(f))[0] for f in lora_files]).astype(np.float64)
     reference = space.sign_reference.numpy()
+    aligned = [space.vectorize(load_lora(f))[0] for f in lora_files]
     for _, n_out, n_in, _, offset in space.layout:
         down = x[:, offset : offset + 2 * n_in].reshape(-1, 2, n_in)
         up = x[:, offset + 2 * n_in : offset + 2 * (n_in + n_out)].reshape(-1, n_out, 2)
@@ -357,7 +358,6 @@ def test_aligned_signs_at_rank_2_match_a_dense_computation(lora_files, tmp_path,
             axis /= np.linalg.norm(axis)
             np.testing.assert_allclose(np.r_[ref_down[j], ref_up[:, j]], axis, atol=1e-5)
             signs = np.where(block @ axis < 0, -1.0, 1.0)
-            aligned = [space.vectorize(load_lora(f))[0] for f in lora_files]
             got = np.stack(
                 [
                     np.r_[
