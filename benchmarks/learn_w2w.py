@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from imagegem_hf.toy import load_toy_pipeline
+from imagegem_hf.toy.loras import STYLE_ATTRIBUTES
 from imagegem_hf.toy.w2w_edits import W2WToyConfig, plot_attribute_vs_strength, run_w2w_effect, small_config
 
 
@@ -72,12 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="Folder of the user LoRAs (default: the toy cache).")
     parser.add_argument("--small", action="store_true", help="The smaller size of the slow test (40 LoRAs).")
     parser.add_argument("--base", default=None, help="Toy pipeline folder (default: the shipped toy base).")
+    parser.add_argument(
+        "--attribute", choices=STYLE_ATTRIBUTES, default=None, help="The attribute edited (the other is kept)."
+    )
     parser.add_argument("--align-signs", action="store_true", help="Signs fixed by the population (align_signs).")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # several threads on a shared 2-core machine spin against each other
     config = small_config() if args.small else W2WToyConfig()
     config.align_signs = args.align_signs
+    if args.attribute is not None:
+        config.attribute, config.other = args.attribute, next(a for a in STYLE_ATTRIBUTES if a != args.attribute)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     start, cpu = time.time(), time.process_time()

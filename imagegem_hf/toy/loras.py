@@ -36,8 +36,6 @@ from imagegem_hf.w2w.lora_io import LoRA, LoRAModule, save_lora
 MICRO_BATCH = 32  # UNet rows per forward pass in training and generation
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 STYLE_ATTRIBUTES = ("warmth", "brightness")
-TINT = 0.4  # the red gain (and blue loss) of the warmest style
-EXPOSURE = 0.7  # log2 of the gamma of the darkest style (the brightest: its inverse)
 
 
 @dataclass(frozen=True)
@@ -53,11 +51,10 @@ class UserStyle:
     brightness: float
 
     def grade(self, image: Image.Image) -> Image.Image:
-        """The image in this style."""
-        x = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        x = x * np.array([1 + TINT * self.warmth, 1.0, 1 - TINT * self.warmth], dtype=np.float32)
-        x = np.clip(x, 0.0, 1.0) ** (2.0 ** (-EXPOSURE * self.brightness))
-        return Image.fromarray(np.round(255 * x).astype(np.uint8))
+        """The image in this style (`imagegem_hf.toy.world.grade`)."""
+        from imagegem_hf.toy.world import grade
+
+        return grade(image, self.warmth, self.brightness)
 
 
 def style_measures(images: Sequence[Image.Image]) -> dict[str, np.ndarray]:

@@ -12,7 +12,8 @@ Prompts come from one grammar, `"a {colour} {shape} on a {background} background
 out (`"a red shape"`, `"a circle on a light background"`, `"a shape"`); what a prompt leaves out is drawn at random.
 Every attribute can be measured back from pixels (`measure_attributes`), on rendered and on generated images alike,
 so a model's prompt following (`attribute_accuracy`) and any style shift (hue, warmth, size, background
-brightness) are numbers, not impressions.
+brightness) are numbers, not impressions. A colour grade (`grade`: a warm/cool tint and an exposure) is what the
+toy users' LoRAs learn (`imagegem_hf.toy.loras`); prompts never name it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ _VALUES: dict[str, tuple[str, ...]] = {
     "background": tuple(BACKGROUNDS),
 }
 _SUPERSAMPLE = 4
+TINT = 0.4  # the red gain (and blue loss) of the warmest grade
+EXPOSURE = 0.7  # log2 of the gamma of the darkest grade (the brightest: its inverse)
 # A pixel belongs to the subject when its RGB distance to the background colour exceeds this.
 _FOREGROUND_DISTANCE = 0.25
 
@@ -191,6 +194,26 @@ def render(spec: ToySpec) -> Image.Image:
     else:
         draw.polygon(polygon, fill=fill)
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+
+
+def grade(image: Image.Image, warmth: float, brightness: float) -> Image.Image:
+    """The image in a colour grade, each axis in [−1, 1].
+
+    `warmth` −1 tints every pixel blue (R × 0.6, B × 1.4), +1 red (R × 1.4, B × 0.6); `brightness` −1 darkens it
+    (gamma 1.6), +1 brightens it (gamma 0.6), applied after the tint.
+
+    Example:
+        ```python
+        >>> from PIL import Image
+        >>> from imagegem_hf.toy.world import grade
+        >>> grade(Image.new("RGB", (1, 1), (128, 128, 128)), warmth=1.0, brightness=0.0).getpixel((0, 0))
+        (179, 128, 77)
+        ```
+    """
+    x = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    x = x * np.array([1 + TINT * warmth, 1.0, 1 - TINT * warmth], dtype=np.float32)
+    x = np.clip(x, 0.0, 1.0) ** (2.0 ** (-EXPOSURE * brightness))
+    return Image.fromarray(np.round(255 * x).astype(np.uint8))
 
 
 def sample_world(n: int, seed: int = 0, drop_probability: float = 0.2) -> tuple[list[ToySpec], list[str]]:
