@@ -3,6 +3,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from imagegem_hf.toy import TOY_PIPELINE_PATH, full_prompts, load_toy_pipeline, prompt_following
 
 
@@ -43,9 +45,12 @@ def test_shipped_base_follows_prompts_above_chance():
         assert accuracy[attribute] > p + 3 * math.sqrt(p * (1 - p) / 72), attribute
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="The shipped toy VAE, trained on ungraded renders only, erases most of a background tint and turns "
+    "exposure into tint; one trained with `ToyTrainingConfig(vae_graded=True)` passes (README, W2W in the toy world).",
+)
 def test_toy_vae_keeps_the_two_colour_grades_apart():
-    # A VAE trained on ungraded renders only (`ToyTrainingConfig(vae_graded=False)`, the toy base before) failed
-    # this: it erased most of a background tint and turned exposure into tint, so every warmth edit moved brightness.
     import torch
 
     from imagegem_hf.toy.loras import UserStyle, _pixels, style_images, style_measures
@@ -66,6 +71,7 @@ def test_toy_vae_keeps_the_two_colour_grades_apart():
 
     graded = style_measures([UserStyle(1.0, 0.0).grade(images[0]), UserStyle(-1.0, 0.0).grade(images[0])])
     tint = float(graded["warmth"][0] - graded["warmth"][1])
-    # measured: the tint keeps 0.28 of 0.43 and exposure moves R − B by 0.027 (ungraded VAE: 0.024 and 0.058)
+    # measured on the shipped base: the tint keeps 0.024 of 0.43, exposure moves R − B by 0.058
+    # (with `vae_graded=True`: 0.28 and 0.027)
     assert change("warmth", "warmth") >= 0.5 * tint
     assert abs(change("brightness", "warmth")) <= 0.2 * change("warmth", "warmth")

@@ -67,7 +67,7 @@ def test_the_vae_learns_from_graded_renders(monkeypatch, graded):
         np.testing.assert_allclose(out, np.round(255 * tinted ** (2.0 ** (-0.7 * b))) / 255.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("flags, expected", [([], True), (["--no-vae-graded"], False), (["--vae-graded"], True)])
+@pytest.mark.parametrize("flags, expected", [([], False), (["--no-vae-graded"], False), (["--vae-graded"], True)])
 def test_the_training_cli_reads_switches_as_switches(monkeypatch, tmp_path, flags, expected):
     import imagegem_hf.toy.train as train
 
