@@ -1,7 +1,7 @@
 """Train the toy world's Stable Diffusion from scratch on rendered images, deterministically on the CPU.
 
-Two stages, both seeded: (1) the VAE learns to reconstruct rendered images, each in a random colour grade (MSE plus a
-small KL term, as SD's VAE);
+Two stages, both seeded: (1) the VAE learns to reconstruct rendered images (MSE plus a small KL term, as SD's VAE;
+with `vae_graded`, each image in a random colour grade);
 (2) with the VAE frozen, the UNet and the text encoder learn ε-prediction on the latents of a fixed pool of
 rendered images and their prompts (min-SNR-γ weighting, 10% empty prompts for classifier-free guidance).
 The result is a `StableDiffusionPipeline` folder in the Hub layout.
@@ -98,8 +98,10 @@ def train_vae(vae, config: ToyTrainingConfig, generator: torch.Generator) -> lis
     losses = []
     for step in tqdm(range(config.vae_steps), desc="Training the toy VAE"):
         specs, _ = sample_world(config.batch_size, seed=config.seed * 1_000_003 + step + 1)
-        grades = np.random.default_rng([config.seed, step]).uniform(-1.0, 1.0, size=(len(specs), 2))
-        pixels = _pixels(specs, grades if config.vae_graded else None)
+        grades = None
+        if config.vae_graded:
+            grades = np.random.default_rng([config.seed, step]).uniform(-1.0, 1.0, size=(len(specs), 2))
+        pixels = _pixels(specs, grades)
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(
             posterior.mean.shape, generator=generator, dtype=posterior.mean.dtype
