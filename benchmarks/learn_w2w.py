@@ -12,6 +12,7 @@ strengths, with the same prompts and seeds at every strength. Targets:
   debiased direction still edits warmth monotonically (Spearman ≥ 0.9).
 
     python benchmarks/learn_w2w.py [--small] [--base TOY_PIPELINE] [--output-dir bench_output/learn_w2w]
+        [--population SEED] [--attribute warmth|brightness] [--align-signs] [--in-subspace]
 
 The LoRAs are trained once and cached (`imagegem_hf.toy.loras.default_cache_dir()`).
 """
@@ -77,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         "--attribute", choices=STYLE_ATTRIBUTES, default=None, help="The attribute edited (the other is kept)."
     )
     parser.add_argument("--align-signs", action="store_true", help="Signs fixed by the population (align_signs).")
+    parser.add_argument("--in-subspace", action="store_true", help="Edit the LoRAs' PCA reconstructions.")
+    parser.add_argument("--population", type=int, default=0, help="Seed of the user population (ToyLoRAConfig).")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # several threads on a shared 2-core machine spin against each other
     config = small_config() if args.small else W2WToyConfig()
-    config.align_signs = args.align_signs
+    config.align_signs, config.in_subspace, config.loras.seed = args.align_signs, args.in_subspace, args.population
     if args.attribute is not None:
         config.attribute, config.other = args.attribute, next(a for a in STYLE_ATTRIBUTES if a != args.attribute)
     output = Path(args.output_dir)

@@ -145,3 +145,26 @@ def test_bad_labels(planted):
     with pytest.raises(ValueError, match="Too few"):
         preference_direction(space, None, few)
     assert preference_direction(space, None, few, test_fraction=0).accuracy is None
+
+
+@pytest.mark.parametrize("in_subspace", [False, True])
+def test_toy_edits_start_from_the_lora_or_its_reconstruction(planted, in_subspace):
+    from imagegem_hf.toy.w2w_edits import W2WToyConfig, edit_at_strengths
+
+    space, loras, labels, _ = planted
+    direction = preference_direction(space, None, labels)
+    config = W2WToyConfig(in_subspace=in_subspace)
+    edited = edit_at_strengths(space, loras[:2], direction, np.array([0.0, 1.0]), config)
+    assert len(edited) == 4
+    for k, lora in enumerate(loras[:2]):
+        theta = space.vectorize(lora)[0].astype(np.float64)
+        if in_subspace:  # p · V · σ + μ with p = ((θ − μ) / σ) · Vᵀ, written out
+            components, std, mean = (
+                space.components.double().numpy(),
+                space.std.double().numpy(),
+                space.mean.double().numpy(),
+            )
+            theta = (((theta - mean) / std) @ components.T) @ components * std + mean
+        for position, alpha in enumerate((0.0, 1.0)):
+            got = space.vectorize(edited[position * 2 + k])[0]
+            np.testing.assert_allclose(got, theta + alpha * direction.vector, atol=2e-5)
