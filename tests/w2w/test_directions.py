@@ -158,13 +158,9 @@ def test_toy_edits_start_from_the_lora_or_its_reconstruction(planted, in_subspac
     assert len(edited) == 4
     for k, lora in enumerate(loras[:2]):
         theta = space.vectorize(lora)[0].astype(np.float64)
-        if in_subspace:  # p · V · σ + μ with p = ((θ − μ) / σ) · Vᵀ, written out
-            components, std, mean = (
-                space.components.double().numpy(),
-                space.std.double().numpy(),
-                space.mean.double().numpy(),
-            )
-            theta = (((theta - mean) / std) @ components.T) @ components * std + mean
+        if in_subspace:  # p · V · σ + μ, written out
+            std, mean = space.std.double().numpy(), space.mean.double().numpy()
+            theta = _coefficients(space, theta) @ space.components.double().numpy() * std + mean
         for position, alpha in enumerate((0.0, 1.0)):
             got = space.vectorize(edited[position * 2 + k])[0]
             np.testing.assert_allclose(got, theta + alpha * direction.vector, atol=2e-5)
